@@ -1,0 +1,32 @@
+# Two entry points for a newcomer: `make run` (the main job on defaults) and `make test`.
+# Both create .venv and install mpq into it first. CI pins torch; users get pyproject's range.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+SHARED_DATA := ../shared/data/cifar10-jpeg.tar.gz
+CACHE := $(HOME)/.cache/mpq
+# Data: $MPQ_DATA if set; else the JPEG copy beside this checkout, extracted once; else torchvision
+# downloads CIFAR-10 (on a machine that is online).
+MPQ_DATA ?= $(shell [ -f $(SHARED_DATA) ] && echo $(CACHE)/cifar10-jpeg)
+export MPQ_DATA
+
+.PHONY: setup test run data
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test]'
+
+data:
+	@if [ -f $(SHARED_DATA) ] && [ ! -d $(CACHE)/cifar10-jpeg/test ]; then \
+	  mkdir -p $(CACHE)/cifar10-jpeg && tar xzf $(SHARED_DATA) -C $(CACHE)/cifar10-jpeg; fi
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+run: setup data
+	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/resnet20_cifar10_fp32
+	$(BIN)/python -m mpq eval --checkpoint runs/resnet20_cifar10_fp32/model.pt

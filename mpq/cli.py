@@ -1,0 +1,70 @@
+"""Command-line plumbing shared by `train.py`, `search.py` and `python -m mpq`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .errors import UsageError
+
+__all__ = ["add_common_args", "main", "run_cli"]
+
+
+def run_cli(fn: Callable[[], object]) -> None:
+    """Runs a script body; a `UsageError` becomes one line on stderr and exit code 2."""
+    from .trainer import TrainingDiverged
+
+    try:
+        fn()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=None,
+                        help="data folder (ImageFolder train/ + test/ or val/, or torchvision's "
+                             "CIFAR-10); default: $MPQ_DATA, else download CIFAR-10")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _eval(args) -> None:
+    import torch
+
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .config import DataConfig, recipe_from_dict
+    from .data import BatchLoader, load_split
+    from .trainer import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    payload = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
+    data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
+    data_cfg.mean = payload["normalization"]["mean"]
+    data_cfg.std = payload["normalization"]["std"]
+    split = load_split(data_cfg, "test", root=args.data_root,
+                       num_classes=payload["model"]["num_classes"], progress=not args.quiet)
+    loader = BatchLoader(split, data_cfg, batch_size=args.batch_size, train=False, device=device)
+    with torch.inference_mode():
+        result = evaluate(model, loader)
+    print(f"images={len(split)} loss={result['loss']:.4f}")
+    print(f"top1={result['top1']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mpq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="top-1 of any mpq checkpoint on the test split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--batch-size", type=int, default=500)
+    add_common_args(ev)
+    args = parser.parse_args(argv)
+    run_cli(lambda: {"eval": _eval}[args.command](args))

@@ -1,0 +1,279 @@
+"""Training loop shared by FP32 training and QAT: schedule, progress, TensorBoard, resume.
+
+Every epoch ends with an atomic `checkpoint_last.pt` holding the model, optimiser, scheduler,
+RNG state and history. Data order and augmentation of epoch e are a function of (seed, e), so a
+run killed at any point and resumed ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, recipe_to_dict
+from .data import BatchLoader
+from .errors import UsageError
+
+__all__ = ["TrainingDiverged", "evaluate", "fit", "lr_factor", "make_loaders", "model_meta",
+           "resolve_device", "train_fp32", "write_metrics"]
+
+LAST = "checkpoint_last.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based, per optimiser step).
+
+    onecycle: linear warm-up from 0 to 1 over `warmup_steps`, then cosine to 0.
+    cosine: cosine from 1 to 0. constant: 1.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle" and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    start = warmup_steps if schedule == "onecycle" else 0
+    progress = (step - start) / max(1, total_steps - start)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> dict:
+    """Top-1 accuracy (percent) and mean cross-entropy over a whole loader."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in loader.epoch(0):
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"top1": 100.0 * correct / n, "loss": loss / n}
+
+
+def _cross_entropy(label_smoothing: float):
+    def loss_fn(model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, {}
+    return loss_fn
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: BatchLoader,
+        out_dir: str | os.PathLike, meta: dict, train_cfg: TrainConfig | None = None,
+        loss_fn: Callable | None = None, params=None, progress: bool = True, log: bool = True,
+        on_epoch_start: Callable[[int], None] | None = None,
+        epoch_logger: Callable | None = None) -> dict:
+    """Trains `model` in place and returns the final metrics; resumes from `out_dir` if possible.
+
+    Args:
+        model: the network, already on its device.
+        recipe: the resolved recipe; stored in every checkpoint and compared on resume.
+        train_loader, test_loader: batches for training and for the per-epoch test.
+        out_dir: run folder: `checkpoint_last.pt`, `model.pt`, `metrics.json`, `tb/`.
+        meta: plain data stored in every checkpoint (model spec, normalisation, plan, ...).
+        train_cfg: optimiser and schedule; defaults to `recipe.train`.
+        loss_fn: `(model, x, y) -> (loss, logits, {name: tensor})`; defaults to cross-entropy.
+        params: parameters to optimise (default: all of `model`).
+        progress: show a progress bar per epoch.
+        log: print one summary line per epoch.
+        on_epoch_start: called with the epoch index before each epoch (e.g. to freeze BN).
+        epoch_logger: called as `(writer, model, epoch)` after each epoch for extra scalars.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    cfg = train_cfg or recipe.train
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_dict = recipe_to_dict(recipe)
+    loss_fn = loss_fn or _cross_entropy(cfg.label_smoothing)
+    params = list(model.parameters()) if params is None else list(params)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
+
+    start_epoch, history = 0, []
+    if (out / LAST).is_file():
+        state = load_checkpoint(out / LAST)
+        if state.get("recipe") != recipe_dict:
+            diff = _diff_keys(state.get("recipe") or {}, recipe_dict)
+            raise UsageError(f"{out} holds a run of a different recipe (differs in: "
+                             f"{', '.join(diff) or 'meta'}); use another --out to start afresh")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if log:
+            print(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
+    else:
+        (out / "recipe.yaml").write_text(_yaml(recipe_dict))
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch or None)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            model.train()
+            started = time.time()
+            sums: dict[str, float] = {}
+            correct = seen = 0
+            bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, disable=not progress,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
+            for i, (x, y) in enumerate(bar):
+                loss, logits, terms = loss_fn(model, x, y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
+                        f"The last good checkpoint ({out / LAST}, if any) is kept; lower "
+                        f"train.lr or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step = epoch * steps_per_epoch + i
+                for name, value in {"loss": loss, **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + value.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                if i % 50 == 0:
+                    writer.add_scalar("train/loss_step", loss.item(), step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}",
+                                acc=f"{100 * correct / seen:.1f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.4f}", refresh=False)
+            bar.close()
+            test = evaluate(model, test_loader)
+            row = {"epoch": epoch + 1, "train_top1": 100 * correct / seen,
+                   **{f"train_{k}": v / seen for k, v in sums.items()},
+                   "test_top1": test["top1"], "test_loss": test["loss"],
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+            history.append(row)
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+            if epoch_logger:
+                epoch_logger(writer, model, epoch + 1)
+            writer.flush()
+            save_checkpoint(out / LAST, {
+                **meta, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "epoch": epoch, "history": history, "recipe": recipe_dict})
+            if log:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
+                      f"train {row['train_top1']:.2f}% test {test['top1']:.2f}% "
+                      f"({row['seconds']:.0f} s)", flush=True)
+    finally:
+        writer.close()
+
+    final = history[-1] if history else {}
+    metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
+               "epochs": cfg.epochs, "train_seconds": sum(r["seconds"] for r in history)}
+    save_checkpoint(out / "model.pt", {**meta, "state_dict": model.state_dict(),
+                                       "epoch": cfg.epochs - 1, "metrics": metrics,
+                                       "recipe": recipe_dict})
+    return metrics
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
+    """Writes `metrics.json` atomically."""
+    _write_json(Path(out_dir) / "metrics.json", metrics)
+
+
+def model_meta(recipe) -> dict:
+    """What a checkpoint needs to rebuild and feed its model without the recipe."""
+    return {"model": {"name": recipe.model.name, "num_classes": recipe.model.num_classes},
+            "normalization": {"mean": list(recipe.data.mean), "std": list(recipe.data.std)},
+            "input_size": recipe.data.image_size}
+
+
+def make_loaders(recipe, *, data_root=None, device: torch.device, progress: bool = True,
+                 train_cfg: TrainConfig | None = None) -> tuple[BatchLoader, BatchLoader]:
+    """Training and test loaders for a recipe (decoding and caching images the first time)."""
+    from .data import load_split
+
+    cfg = train_cfg or recipe.train
+    kwargs = dict(root=data_root, num_classes=recipe.model.num_classes, progress=progress)
+    train = load_split(recipe.data, "train", **kwargs)
+    test = load_split(recipe.data, "test", **kwargs)
+    if len(train.classes) != recipe.model.num_classes:
+        raise UsageError(f"the data has {len(train.classes)} classes but model.num_classes is "
+                         f"{recipe.model.num_classes}; set model.num_classes to match")
+    channels_last = cfg.channels_last
+    return (BatchLoader(train, recipe.data, batch_size=cfg.batch_size, train=True,
+                        seed=cfg.seed, device=device, channels_last=channels_last),
+            BatchLoader(test, recipe.data, batch_size=cfg.eval_batch_size, train=False,
+                        device=device, channels_last=channels_last))
+
+
+def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
+               device: str | torch.device = "auto", progress: bool = True,
+               log: bool = True) -> dict:
+    """The FP32 stage: trains `recipe.model` from scratch (or resumes) and returns its metrics.
+
+    Writes `out_dir/model.pt` (the teacher), `checkpoint_last.pt`, `metrics.json`, `tb/`.
+    """
+    from .models import build_model
+
+    device = resolve_device(device)
+    train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
+                                             progress=progress)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model.name, num_classes=recipe.model.num_classes).to(device)
+    if recipe.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics = fit(model, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
+                  out_dir=out_dir, meta={**model_meta(recipe), "kind": "fp32"}, progress=progress,
+                  log=log)
+    write_metrics(out_dir, metrics)
+    return metrics

@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One thread per test process: tiny models gain nothing from more, and results stay identical
+# however many cores the machine has.
+torch.set_num_threads(1)
+
+TINY_RECIPE = {
+    "version": 1,
+    "model": {"name": "resnet20", "num_classes": 4},
+    "data": {"dataset": "synthetic", "image_size": 12, "synthetic_train_size": 384,
+             "synthetic_test_size": 64, "crop_padding": 2, "cutout": 4},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.5,
+              "eval_batch_size": 64, "channels_last": False},
+}
+
+
+@pytest.fixture
+def tiny_recipe_dict():
+    """A recipe that trains ResNet20 on 192 synthetic 12x12 images in a few seconds."""
+    return yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(data, name="recipe.yaml"):
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Decoded-image caches of test data go to the test's own folder, never the user's cache.
+    monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
+
+
+def run_script(*args, env=None, timeout=300):
+    """Runs a repository script or module in a fresh interpreter; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

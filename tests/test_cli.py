@@ -1,0 +1,82 @@
+"""Bad input through the scripts: one clear line on stderr, exit code 2, nothing overwritten."""
+
+import pytest
+import torch
+
+from conftest import run_script
+from mpq.checkpoint import save_checkpoint
+from mpq.models import build_model
+
+
+def assert_usage_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_recipe_dict, write_recipe):
+    def make(**sections):
+        for section, values in sections.items():
+            tiny_recipe_dict.setdefault(section, {}).update(values)
+        return ["train.py", "--recipe", write_recipe(tiny_recipe_dict), "--device", "cpu",
+                "--quiet", "--out", tmp_path / "run"]
+    return make
+
+
+def test_unknown_recipe_key_suggests(tiny_args, tmp_path):
+    result = run_script(*tiny_args(train={"lr_max": 0.1}))
+    assert_usage_error(result, "unknown recipe key 'train.lr_max'", "did you mean 'train.lr'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_value_type(tiny_args):
+    assert_usage_error(run_script(*tiny_args(train={"epochs": "ten"})),
+                       "train.epochs: expected int")
+
+
+def test_override_typo(tiny_args):
+    assert_usage_error(run_script(*tiny_args(), "--set", "train.epoch=3"),
+                       "did you mean 'train.epochs'")
+
+
+def test_missing_data_root_and_wrong_layout(tiny_args, tmp_path):
+    args = tiny_args(data={"dataset": "imagefolder"})
+    assert_usage_error(run_script(*args, "--data-root", tmp_path / "nowhere"),
+                       "does not exist", "train/<class>")
+    (tmp_path / "flat").mkdir()
+    assert_usage_error(run_script(*args, "--data-root", tmp_path / "flat"), "no train/ folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_of_another_recipe_is_not_overwritten(tiny_args, tmp_path):
+    assert run_script(*tiny_args(train={"epochs": 1})).returncode == 0
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    result = run_script(*tiny_args(train={"epochs": 2}))
+    assert_usage_error(result, "different recipe", "train.epochs")
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+
+
+def test_eval_prints_top1_last(tiny_args, tmp_path):
+    assert run_script(*tiny_args(train={"epochs": 1})).returncode == 0
+    result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "run" / "model.pt",
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("top1=") and 0 <= float(last[5:]) <= 100
+
+
+def test_eval_bad_checkpoints(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "junk.pt"),
+                       "corrupted")
+    assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "none.pt"),
+                       "does not exist")
+    wrong = {"model": {"name": "resnet20", "num_classes": 10},
+             "state_dict": build_model("resnet18", num_classes=10).state_dict(),
+             "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "recipe": {"data": {}}}
+    save_checkpoint(tmp_path / "wrong.pt", wrong)
+    assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "wrong.pt"),
+                       "does not fit the model")

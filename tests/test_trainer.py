@@ -1,0 +1,122 @@
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mpq.checkpoint import load_checkpoint
+from mpq.config import recipe_from_dict
+from mpq.errors import UsageError
+from mpq.trainer import TrainingDiverged, lr_factor, train_fp32
+
+
+def test_lr_factor_onecycle_and_cosine():
+    kw = dict(total_steps=100, warmup_steps=10)
+    assert lr_factor(0, schedule="onecycle", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="onecycle", **kw) == pytest.approx(1.0)
+    assert lr_factor(55, schedule="onecycle", **kw) == pytest.approx(0.5)
+    assert lr_factor(100, schedule="onecycle", **kw) == pytest.approx(0.0)
+    assert lr_factor(50, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(70, schedule="constant", **kw) == 1.0
+
+
+def test_tiny_run_learns_and_writes_its_files(tmp_path, tiny_recipe_dict):
+    tiny_recipe_dict["train"]["epochs"] = 3
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    metrics = train_fp32(recipe, out_dir=tmp_path / "run", device="cpu", progress=False)
+    assert metrics["top1"] > 80  # 4 classes: chance is 25%
+    for name in ("model.pt", "checkpoint_last.pt", "metrics.json", "recipe.yaml"):
+        assert (tmp_path / "run" / name).is_file()
+    assert list((tmp_path / "run" / "tb").glob("events.*"))
+    final = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert final["normalization"]["mean"] == recipe.data.mean and "optimizer" not in final
+
+
+def test_same_recipe_reproduces_and_another_recipe_is_refused(tmp_path, tiny_recipe_dict):
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    train_fp32(recipe, out_dir=tmp_path / "a", device="cpu", progress=False, log=False)
+    train_fp32(recipe, out_dir=tmp_path / "b", device="cpu", progress=False, log=False)
+    a = load_checkpoint(tmp_path / "a" / "model.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "model.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = (tmp_path / "a" / "checkpoint_last.pt").read_bytes()
+    tiny_recipe_dict["train"]["lr"] = 0.2
+    with pytest.raises(UsageError, match="different recipe.*train.lr"):
+        train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "a", device="cpu",
+                   progress=False)
+    assert (tmp_path / "a" / "checkpoint_last.pt").read_bytes() == before
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_recipe_dict,
+                                                           write_recipe):
+    tiny_recipe_dict["train"]["epochs"] = 4
+    tiny_recipe_dict["data"]["synthetic_train_size"] = 960
+    recipe_path = write_recipe(tiny_recipe_dict)
+    cmd = [sys.executable, "train.py", "--recipe", str(recipe_path), "--device", "cpu",
+           "--quiet", "--out"]
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    subprocess.run([*cmd, str(tmp_path / "straight")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(killed_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed_dir / "checkpoint_last.pt"
+    assert _wait_for(last.is_file, 120), "the first epoch's checkpoint never appeared"
+    # Kill half-way through epoch 2: the first epoch's own duration says when that is.
+    first_epoch = load_checkpoint(last)["history"][0]["seconds"]
+    time.sleep(first_epoch / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed_dir / "model.pt").exists(), "the run finished before it was killed"
+    assert load_checkpoint(last)["epoch"] < 3
+
+    resumed = subprocess.run([*cmd, str(killed_dir)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    b = load_checkpoint(killed_dir / "model.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_recipe_dict):
+    from mpq import trainer
+
+    tiny_recipe_dict["train"]["epochs"] = 3
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    calls = {"n": 0}
+    original = trainer._cross_entropy
+
+    def poisoned(label_smoothing):
+        inner = original(label_smoothing)
+
+        def loss_fn(model, x, y):
+            calls["n"] += 1
+            loss, logits, terms = inner(model, x, y)
+            return (loss * math.nan if calls["n"] > 14 else loss), logits, terms
+        return loss_fn
+
+    trainer._cross_entropy = poisoned
+    try:
+        with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+            train_fp32(recipe, out_dir=tmp_path / "run", device="cpu", progress=False)
+    finally:
+        trainer._cross_entropy = original
+    kept = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
+    assert kept["epoch"] == 0 and all(torch.isfinite(v).all()
+                                      for v in kept["state_dict"].values() if v.is_floating_point())
