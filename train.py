@@ -1,6 +1,11 @@
-"""Train a model: FP32 from scratch (a teacher), resumable.
+"""Train a model: FP32 from scratch (a teacher), or QAT with distillation from a teacher.
 
     python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/teacher
+    python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher checkpoints/resnet20_cifar10.pt \\
+        --plan runs/search/plan.json --out runs/qat        # or --bits 4 for a uniform plan
+
+An existing run in --out resumes exactly; a run of another recipe there is refused.
+Under torchrun, QAT and FP32 training use DistributedDataParallel.
 """
 
 import argparse
@@ -13,21 +18,49 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")
+    parser.add_argument("--teacher", help="FP32 checkpoint to quantize and distil from (QAT)")
+    plan = parser.add_mutually_exclusive_group()
+    plan.add_argument("--plan", help="bit plan JSON (from search.py)")
+    plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a recipe value, e.g. train.epochs=3")
     add_common_args(parser)
     args = parser.parse_args()
+    run_cli(lambda: run(args))
 
-    def body():
-        from mpq.config import load_recipe
+
+def run(args) -> None:
+    from mpq.config import load_recipe
+    from mpq.errors import UsageError
+
+    if args.teacher is None:
+        if args.plan or args.bits is not None:
+            raise UsageError("QAT needs --teacher: the FP32 checkpoint to quantize")
         from mpq.trainer import train_fp32
 
         recipe = load_recipe(args.recipe, args.overrides)
         metrics = train_fp32(recipe, out_dir=args.out, data_root=args.data_root,
                              device=args.device, progress=not args.quiet)
-        print(f"top1={metrics['top1']:.2f}")
+    else:
+        from mpq.qat import QATRecipe, load_teacher, train_qat
+        from mpq.quant import load_plan, quantizable_layers, uniform_plan
 
-    run_cli(body)
+        recipe = load_recipe(args.recipe, args.overrides, cls=QATRecipe)
+        if args.plan:
+            plan = load_plan(args.plan)
+        elif args.bits is not None:
+            teacher = load_teacher(args.teacher, model_name=recipe.model.name,
+                                   num_classes=recipe.model.num_classes)
+            plan = uniform_plan(recipe.model.name, quantizable_layers(teacher),
+                                w_bits=args.bits, a_bits=recipe.qat.act_bits)
+        else:
+            raise UsageError("QAT needs a plan: --plan PLAN.json (from search.py) or --bits N")
+        metrics = train_qat(recipe, plan=plan, teacher=args.teacher, out_dir=args.out,
+                            data_root=args.data_root, device=args.device,
+                            progress=not args.quiet)
+        print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
+              f"compression={metrics['compression']:.2f}x")
+    print(f"top1={metrics['top1']:.2f}")
 
 
 if __name__ == "__main__":

@@ -77,12 +77,16 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict, *, what: str) ->
 
 def model_from_checkpoint(payload: dict, *, expect_model: str | None = None,
                           path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuilds the FP32 architecture a checkpoint names and loads its weights into it."""
+    """Rebuilds the model a checkpoint holds (FP32, or fake-quantized for QAT) with its weights."""
     spec = payload.get("model") or {}
     name = spec.get("name")
     if expect_model is not None and name != expect_model:
         raise UsageError(f"checkpoint {path} holds a {name!r} model, but {expect_model!r} was "
                          f"expected; pass a checkpoint of that architecture")
+    if payload.get("kind") == "qat":
+        from .qat import qat_model_from_checkpoint
+
+        return qat_model_from_checkpoint(payload, path=path)
     model = build_model(name, num_classes=spec.get("num_classes", 10))
     load_state_dict_checked(model, payload["state_dict"], what=f"checkpoint {path}")
     return model

@@ -145,9 +145,9 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch or None)
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            model.train()
             if on_epoch_start:
                 on_epoch_start(epoch)
-            model.train()
             started = time.time()
             sums: dict[str, float] = {}
             correct = seen = 0

@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,41 @@ def run_script(*args, env=None, timeout=300):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def kill_mid_epoch_and_resume(args, tmp_path):
+    """Runs `args` (a train.py command without --out) straight, and again killed with SIGKILL
+    half-way through its second epoch and then resumed; asserts both end with equal weights."""
+    from mpq.checkpoint import load_checkpoint
+
+    cmd = [sys.executable, *map(str, args), "--device", "cpu", "--quiet", "--out"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, str(tmp_path / "straight")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(killed_dir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed_dir / "checkpoint_last.pt"
+    assert _wait_for(last.is_file, 120), "the first epoch's checkpoint never appeared"
+    # Kill half-way through epoch 2: the first epoch's own duration says when that is.
+    time.sleep(load_checkpoint(last)["history"][0]["seconds"] / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed_dir / "model.pt").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*cmd, str(killed_dir)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
+    b = load_checkpoint(killed_dir / "model.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

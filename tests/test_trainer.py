@@ -1,13 +1,8 @@
 import math
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import kill_mid_epoch_and_resume
 from mpq.checkpoint import load_checkpoint
 from mpq.config import recipe_from_dict
 from mpq.errors import UsageError
@@ -51,47 +46,11 @@ def test_same_recipe_reproduces_and_another_recipe_is_refused(tmp_path, tiny_rec
     assert (tmp_path / "a" / "checkpoint_last.pt").read_bytes() == before
 
 
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_recipe_dict,
                                                            write_recipe):
     tiny_recipe_dict["train"]["epochs"] = 4
     tiny_recipe_dict["data"]["synthetic_train_size"] = 960
-    recipe_path = write_recipe(tiny_recipe_dict)
-    cmd = [sys.executable, "train.py", "--recipe", str(recipe_path), "--device", "cpu",
-           "--quiet", "--out"]
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    subprocess.run([*cmd, str(tmp_path / "straight")], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
-
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, str(killed_dir)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed_dir / "checkpoint_last.pt"
-    assert _wait_for(last.is_file, 120), "the first epoch's checkpoint never appeared"
-    # Kill half-way through epoch 2: the first epoch's own duration says when that is.
-    first_epoch = load_checkpoint(last)["history"][0]["seconds"]
-    time.sleep(first_epoch / 2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed_dir / "model.pt").exists(), "the run finished before it was killed"
-    assert load_checkpoint(last)["epoch"] < 3
-
-    resumed = subprocess.run([*cmd, str(killed_dir)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    a = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
-    b = load_checkpoint(killed_dir / "model.pt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict)], tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_recipe_dict):

@@ -1,0 +1,184 @@
+"""The QAT stage: fine-tune a fake-quantized student from its FP32 teacher by distillation.
+
+    loss = alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, labels)
+
+with p = softmax(logits / T), KL averaged over the batch (`batchmean`, Hinton et al. 2015): in
+torch's argument order, `kl_div(log p_student, log p_teacher)`. The teacher runs in eval mode
+without gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import Recipe
+from .data import BatchLoader
+from .errors import UsageError
+from .quant import Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers
+from .size import fp32_parameter_bytes, weight_bytes
+
+__all__ = ["QATConfig", "QATRecipe", "distillation_loss", "load_teacher",
+           "qat_model_from_checkpoint", "quantized_model", "train_qat"]
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training settings.
+
+    `freeze_bn_epoch`: from this epoch (0-based) on, BN is folded into the weights for good and
+    its statistics stay fixed; None means three quarters of the way through, when a cosine
+    schedule has brought the learning rate low (training on frozen statistics at a high rate
+    diverged in our measurements). Eval mode always computes the folded, exported layer.
+    `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
+    """
+
+    alpha: float = 0.9
+    temperature: float = 4.0
+    freeze_bn_epoch: int | None = None
+    calibration_batches: int = 8
+    weight_scale: str = "mse"
+    learn_act_scale: bool = False
+    act_bits: int = 8
+    quantize_joins: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise UsageError(f"qat.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise UsageError(f"qat.temperature must be positive, got {self.temperature}")
+        if self.weight_scale not in ("mse", "max", "lsq"):
+            raise UsageError(f"qat.weight_scale must be mse, max or lsq; got {self.weight_scale!r}")
+        if not 2 <= self.act_bits <= 8:
+            raise UsageError(f"qat.act_bits must be in 2..8, got {self.act_bits}")
+        if self.calibration_batches < 1:
+            raise UsageError("qat.calibration_batches must be >= 1")
+
+
+@dataclass
+class QATRecipe(Recipe):
+    """A recipe with a `qat` section; `train` then holds the fine-tuning schedule."""
+
+    qat: QATConfig = field(default_factory=QATConfig)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor, *, alpha: float, temperature: float):
+    """Returns (loss, {"kd": ..., "ce": ...}); see the module docstring for the formula."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1),
+                  F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    ce = F.cross_entropy(student_logits, labels)
+    return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
+
+
+def load_teacher(path: str | os.PathLike, *, model_name: str, num_classes: int) -> nn.Module:
+    """Loads an FP32 teacher checkpoint, refusing one of another architecture."""
+    payload = load_checkpoint(path)
+    if payload.get("kind", "fp32") != "fp32":
+        raise UsageError(f"teacher {path} is a {payload.get('kind')} checkpoint; the teacher "
+                         f"must be an FP32 model")
+    model = model_from_checkpoint(payload, expect_model=model_name, path=path)
+    if payload["model"].get("num_classes") != num_classes:
+        raise UsageError(f"teacher {path} has {payload['model'].get('num_classes')} classes, "
+                         f"the recipe {num_classes}")
+    return model
+
+
+def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *,
+                    input_size: int) -> nn.Module:
+    """`prepare_qat` with the recipe's settings and a dummy input of the right size."""
+    example = (torch.zeros(2, 3, input_size, input_size),)
+    return prepare_qat(model, plan, example_inputs=example, weight_mode=cfg.weight_scale,
+                       learn_act_scale=cfg.learn_act_scale, quantize_joins=cfg.quantize_joins)
+
+
+def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
+              out_dir: str | os.PathLike, data_root=None, device: str | torch.device = "auto",
+              progress: bool = True, log: bool = True) -> dict:
+    """The QAT stage: fine-tunes `plan` applied to the teacher; returns and writes metrics.
+
+    Writes `out_dir/model.pt` (the QAT checkpoint, carrying its plan), `checkpoint_last.pt`,
+    `plan.json`, `metrics.json` and `tb/` (each loss term, accuracy, learning rate and the
+    per-layer weight quantization error).
+    """
+    from .trainer import evaluate, fit, make_loaders, model_meta, resolve_device, write_metrics
+
+    if plan.model != recipe.model.name:
+        raise UsageError(f"the plan is for {plan.model!r} but the recipe trains "
+                         f"{recipe.model.name!r}")
+    device = resolve_device(device)
+    fp32 = load_teacher(teacher, model_name=recipe.model.name,
+                        num_classes=recipe.model.num_classes)
+    cfg = recipe.qat
+    student = quantized_model(fp32, plan, cfg, input_size=recipe.data.image_size)
+    train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
+                                             progress=progress)
+    teacher_model = fp32.to(device).eval()
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    memory_format = torch.channels_last if recipe.train.channels_last else torch.preserve_format
+    teacher_model = teacher_model.to(memory_format=memory_format)
+    student = student.to(device).to(memory_format=memory_format)
+
+    # Calibrate on un-augmented training images, in their fixed order.
+    calib = BatchLoader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
+                        train=False, device=device, channels_last=recipe.train.channels_last)
+    calibrate_(student, (x for i, (x, _) in zip(range(cfg.calibration_batches), calib.epoch(0))))
+
+    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else \
+        -(-3 * recipe.train.epochs // 4)
+
+    def on_epoch_start(epoch: int) -> None:
+        if epoch >= freeze_at:
+            freeze_bn_(student)
+
+    def loss_fn(model, x, y):
+        with torch.no_grad():
+            t_logits = teacher_model(x)
+        logits = model(x)
+        loss, terms = distillation_loss(logits, t_logits, y, alpha=cfg.alpha,
+                                        temperature=cfg.temperature)
+        return loss, logits, terms
+
+    def epoch_logger(writer, model, epoch):
+        for name, layer in quant_layers(model).items():
+            if layer.w_bits is not None:
+                writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
+
+    teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
+    meta = {**model_meta(recipe), "kind": "qat", "plan": plan.to_dict(),
+            "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
+                    "quantize_joins": cfg.quantize_joins}}
+    metrics = fit(student, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
+                  out_dir=out_dir, meta=meta, loss_fn=loss_fn, progress=progress, log=log,
+                  on_epoch_start=on_epoch_start, epoch_logger=epoch_logger)
+    plan.save(os.path.join(out_dir, "plan.json"))
+    metrics.update(teacher_top1=teacher_top1, weight_bytes=weight_bytes(student),
+                   fp32_bytes=fp32_parameter_bytes(fp32))
+    metrics["compression"] = metrics["fp32_bytes"] / metrics["weight_bytes"]
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
+def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
+    """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings)."""
+    from .checkpoint import load_state_dict_checked
+    from .models import build_model
+
+    spec = payload["model"]
+    model = build_model(spec["name"], num_classes=spec["num_classes"])
+    settings = payload.get("qat", {})
+    cfg = QATConfig(weight_scale=settings.get("weight_scale", "mse"),
+                    learn_act_scale=settings.get("learn_act_scale", False),
+                    quantize_joins=settings.get("quantize_joins", True))
+    qmodel = quantized_model(model, Plan.from_dict(payload["plan"]), cfg,
+                             input_size=payload.get("input_size", 32))
+    load_state_dict_checked(qmodel, payload["state_dict"], what=f"checkpoint {path}")
+    return qmodel

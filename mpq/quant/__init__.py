@@ -1,0 +1,27 @@
+"""Fake quantization: primitives, modules, the bit plan, and graph-based preparation."""
+
+from .modules import ActQuantizer, QuantConv, QuantLinear, WeightQuantizer
+from .plan import LayerQuant, Plan, load_plan, uniform_plan
+from .prepare import calibrate_, freeze_bn_, prepare_qat, quant_layers, quantizable_layers, trace
+from .primitives import fake_quantize, mse_optimal_scale, quant_range, round_ste
+
+__all__ = [
+    "ActQuantizer",
+    "LayerQuant",
+    "Plan",
+    "QuantConv",
+    "QuantLinear",
+    "WeightQuantizer",
+    "calibrate_",
+    "fake_quantize",
+    "freeze_bn_",
+    "load_plan",
+    "mse_optimal_scale",
+    "prepare_qat",
+    "quant_layers",
+    "quant_range",
+    "quantizable_layers",
+    "round_ste",
+    "trace",
+    "uniform_plan",
+]

@@ -1,0 +1,242 @@
+"""Fake-quantization modules built from `mpq.quant.primitives`.
+
+- `WeightQuantizer`: per-channel symmetric (narrow range) weights at 2..8 bits.
+- `ActQuantizer`: per-tensor activations, unsigned when calibration saw no negative value.
+- `QuantConv` / `QuantLinear`: a layer with its weight quantizer, its input quantizer and, for a
+  conv followed by BatchNorm, the BN folded in: the conv runs with the quantized *folded* weight,
+  which is exactly what export stores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import fake_quantize, grad_scale, mse_optimal_scale, quant_range
+
+__all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer"]
+
+SCALE_MODES = ("mse", "max", "lsq")
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric fake quantizer for a weight (C_out, ...).
+
+    Args:
+        bits: 2..8.
+        channels: number of output channels.
+        mode: `mse` (MSE-optimal clipping, recomputed from the current weight every step),
+            `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
+            initialised MSE-optimally on first use).
+    """
+
+    def __init__(self, bits: int, channels: int, *, mode: str = "mse"):
+        super().__init__()
+        if mode not in SCALE_MODES:
+            raise ValueError(f"weight scale mode must be one of {SCALE_MODES}, got {mode!r}")
+        self.bits, self.mode = bits, mode
+        self.qmin, self.qmax = quant_range(bits, signed=True)
+        self.scale = nn.Parameter(torch.zeros(channels), requires_grad=mode == "lsq")
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def compute_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The scale used for `w`, shaped (C, 1, ...) to broadcast against it."""
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        if self.mode == "lsq":
+            if not bool(self.initialized):
+                with torch.no_grad():
+                    self.scale.copy_(mse_optimal_scale(w.detach(), self.qmin, self.qmax,
+                                                       dim=0).flatten())
+                    self.initialized.fill_(True)
+            g = 1.0 / math.sqrt(w[0].numel() * self.qmax)
+            return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape)
+        with torch.no_grad():
+            if self.mode == "max":
+                scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.qmax
+            else:
+                scale = mse_optimal_scale(w.detach(), self.qmin, self.qmax, dim=0).flatten()
+            self.scale.copy_(scale)  # kept for export and logging
+        return scale.reshape(shape)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.compute_scale(w), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, mode={self.mode}"
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake quantizer with a scale set by calibration.
+
+    While `calibrating` is set it passes values through and records them; `finish_calibration`
+    then picks unsigned (all values >= 0, e.g. after a ReLU) or signed and the MSE-optimal
+    scale. With `learn_scale` the scale is a parameter trained with the LSQ gradient.
+    """
+
+    def __init__(self, bits: int = 8, *, learn_scale: bool = False,
+                 max_samples: int = 1 << 20):
+        super().__init__()
+        self.bits, self.learn_scale, self.max_samples = bits, learn_scale, max_samples
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=learn_scale)
+        self.register_buffer("signed", torch.tensor(False))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.calibrating = False
+        self._samples: list[torch.Tensor] = []
+        self._min, self._max = math.inf, -math.inf
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return quant_range(self.bits, signed=bool(self.signed))
+
+    def start_calibration(self) -> None:
+        self.calibrating, self._samples = True, []
+        self._min, self._max = math.inf, -math.inf
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        if not self._samples:
+            raise RuntimeError("ActQuantizer saw no data during calibration")
+        samples = torch.cat(self._samples)
+        # The extremes join the sample so the clipping search sees the real range.
+        samples = torch.cat([samples, torch.tensor([self._min, self._max])])
+        self.signed.fill_(self._min < 0)
+        qmin, qmax = self.qrange
+        self.scale.copy_(mse_optimal_scale(samples, qmin, qmax))
+        self.calibrated.fill_(True)
+        self.calibrating, self._samples = False, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            flat = x.detach().flatten().float()
+            self._min = min(self._min, flat.min().item())
+            self._max = max(self._max, flat.max().item())
+            step = max(1, flat.numel() // (self.max_samples // 16))
+            self._samples.append(flat[::step].cpu())
+            return x
+        if not bool(self.calibrated):
+            raise RuntimeError("ActQuantizer used before calibration; call mpq.quant.calibrate_")
+        qmin, qmax = self.qrange
+        scale = self.scale
+        if self.learn_scale:
+            scale = grad_scale(scale.abs().clamp_min(1e-8), 1.0 / math.sqrt(x[0].numel() * qmax))
+        return fake_quantize(x, scale, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, learn_scale={self.learn_scale}"
+
+
+class _QuantLayer(nn.Module):
+    """Shared parts: the float layer's parameters, a weight quantizer and an input quantizer."""
+
+    def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
+                 weight_mode: str, learn_act_scale: bool):
+        super().__init__()
+        self.layer = layer
+        self.w_bits, self.a_bits = w_bits, a_bits
+        out_channels = layer.weight.shape[0]
+        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_mode)
+                             if w_bits is not None else None)
+        self.input_quant = (ActQuantizer(a_bits, learn_scale=learn_act_scale)
+                            if a_bits is not None else None)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quant(x) if self.input_quant is not None else x
+
+    def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return self.weight_quant(w) if self.weight_quant is not None else w
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the quantizer sees (folded with BN where there is one)."""
+        return self.layer.weight
+
+    @torch.no_grad()
+    def weight_error(self) -> float:
+        """Relative quantization error ||Q(W) - W|| / ||W|| of the effective weight."""
+        w = self.effective_weight()
+        return ((self.quant_weight(w) - w).norm() / w.norm().clamp_min(1e-12)).item()
+
+
+class QuantLinear(_QuantLayer):
+    """`nn.Linear` with quantized weight and input."""
+
+    def forward(self, x):
+        return F.linear(self.quant_input(x), self.quant_weight(self.layer.weight), self.layer.bias)
+
+
+class QuantConv(_QuantLayer):
+    """`nn.Conv1d`/`nn.Conv2d` with quantized weight and input, and optionally a folded BN.
+
+    With BN, the weight quantized is `W * gamma / sqrt(running_var + eps)`, per output channel.
+    While BN statistics are live (training, before `freeze_bn_`), the conv output is divided by
+    that factor again and normalised with the batch statistics, so BN keeps learning its
+    statistics (as in Jacob et al. 2018 and torch.ao's ConvBn); in eval mode the layer computes
+    `conv(x, Q(W_fold)) + b_fold`. `freeze_bn_` folds BN into the weight for good: from then on
+    the conv weight *is* W_fold and BN's bias *is* b_fold, trained directly. (Training gamma
+    through a fixed 1/sqrt(running_var) instead blows up on channels of small variance:
+    measured, W8 QAT of ResNet20 fell from 68% to 14% in 30 steps that way.)
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_mode,
+                 learn_act_scale):
+        super().__init__(conv, w_bits, a_bits, weight_mode=weight_mode,
+                         learn_act_scale=learn_act_scale)
+        self.bn = bn
+        self.register_buffer("bn_frozen", torch.tensor(False))
+
+    def _bn_factor(self) -> torch.Tensor:
+        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if self.bn is None or bool(self.bn_frozen):
+            return w
+        return w * self._bn_factor().reshape((-1,) + (1,) * (w.dim() - 1))
+
+    def folded_bias(self) -> torch.Tensor | None:
+        """The bias of the folded layer (None for a conv without BN or bias)."""
+        bias = self.layer.bias
+        if self.bn is None:
+            return bias
+        if bool(self.bn_frozen):
+            return self.bn.bias
+        factor = self._bn_factor()
+        folded = self.bn.bias - factor * self.bn.running_mean
+        return folded + factor * bias if bias is not None else folded
+
+    @torch.no_grad()
+    def freeze_bn_(self) -> None:
+        """Folds BN into the conv weight and BN's bias; idempotent."""
+        if self.bn is None or bool(self.bn_frozen):
+            self.bn_frozen.fill_(True)
+            return
+        bias = self.folded_bias()
+        self.layer.weight.copy_(self.effective_weight())
+        self.bn.bias.copy_(bias)
+        self.bn.weight.requires_grad_(False)
+        if self.layer.bias is not None:
+            self.layer.bias.zero_()
+            self.layer.bias.requires_grad_(False)
+        self.bn_frozen.fill_(True)
+
+    def forward(self, x):
+        x = self.quant_input(x)
+        w = self.quant_weight(self.effective_weight())
+        if self.bn is None:
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        out = self.layer._conv_forward(x, w, None)
+        view = (1, -1) + (1,) * (out.dim() - 2)
+        if self.training and not bool(self.bn_frozen):
+            out = out / self._bn_factor().reshape(view)
+            if self.layer.bias is not None:
+                out = out + self.layer.bias.reshape(view)
+            bn = self.bn
+            return F.batch_norm(out, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                training=True, momentum=bn.momentum if bn.momentum is not None
+                                else 0.1, eps=bn.eps)
+        return out + self.folded_bias().reshape(view)
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, bn_folded={self.bn is not None}"

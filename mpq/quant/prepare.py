@@ -1,0 +1,176 @@
+"""Turning an FP32 model into a fake-quantized one, following its traced graph.
+
+`prepare_qat` traces the model with `torch.fx`, then:
+- replaces every quantizable layer (`Conv1d`, `Conv2d` incl. grouped/depthwise, `Linear`) that
+  the plan quantizes with `QuantConv`/`QuantLinear`; a conv whose only user is a BatchNorm gets
+  that BN folded in (found from the graph, not from module names);
+- puts an 8-bit `ActQuantizer` on every tensor that enters an addition or a concatenation, so
+  residual sums and concatenations run on an integer grid as the exported model will.
+
+`calibrate_` then sets every activation scale from a few batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UsageError
+from .modules import ActQuantizer, QuantConv, QuantLinear, _QuantLayer
+from .plan import Plan
+
+__all__ = ["calibrate_", "freeze_bn_", "prepare_qat", "quant_layers", "quantizable_layers",
+           "trace"]
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers a plan can quantize, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace`, with a failure turned into an actionable `UsageError`."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None:  # the innermost frame inside a module's forward names the culprit
+            frame_self = tb.tb_frame.f_locals.get("self")
+            if isinstance(frame_self, nn.Module):
+                where = f" in {type(frame_self).__name__}.forward"
+            tb = tb.tb_next
+        raise UsageError(f"the model cannot be traced with torch.fx{where}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}; make that code "
+                         f"traceable (no data-dependent control flow) or wrap it in a leaf "
+                         f"module and leave it in float") from None
+
+
+def _is_tensor(node) -> bool:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta is not None and hasattr(meta, "dtype") and meta.dtype.is_floating_point
+
+
+def _joins(node: fx.Node) -> list[fx.Node]:
+    """Tensor inputs of an addition or concatenation node (empty for any other node)."""
+    if (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("add", "add_")):
+        return [a for a in node.args[:2] if _is_tensor(a)] if _is_tensor(node) else []
+    if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return [a for a in tensors if _is_tensor(a)]
+    return []
+
+
+def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
+                weight_mode: str = "mse", learn_act_scale: bool = False,
+                quantize_joins: bool = True) -> fx.GraphModule:
+    """Returns a fake-quantized copy of `model` following `plan` (the model is not changed).
+
+    Args:
+        model: the FP32 model (its BN statistics and weights are copied).
+        plan: bit widths per layer; must cover exactly the model's quantizable layers.
+        example_inputs: inputs for one forward pass (shapes tell tensors from other values).
+        weight_mode: `mse`, `max` or `lsq` (see `WeightQuantizer`).
+        learn_act_scale: train activation scales with the LSQ gradient.
+        quantize_joins: quantize the inputs of additions and concatenations to 8 bits.
+    """
+    settings = plan.resolve(quantizable_layers(model))
+    gm = trace(copy.deepcopy(model).eval())
+    ShapeProp(gm).propagate(*example_inputs)
+    modules = dict(gm.named_modules())
+    called = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in settings:
+            continue
+        if node.target in called:
+            raise UsageError(f"layer {node.target!r} is called more than once; a shared layer "
+                             f"cannot take one plan entry per use")
+        called.add(node.target)
+        s = settings[node.target]
+        if s.w_bits is None and s.a_bits is None:
+            continue
+        layer = modules[node.target]
+        kwargs = dict(weight_mode=weight_mode, learn_act_scale=learn_act_scale)
+        if isinstance(layer, nn.Linear):
+            wrapper = QuantLinear(layer, s.w_bits, s.a_bits, **kwargs)
+        else:
+            bn = None
+            users = list(node.users)
+            if (len(users) == 1 and users[0].op == "call_module"
+                    and isinstance(modules[users[0].target], BATCHNORMS)
+                    and modules[users[0].target].track_running_stats):
+                bn_node = users[0]
+                bn = modules[bn_node.target]
+                bn_node.replace_all_uses_with(node)
+                gm.graph.erase_node(bn_node)
+            wrapper = QuantConv(layer, bn, s.w_bits, s.a_bits, **kwargs)
+        gm.set_submodule(node.target, wrapper)
+    missing = [name for name, s in settings.items()
+               if name not in called and (s.w_bits is not None or s.a_bits is not None)]
+    if missing:
+        raise UsageError(f"layers {', '.join(missing)} are not called as modules in the traced "
+                         f"graph (e.g. their weight is used through a functional call); leave "
+                         f"them in float in the plan (w_bits: null, a_bits: null)")
+    if quantize_joins:
+        for node in list(gm.graph.nodes):
+            for i, inp in enumerate(_joins(node)):
+                name = f"join_quant_{node.name}_in{i}"
+                gm.add_submodule(name, ActQuantizer(8, learn_scale=learn_act_scale))
+                with gm.graph.inserting_before(node):
+                    q = gm.graph.call_module(name, (inp,))
+                node.replace_input_with(inp, q)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.mpq_plan = plan
+    return gm
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches) -> int:
+    """Sets every activation quantizer's signedness and MSE-optimal scale from `batches`.
+
+    `batches` yields input tensors (or (input, label) pairs). BN runs in eval mode. Returns
+    the number of batches used.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.start_calibration()
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            n += 1
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibrate_ needs at least one batch")
+    for q in quantizers:
+        q.finish_calibration()
+    return n
+
+
+def freeze_bn_(model: nn.Module) -> None:
+    """Stops BN statistics from changing: folded layers then compute exactly what is exported."""
+    for m in model.modules():
+        if isinstance(m, QuantConv):
+            m.freeze_bn_()
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()  # a BN left in float (not folded): use running statistics
+
+
+def quant_layers(model: nn.Module) -> dict[str, _QuantLayer]:
+    """The quantized layers of a prepared model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _QuantLayer)}

@@ -1,0 +1,112 @@
+"""Pure quantization functions: rounding with a straight-through estimator, fake quantization,
+and scale selection. No modules and no state here; `mpq.quant.modules` builds on these.
+
+Conventions: a `b`-bit symmetric grid is narrow-range, k in [-(2^(b-1) - 1), 2^(b-1) - 1], so
+zero is exact and the grid is symmetric (what int8 kernels and packed sub-8-bit weights expect).
+An unsigned grid is k in [0, 2^b - 1] with zero point 0 (activations after a ReLU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "fake_quantize",
+    "grad_scale",
+    "mse_optimal_scale",
+    "quant_range",
+    "round_ste",
+]
+
+
+def quant_range(bits: int, *, signed: bool) -> tuple[int, int]:
+    """Integer range (qmin, qmax) of a `bits`-bit grid: narrow-range when signed."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if signed:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Rounds to the nearest integer; the gradient passes straight through (identity).
+
+    An autograd function rather than `(x.round() - x).detach() + x`, whose forward value can be
+    off the integer by one ulp and would put fake-quantized values off their grid.
+    """
+    return _RoundSTE.apply(x)
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Returns x exactly, but scales its gradient by `factor` (LSQ's step-size gradient scale)."""
+    return _GradScale.apply(x, factor)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize: `round(clamp(x / scale, qmin, qmax)) * scale`.
+
+    `scale` broadcasts against `x` (per-tensor: a scalar; per-channel: shape (C, 1, 1, 1) for a
+    conv weight). Gradients: straight through inside the clipping range, zero outside it (the
+    clamp blocks them); `scale` receives the LSQ gradient when it requires one.
+    """
+    # Clamping before rounding gives the same values and makes the gradient mask exactly
+    # qmin <= x / scale <= qmax.
+    return round_ste(torch.clamp(x / scale, qmin, qmax)) * scale
+
+
+@torch.no_grad()
+def mse_optimal_scale(x: torch.Tensor, qmin: int, qmax: int, *, dim: int | None = None,
+                      grid: int = 40, min_ratio: float = 0.3) -> torch.Tensor:
+    """Scale minimising ||Q(x) - x||^2 over clipping thresholds `ratio * max|x|`.
+
+    Args:
+        x: values to quantize.
+        qmin, qmax: the integer grid.
+        dim: channel dimension for one scale per channel; None for one scale in all.
+        grid: number of candidate ratios between `min_ratio` and 1.
+        min_ratio: smallest clipping ratio tried.
+
+    Returns a scale shaped to broadcast against `x` (per-channel) or a 0-d tensor.
+    """
+    if dim is None:
+        flat = x.reshape(1, -1)
+    else:
+        flat = x.transpose(0, dim).reshape(x.shape[dim], -1)
+    # For an unsigned grid the threshold is the max; for a signed one the max magnitude.
+    top = flat.amax(1) if qmin == 0 else flat.abs().amax(1)
+    top = top.clamp_min(1e-8)
+    best_err = torch.full_like(top, float("inf"))
+    best = top / qmax
+    for ratio in torch.linspace(min_ratio, 1.0, grid).tolist():
+        scale = top * ratio / qmax
+        q = torch.clamp(torch.round(flat / scale[:, None]), qmin, qmax) * scale[:, None]
+        err = (q - flat).pow(2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, scale, best)
+    if dim is None:
+        return best.reshape(())
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return best.reshape(shape)

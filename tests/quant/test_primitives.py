@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from mpq.quant import ActQuantizer, WeightQuantizer, fake_quantize, mse_optimal_scale, quant_range
+from mpq.quant.primitives import round_ste
+
+BITS = [2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_quant_range(bits, signed):
+    qmin, qmax = quant_range(bits, signed=signed)
+    if signed:  # narrow range: symmetric, zero exact
+        assert qmin == -qmax and qmax == 2 ** (bits - 1) - 1
+    else:
+        assert (qmin, qmax) == (0, 2 ** bits - 1)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0])
+def test_bits_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ValueError, match="2..8"):
+        quant_range(bits, signed=True)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("mode", ["mse", "max", "lsq"])
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (5, 7), (4, 1, 3)])
+def test_fake_quantized_weights_lie_exactly_on_their_grid(bits, mode, shape):
+    torch.manual_seed(bits)
+    w = torch.randn(shape) * torch.rand(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
+    quantizer = WeightQuantizer(bits, shape[0], mode=mode)
+    out = quantizer(w)
+    scale = quantizer.scale.detach().abs().reshape((-1,) + (1,) * (len(shape) - 1))
+    k = torch.round(out / scale)
+    qmin, qmax = quant_range(bits, signed=True)
+    assert torch.equal(out, k * scale)  # exactly scale * k, bit for bit
+    assert k.min() >= qmin and k.max() <= qmax
+    assert len(torch.unique(k)) <= qmax - qmin + 1
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed_data", [True, False])
+def test_activation_quantizer_grid_and_signedness(bits, signed_data):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    if not signed_data:
+        x = x.relu()
+    q = ActQuantizer(bits)
+    q.start_calibration()
+    q(x)
+    q.finish_calibration()
+    assert bool(q.signed) == signed_data
+    out = q(x)
+    k = torch.round(out / q.scale.detach())
+    qmin, qmax = quant_range(bits, signed=signed_data)
+    assert torch.equal(out, k * q.scale.detach()) and k.min() >= qmin and k.max() <= qmax
+
+
+def test_uncalibrated_activation_quantizer_refuses():
+    with pytest.raises(RuntimeError, match="calibration"):
+        ActQuantizer(8)(torch.ones(2))
+
+
+def test_ste_passes_gradient_inside_and_blocks_outside():
+    scale = torch.tensor(0.1)
+    qmin, qmax = quant_range(4, signed=True)  # representable range: [-0.7, 0.7]
+    x = torch.tensor([-2.0, -0.69, -0.33, 0.0, 0.04, 0.5, 0.68, 0.8, 3.0], requires_grad=True)
+    fake_quantize(x, scale, qmin, qmax).sum().backward()
+    inside = (x.detach() >= qmin * scale) & (x.detach() <= qmax * scale)
+    assert torch.equal(x.grad, inside.float())
+    assert inside.tolist() == [False, True, True, True, True, True, True, False, False]
+    y = torch.tensor([0.26, 1.7], requires_grad=True)
+    round_ste(y).sum().backward()
+    assert torch.equal(y.grad, torch.ones(2))
+
+
+def test_mse_scale_beats_max_at_low_bits_and_matches_brute_force():
+    torch.manual_seed(0)
+    x = torch.randn(4096)  # Gaussian: clipping the tails pays off at 2-4 bits
+    for bits in (2, 3, 4):
+        qmin, qmax = quant_range(bits, signed=True)
+        s_mse = mse_optimal_scale(x, qmin, qmax, grid=200)
+        s_max = x.abs().max() / qmax
+
+        def err(s):
+            return (fake_quantize(x, s, qmin, qmax) - x).pow(2).sum()
+        assert err(s_mse) < err(s_max)
+        ratios = torch.linspace(0.3, 1.0, 200)
+        brute = min(err(x.abs().max() * r / qmax) for r in ratios)
+        assert err(s_mse) <= brute * (1 + 1e-6)
+
+
+def test_per_channel_scale_shape():
+    w = torch.randn(6, 2, 3, 3)
+    scale = mse_optimal_scale(w, -7, 7, dim=0)
+    assert scale.shape == (6, 1, 1, 1)
+    for c in range(6):
+        assert torch.allclose(scale[c].squeeze(), mse_optimal_scale(w[c], -7, 7))
+
+
+def test_lsq_scale_receives_gradient():
+    w = torch.randn(4, 8)
+    q = WeightQuantizer(3, 4, mode="lsq")
+    q(w).pow(2).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0

@@ -1,0 +1,158 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_RECIPE, run_script
+from mpq.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from mpq.config import recipe_from_dict
+from mpq.models import build_model
+from mpq.qat import QATRecipe, distillation_loss, train_qat
+from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
+                       quantizable_layers, uniform_plan)
+from mpq.trainer import train_fp32
+
+
+def test_distillation_loss_equals_hand_computed_value():
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    t = torch.tensor([[1.0, 1.5, -0.5], [0.3, -0.2, 0.9]])
+    y = torch.tensor([0, 2])
+    alpha, temp = 0.7, 3.0
+    kl = 0.0
+    for row in range(2):
+        pt = [math.exp(v / temp) for v in t[row].tolist()]
+        ps = [math.exp(v / temp) for v in s[row].tolist()]
+        pt = [v / sum(pt) for v in pt]
+        ps = [v / sum(ps) for v in ps]
+        kl += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    kl = kl / 2 * temp ** 2  # batchmean, times T^2
+    ce = -sum(math.log(math.exp(s[r, y[r]].item()) / sum(math.exp(v) for v in s[r].tolist()))
+              for r in range(2)) / 2
+    loss, terms = distillation_loss(s, t, y, alpha=alpha, temperature=temp)
+    assert loss.item() == pytest.approx(alpha * kl + (1 - alpha) * ce, rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(kl, rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
+
+
+def _trained_bn_resnet20():
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10)
+    model.train()
+    with torch.no_grad():  # give BN non-trivial statistics
+        for _ in range(3):
+            model(torch.randn(16, 3, 16, 16) * 2 + 0.5)
+    return model.eval()
+
+
+def test_prepare_folds_every_bn_and_quantizes_every_layer():
+    model = _trained_bn_resnet20()
+    names = quantizable_layers(model)
+    qmodel = prepare_qat(model, uniform_plan("resnet20", names, w_bits=8),
+                         example_inputs=(torch.zeros(1, 3, 16, 16),))
+    assert sorted(quant_layers(qmodel)) == sorted(names) and len(names) == 22
+    assert not [m for m in qmodel.modules()
+                if isinstance(m, torch.nn.BatchNorm2d) and not any(
+                    getattr(q, "bn", None) is m for q in qmodel.modules())]
+    assert all(q.bn is not None for n, q in quant_layers(qmodel).items() if n != "fc")
+    joins = [n for n, _ in qmodel.named_modules() if n.startswith("join_quant_")]
+    assert len(joins) == 18  # two inputs of each of the 9 residual additions
+    x = torch.randn(8, 3, 16, 16)
+    calibrate_(qmodel, [x])
+    with torch.no_grad():
+        rel = (qmodel.eval()(x) - model(x)).norm() / model(x).norm()
+    assert rel < 0.05  # W8A8 stays close to FP32
+
+
+def test_frozen_bn_training_forward_is_the_eval_forward_and_freezing_keeps_function():
+    model = _trained_bn_resnet20()
+    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=4),
+                         example_inputs=(torch.zeros(1, 3, 16, 16),))
+    x = torch.randn(8, 3, 16, 16)
+    calibrate_(qmodel, [x])
+    qmodel.eval()
+    with torch.no_grad():
+        before = qmodel(x)
+        freeze_bn_(qmodel)
+        after_eval = qmodel(x)
+        after_train = qmodel.train()(x)
+    assert all(bool(m.bn_frozen) for m in qmodel.modules() if isinstance(m, QuantConv))
+    assert torch.allclose(before, after_eval, atol=1e-5)
+    assert torch.equal(after_eval, after_train)  # what is trained is what is exported
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    recipe = recipe_from_dict(copy.deepcopy(TINY_RECIPE))
+    train_fp32(recipe, out_dir=out, device="cpu", progress=False, log=False)
+    return out / "model.pt"
+
+
+def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe_dict):
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    recipe = recipe_from_dict(tiny_recipe_dict, QATRecipe)
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher))
+    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=4)
+    metrics = train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat",
+                        device="cpu", progress=False, log=False)
+    for key in ("top1", "teacher_top1", "epochs", "weight_bytes"):
+        assert key in metrics
+    assert metrics["top1"] > 60 and metrics["compression"] > 6
+    result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "qat" / "model.pt",
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"top1={metrics['top1']:.2f}"
+    saved = load_checkpoint(tmp_path / "qat" / "model.pt")
+    assert saved["kind"] == "qat" and saved["plan"] == plan.to_dict()
+
+
+def qat_args(tmp_path, write_recipe, tiny_recipe_dict, teacher, *extra):
+    return ["train.py", "--recipe", write_recipe(tiny_recipe_dict), "--device", "cpu", "--quiet",
+            "--out", tmp_path / "qat", "--teacher", teacher, *extra]
+
+
+def _usage_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_bad_qat_input(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher)
+    _usage_error(run_script(*args, "--bits", "9"), "outside 2..8")
+    _usage_error(run_script(*args[:-2], "--teacher", tmp_path / "none.pt", "--bits", "4"),
+                 "does not exist")
+    plan = uniform_plan("resnet20", ["conv1", "layer9.conv"], w_bits=4)
+    plan.save(tmp_path / "plan.json")
+    _usage_error(run_script(*args, "--plan", tmp_path / "plan.json"),
+                 "names no layer of the model: layer9.conv")
+    other = {"model": {"name": "resnet18", "num_classes": 4},
+             "state_dict": build_model("resnet18", num_classes=4).state_dict(),
+             "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "kind": "fp32"}
+    save_checkpoint(tmp_path / "r18.pt", other)
+    _usage_error(run_script(*args[:-2], "--teacher", tmp_path / "r18.pt", "--bits", "4"),
+                 "holds a 'resnet18' model, but 'resnet20' was expected")
+    _usage_error(run_script(*args[:-2], "--bits", "4"), "needs --teacher")
+    assert not (tmp_path / "qat").exists()
+
+
+def test_kl_direction_is_teacher_to_student():
+    s = torch.tensor([[3.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0]])
+    _, terms = distillation_loss(s, t, torch.tensor([0]), alpha=1.0, temperature=1.0)
+    p_t, log_p_s = F.softmax(t, 1), F.log_softmax(s, 1)
+    expected = (p_t * (p_t.log() - log_p_s)).sum()
+    assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_qat_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_teacher,
+                                                               tiny_recipe_dict, write_recipe):
+    from conftest import kill_mid_epoch_and_resume
+
+    tiny_recipe_dict["train"]["epochs"] = 4
+    tiny_recipe_dict["data"]["synthetic_train_size"] = 960
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 2}
+    kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
+                               "--teacher", tiny_teacher, "--bits", "3"], tmp_path)
