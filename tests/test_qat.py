@@ -94,12 +94,13 @@ def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe
     tiny_recipe_dict["qat"] = {"calibration_batches": 2}
     recipe = recipe_from_dict(tiny_recipe_dict, QATRecipe)
     teacher = model_from_checkpoint(load_checkpoint(tiny_teacher))
-    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=4)
+    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=8)
     metrics = train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat",
                         device="cpu", progress=False, log=False)
     for key in ("top1", "teacher_top1", "epochs", "weight_bytes"):
         assert key in metrics
-    assert metrics["top1"] > 60 and metrics["compression"] > 6
+    # W8A8 keeps the teacher's accuracy (a broken fold or STE fell to chance, 25%, here).
+    assert metrics["top1"] >= metrics["teacher_top1"] - 10 and metrics["compression"] > 3.5
     result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "qat" / "model.pt",
                         "--quiet")
     assert result.returncode == 0, result.stderr

@@ -28,19 +28,30 @@ class WeightQuantizer(nn.Module):
     Args:
         bits: 2..8.
         channels: number of output channels.
-        mode: `mse` (MSE-optimal clipping, recomputed from the current weight every step),
+        mode: `mse` (MSE-optimal clipping ratio per channel, re-searched every
+            `refresh_every` training steps, applied to the current max |w| every step),
             `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
             initialised MSE-optimally on first use).
+        refresh_every: training steps between two searches of the MSE-optimal ratio (the
+            search costs ~40 quantizations of the weight; weights move slowly in QAT).
     """
 
-    def __init__(self, bits: int, channels: int, *, mode: str = "mse"):
+    def __init__(self, bits: int, channels: int, *, mode: str = "mse", refresh_every: int = 100):
         super().__init__()
         if mode not in SCALE_MODES:
             raise ValueError(f"weight scale mode must be one of {SCALE_MODES}, got {mode!r}")
-        self.bits, self.mode = bits, mode
+        self.bits, self.mode, self.refresh_every = bits, mode, refresh_every
         self.qmin, self.qmax = quant_range(bits, signed=True)
         self.scale = nn.Parameter(torch.zeros(channels), requires_grad=mode == "lsq")
+        self.register_buffer("ratio", torch.ones(channels))
+        self.register_buffer("steps", torch.tensor(0))
         self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _refresh_ratio(self, w: torch.Tensor) -> None:
+        top = w.abs().flatten(1).amax(1).clamp_min(1e-8)
+        self.ratio.copy_(mse_optimal_scale(w, self.qmin, self.qmax, dim=0).flatten()
+                         * self.qmax / top)
 
     def compute_scale(self, w: torch.Tensor) -> torch.Tensor:
         """The scale used for `w`, shaped (C, 1, ...) to broadcast against it."""
@@ -54,10 +65,15 @@ class WeightQuantizer(nn.Module):
             g = 1.0 / math.sqrt(w[0].numel() * self.qmax)
             return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape)
         with torch.no_grad():
-            if self.mode == "max":
-                scale = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.qmax
-            else:
-                scale = mse_optimal_scale(w.detach(), self.qmin, self.qmax, dim=0).flatten()
+            w = w.detach()
+            if self.mode == "mse" and (not bool(self.initialized) or (
+                    self.training and int(self.steps) % self.refresh_every == 0)):
+                self._refresh_ratio(w)
+                self.initialized.fill_(True)
+            if self.training:
+                self.steps += 1
+            top = w.abs().flatten(1).amax(1).clamp_min(1e-8)
+            scale = (top * self.ratio if self.mode == "mse" else top) / self.qmax
             self.scale.copy_(scale)  # kept for export and logging
         return scale.reshape(shape)
 
@@ -119,10 +135,11 @@ class ActQuantizer(nn.Module):
         if not bool(self.calibrated):
             raise RuntimeError("ActQuantizer used before calibration; call mpq.quant.calibrate_")
         qmin, qmax = self.qrange
-        scale = self.scale
         if self.learn_scale:
-            scale = grad_scale(scale.abs().clamp_min(1e-8), 1.0 / math.sqrt(x[0].numel() * qmax))
-        return fake_quantize(x, scale, qmin, qmax)
+            scale = grad_scale(self.scale.abs().clamp_min(1e-8),
+                               1.0 / math.sqrt(x[0].numel() * qmax))
+            return fake_quantize(x, scale, qmin, qmax)
+        return fake_quantize(x, self.scale.detach(), qmin, qmax)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learn_scale={self.learn_scale}"
@@ -223,20 +240,26 @@ class QuantConv(_QuantLayer):
 
     def forward(self, x):
         x = self.quant_input(x)
-        w = self.quant_weight(self.effective_weight())
         if self.bn is None:
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        out = self.layer._conv_forward(x, w, None)
-        view = (1, -1) + (1,) * (out.dim() - 2)
-        if self.training and not bool(self.bn_frozen):
-            out = out / self._bn_factor().reshape(view)
-            if self.layer.bias is not None:
-                out = out + self.layer.bias.reshape(view)
-            bn = self.bn
-            return F.batch_norm(out, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                training=True, momentum=bn.momentum if bn.momentum is not None
-                                else 0.1, eps=bn.eps)
-        return out + self.folded_bias().reshape(view)
+            return self.layer._conv_forward(x, self.quant_weight(self.layer.weight),
+                                            self.layer.bias)
+        if not self.training or bool(self.bn_frozen):
+            out = self.layer._conv_forward(x, self.quant_weight(self.effective_weight()), None)
+            return out + self.folded_bias().reshape((1, -1) + (1,) * (out.dim() - 2))
+        # Live BN: fold, quantize, convolve, undo the fold, normalise with batch statistics.
+        # The fold factor is a constant here: without quantization its two uses cancel, so
+        # gamma's true gradient comes from batch_norm alone (and the backward stays cheap).
+        factor = self._bn_factor().detach()
+        w = self.layer.weight
+        out = self.layer._conv_forward(
+            x, self.quant_weight(w * factor.reshape((-1,) + (1,) * (w.dim() - 1))), None)
+        out = out * (1 / factor).reshape((1, -1) + (1,) * (out.dim() - 2))
+        if self.layer.bias is not None:
+            out = out + self.layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
+        bn = self.bn
+        return F.batch_norm(out, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                            training=True, momentum=bn.momentum if bn.momentum is not None
+                            else 0.1, eps=bn.eps)
 
     def extra_repr(self) -> str:
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, bn_folded={self.bn is not None}"
