@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Recipe
 from .data import BatchLoader
@@ -113,11 +114,12 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     if plan.model != recipe.model.name:
         raise UsageError(f"the plan is for {plan.model!r} but the recipe trains "
                          f"{recipe.model.name!r}")
-    device = resolve_device(device)
+    device = distributed.init_from_env(resolve_device(device))
     fp32 = load_teacher(teacher, model_name=recipe.model.name,
                         num_classes=recipe.model.num_classes)
     cfg = recipe.qat
     student = quantized_model(fp32, plan, cfg, input_size=recipe.data.image_size)
+    progress = progress and distributed.is_main()
     train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
                                              progress=progress)
     teacher_model = fp32.to(device).eval()
@@ -159,11 +161,12 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     metrics = fit(student, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
                   out_dir=out_dir, meta=meta, loss_fn=loss_fn, progress=progress, log=log,
                   on_epoch_start=on_epoch_start, epoch_logger=epoch_logger)
-    plan.save(os.path.join(out_dir, "plan.json"))
     metrics.update(teacher_top1=teacher_top1, weight_bytes=weight_bytes(student),
                    fp32_bytes=fp32_parameter_bytes(fp32))
     metrics["compression"] = metrics["fp32_bytes"] / metrics["weight_bytes"]
-    write_metrics(out_dir, metrics)
+    if distributed.is_main():
+        plan.save(os.path.join(out_dir, "plan.json"))
+        write_metrics(out_dir, metrics)
     return metrics
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from . import distributed
 from .config import TrainConfig, recipe_to_dict
 from .data import BatchLoader
 from .errors import UsageError
@@ -111,6 +112,8 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     from tqdm import tqdm
 
     cfg = train_cfg or recipe.train
+    main = distributed.is_main()
+    progress, log = progress and main, log and main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recipe_dict = recipe_to_dict(recipe)
@@ -128,8 +131,8 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     start_epoch, history = 0, []
     if (out / LAST).is_file():
         state = load_checkpoint(out / LAST)
-        if state.get("recipe") != recipe_dict:
-            diff = _diff_keys(state.get("recipe") or {}, recipe_dict)
+        diff = _diff_keys(state.get("recipe") or {}, recipe_dict)
+        if diff:
             raise UsageError(f"{out} holds a run of a different recipe (differs in: "
                              f"{', '.join(diff) or 'meta'}); use another --out to start afresh")
         model.load_state_dict(state["state_dict"])
@@ -139,10 +142,12 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         start_epoch, history = state["epoch"] + 1, state["history"]
         if log:
             print(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
-    else:
+    elif main:
         (out / "recipe.yaml").write_text(_yaml(recipe_dict))
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch or None)
+    net = distributed.wrap(model, next(model.parameters()).device)
+    writer = (SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch or None)
+              if main else _NullWriter())
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -154,7 +159,8 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
             bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, disable=not progress,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
             for i, (x, y) in enumerate(bar):
-                loss, logits, terms = loss_fn(model, x, y)
+                x, y = distributed.shard(x, y)
+                loss, logits, terms = loss_fn(net, x, y)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
@@ -188,10 +194,13 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
             if epoch_logger:
                 epoch_logger(writer, model, epoch + 1)
             writer.flush()
-            save_checkpoint(out / LAST, {
-                **meta, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "epoch": epoch, "history": history, "recipe": recipe_dict})
+            if main:
+                save_checkpoint(out / LAST, {
+                    **meta, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch,
+                    "history": history, "recipe": recipe_dict})
+            distributed.barrier()
             if log:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                       f"train {row['train_top1']:.2f}% test {test['top1']:.2f}% "
@@ -202,16 +211,27 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     final = history[-1] if history else {}
     metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
                "epochs": cfg.epochs, "train_seconds": sum(r["seconds"] for r in history)}
-    save_checkpoint(out / "model.pt", {**meta, "state_dict": model.state_dict(),
-                                       "epoch": cfg.epochs - 1, "metrics": metrics,
-                                       "recipe": recipe_dict})
+    if main:
+        save_checkpoint(out / "model.pt", {**meta, "state_dict": model.state_dict(),
+                                           "epoch": cfg.epochs - 1, "metrics": metrics,
+                                           "recipe": recipe_dict})
+    distributed.barrier()
     return metrics
 
 
+class _NullWriter:
+    """Stands in for SummaryWriter on ranks other than 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    # Keys present on one side only are fields added to the recipe format after the run began:
+    # they do not block a resume.
     keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+    for k in sorted(set(a) & set(b)):
+        va, vb = a[k], b[k]
         if isinstance(va, dict) and isinstance(vb, dict):
             keys += _diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
@@ -265,9 +285,9 @@ def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
     """
     from .models import build_model
 
-    device = resolve_device(device)
+    device = distributed.init_from_env(resolve_device(device))
     train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
-                                             progress=progress)
+                                             progress=progress and distributed.is_main())
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model.name, num_classes=recipe.model.num_classes).to(device)
     if recipe.train.channels_last:
@@ -275,5 +295,6 @@ def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
     metrics = fit(model, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
                   out_dir=out_dir, meta={**model_meta(recipe), "kind": "fp32"}, progress=progress,
                   log=log)
-    write_metrics(out_dir, metrics)
+    if distributed.is_main():
+        write_metrics(out_dir, metrics)
     return metrics

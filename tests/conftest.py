@@ -31,6 +31,18 @@ def tiny_recipe_dict():
     return yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """An FP32 checkpoint of TINY_RECIPE, trained once per test session."""
+    from mpq.config import recipe_from_dict
+    from mpq.trainer import train_fp32
+
+    out = tmp_path_factory.mktemp("teacher")
+    recipe = recipe_from_dict(yaml.safe_load(yaml.safe_dump(TINY_RECIPE)))
+    train_fp32(recipe, out_dir=out, device="cpu", progress=False, log=False)
+    return out / "model.pt"
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     def write(data, name="recipe.yaml"):

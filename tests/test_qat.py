@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RECIPE, run_script
+from conftest import run_script
 from mpq.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from mpq.config import recipe_from_dict
 from mpq.models import build_model
 from mpq.qat import QATRecipe, distillation_loss, train_qat
 from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                        quantizable_layers, uniform_plan)
-from mpq.trainer import train_fp32
 
 
 def test_distillation_loss_equals_hand_computed_value():
@@ -80,14 +79,6 @@ def test_frozen_bn_training_forward_is_the_eval_forward_and_freezing_keeps_funct
     assert all(bool(m.bn_frozen) for m in qmodel.modules() if isinstance(m, QuantConv))
     assert torch.allclose(before, after_eval, atol=1e-5)
     assert torch.equal(after_eval, after_train)  # what is trained is what is exported
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    recipe = recipe_from_dict(copy.deepcopy(TINY_RECIPE))
-    train_fp32(recipe, out_dir=out, device="cpu", progress=False, log=False)
-    return out / "model.pt"
 
 
 def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe_dict):
