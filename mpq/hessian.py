@@ -1,0 +1,224 @@
+"""Per-layer Hessian sensitivity: traces and top eigenvalues with standard errors.
+
+For each quantizable layer i with weight W_i (n_i values) and the mean cross-entropy loss over
+a fixed set of batches, with BN in eval mode:
+
+- **exact** (default where it holds): when the network is piecewise linear in each layer's
+  weight (ReLU, pooling, BN in eval mode, additions, concatenations), the Hessian block equals
+  its Gauss-Newton block G_ii = (1/N) sum_n J_n^T H_n J_n, with H_n = diag(p) - p p^T for
+  softmax cross-entropy. Writing H_n = sum_c p_c (e_c - p)(e_c - p)^T gives rows
+  r_nc = sqrt(p_nc) J_n^T (e_c - p_n), so tr(G_ii) = (1/N) sum ||r_nc||^2 exactly and the
+  spectrum of G_ii is that of the small Gram matrix (1/N) R R^T.
+- **hutchinson**: Rademacher probes v restricted to the layer, v^T H_ii v by a second backward
+  restricted to W_i, stopping when the standard error of the mean falls below `rel_tol` of the
+  mean. Where the network is not piecewise linear, the probes estimate tr(H_ii - G_ii) and the
+  exact tr(G_ii) is added: the Gauss-Newton part, usually most of the trace, then carries no
+  sampling noise (a control variate).
+
+The top eigenvalue comes from the Gram matrix (exact) or from Lanczos on H_ii.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from .quant.prepare import quantizable_layers
+
+__all__ = ["LayerSensitivity", "is_piecewise_linear", "layer_sensitivity"]
+
+_PIECEWISE_LINEAR_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6,
+    nn.LeakyReLU, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+    nn.Identity, nn.Dropout)
+_PIECEWISE_LINEAR_FUNCTIONS = {
+    operator.add, operator.iadd, operator.getitem, operator.mul, torch.add, torch.cat,
+    torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool2d, F.avg_pool2d,
+    F.adaptive_avg_pool2d, torch.nn.functional.dropout, getattr}
+_PIECEWISE_LINEAR_METHODS = {"view", "reshape", "flatten", "size", "relu", "add", "mean",
+                             "contiguous", "permute", "transpose"}
+
+
+@dataclass
+class LayerSensitivity:
+    """Sensitivity of one layer; `*_se` are standard errors (0 for exact values)."""
+
+    trace: float
+    trace_se: float
+    top_eigenvalue: float
+    top_eigenvalue_se: float
+    estimator: str
+    probes: int
+    numel: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_piecewise_linear(model: nn.Module) -> tuple[bool, str]:
+    """Whether every operation of the traced model is piecewise linear (with BN in eval).
+
+    Returns (answer, reason): the reason names the first operation that is not.
+    """
+    from .quant.prepare import trace
+
+    try:
+        gm = trace(model)
+    except Exception as exc:  # untraceable: no proof of the property
+        return False, f"not traceable ({exc})"
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            if not isinstance(m, _PIECEWISE_LINEAR_MODULES):
+                return False, f"{node.target} ({type(m).__name__})"
+            if isinstance(m, nn.Sequential):
+                continue
+        elif node.op == "call_function" and node.target not in _PIECEWISE_LINEAR_FUNCTIONS:
+            # a product of two activations is not linear, but x * constant is
+            if node.target is not operator.mul and node.target is not torch.mul:
+                return False, f"{getattr(node.target, '__name__', node.target)}"
+        elif node.op == "call_method" and node.target not in _PIECEWISE_LINEAR_METHODS:
+            return False, f".{node.target}()"
+    return True, "piecewise linear"
+
+
+def _gauss_newton_rows(model: nn.Module, weight_name: str, weight: torch.Tensor,
+                       x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Rows r_nc (N, C, n_i) with G_ii = (1/N) sum_nc r_nc r_nc^T for one batch."""
+    def logits(w, xi):
+        return functional_call(model, {weight_name: w}, (xi.unsqueeze(0),)).squeeze(0)
+
+    rows = []
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk]
+        with torch.no_grad():
+            p = F.softmax(model(xb), dim=1)                                  # (B, C)
+        jac = vmap(jacrev(logits), in_dims=(None, 0))(weight, xb)           # (B, C, *W)
+        jac = jac.reshape(jac.shape[0], jac.shape[1], -1)                   # (B, C, n)
+        mean = torch.einsum("bc,bcn->bn", p, jac)                           # J^T p
+        rows.append(p.sqrt().unsqueeze(2) * (jac - mean.unsqueeze(1)))
+    return torch.cat(rows)
+
+
+def _top_eigenvalue(matvec, dim: int, *, seed: int, tol: float = 1e-4) -> float:
+    """Largest (algebraic) eigenvalue of a symmetric operator by Lanczos (ARPACK via SciPy).
+
+    Plain power iteration finds the eigenvalue of largest magnitude, which for a Hessian block
+    can be a negative one; Lanczos with which="LA" finds the top of the spectrum.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    if dim == 1:
+        return float(matvec(torch.ones(1))[0])
+    op = LinearOperator((dim, dim), dtype=np.float64, matvec=lambda v: matvec(
+        torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).reshape(-1)
+    ).double().numpy())
+    v0 = np.random.default_rng(seed).standard_normal(dim)
+    return float(eigsh(op, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)[0])
+
+
+def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                      layers: list[str] | None = None, estimator: str = "auto",
+                      rel_tol: float = 0.05, min_probes: int = 8, max_probes: int = 500,
+                      seed: int = 0, progress: bool = False) -> dict[str, LayerSensitivity]:
+    """Trace and top eigenvalue of each layer's Hessian block of the mean cross-entropy.
+
+    Args:
+        model: the FP32 model (put in eval mode here; its weights are not changed).
+        batches: (inputs, labels) pairs; the loss is their mean over all samples.
+        layers: layer names (default: every quantizable layer).
+        estimator: `auto` (exact where the network is piecewise linear, else Hutchinson with
+            the Gauss-Newton control variate), `exact`, `hutchinson` (plain, as PyHessian),
+            or `hutchinson_ggn` (with the control variate).
+        rel_tol: Hutchinson stops when standard error <= rel_tol * |mean| ...
+        min_probes, max_probes: ... after at least `min_probes` and at most `max_probes`.
+        seed: seeds the probes.
+        progress: show a progress bar over layers.
+    """
+    from tqdm import tqdm
+
+    if estimator not in ("auto", "exact", "hutchinson", "hutchinson_ggn"):
+        raise ValueError(f"unknown estimator {estimator!r}")
+    was_training = model.training
+    model.eval()
+    layers = layers or quantizable_layers(model)
+    if estimator in ("auto", "exact"):
+        linear, reason = is_piecewise_linear(model)
+        if estimator == "exact" and not linear:
+            raise ValueError(f"the exact estimator needs a network piecewise linear in each "
+                             f"layer's weight; {reason} is not: use hutchinson_ggn")
+        estimator = "exact" if linear else "hutchinson_ggn"
+    n_total = sum(len(y) for _, y in batches)
+    g = torch.Generator().manual_seed(seed)
+    results = {}
+    try:
+        for name in tqdm(layers, desc="sensitivity", disable=not progress, unit="layer"):
+            weight_name = f"{name}.weight"
+            weight = model.get_submodule(name).weight
+            if estimator == "hutchinson":
+                results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
+                                            min_probes, max_probes, g, rows=None)
+                continue
+            rows = [_gauss_newton_rows(model, weight_name, weight.detach(), x)
+                    for x, _ in batches]
+            rows = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])    # (N*C, n)
+            ggn_trace = rows.pow(2).sum().item() / n_total
+            if estimator == "exact":
+                # Spectrum of G = R^T R / N from the smaller of the two Gram matrices.
+                gram = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
+                top = torch.linalg.eigvalsh(gram.double())[-1].item() / n_total
+                results[name] = LayerSensitivity(ggn_trace, 0.0, top, 0.0, "exact", 0,
+                                                  weight.numel())
+            else:
+                results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
+                                            min_probes, max_probes, g, rows=rows,
+                                            ggn_trace=ggn_trace)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _hutchinson(model, weight, batches, n_total, rel_tol, min_probes, max_probes, g, *,
+                rows, ggn_trace=0.0) -> LayerSensitivity:
+    """Hutchinson on one layer's block, optionally on H - G with tr(G) added back."""
+    grads = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
+        grads.append(torch.autograd.grad(loss, weight, create_graph=True)[0])
+
+    def hvp(v):
+        out = torch.zeros_like(weight)
+        for i, grad in enumerate(grads):
+            out += torch.autograd.grad(grad, weight, v, retain_graph=True)[0]
+        return out
+
+    samples = []
+    while len(samples) < max_probes:
+        v = torch.randint(0, 2, weight.shape, generator=g).to(weight) * 2 - 1
+        sample = torch.dot(v.flatten(), hvp(v).flatten()).item()
+        if rows is not None:  # control variate: subtract v^T G v, whose mean tr(G) is known
+            sample -= (rows @ v.flatten()).pow(2).sum().item() / n_total
+        samples.append(sample)
+        n = len(samples)
+        if n >= min_probes:
+            mean = sum(samples) / n
+            se = math.sqrt(sum((s - mean) ** 2 for s in samples) / (n - 1) / n)
+            total = mean + ggn_trace
+            if se <= rel_tol * abs(total):
+                break
+    n = len(samples)
+    mean = sum(samples) / n
+    se = math.sqrt(sum((s - mean) ** 2 for s in samples) / max(1, n - 1) / n)
+    top = _top_eigenvalue(lambda v: hvp(v.view_as(weight)).flatten(), weight.numel(),
+                          seed=int(torch.randint(1 << 30, (1,), generator=g)))
+    name = "hutchinson" if rows is None else "hutchinson_ggn"
+    return LayerSensitivity(mean + ggn_trace, se, top, 0.0, name, n, weight.numel())
