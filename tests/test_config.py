@@ -12,11 +12,13 @@ def test_defaults_round_trip_exactly():
 def test_shipped_recipes_load():
     from conftest import ROOT
     from mpq.qat import QATRecipe
+    from mpq.search import SearchRecipe
 
     paths = sorted((ROOT / "recipes").glob("*.yaml"))
     assert paths
     for path in paths:
-        load_recipe(path, cls=QATRecipe if path.stem.endswith("_qat") else Recipe)
+        cls = {"qat": QATRecipe, "fp32": Recipe}.get(path.stem.rsplit("_", 1)[-1], SearchRecipe)
+        load_recipe(path, cls=cls)
 
 
 @pytest.mark.parametrize("data, expected", [

@@ -1,0 +1,324 @@
+"""The search stage: sensitivity, exact allocation, then an Optuna study scored on real data.
+
+The Hessian model ignores interactions between layers, so the solver's plan is a starting
+point. The study moves each layer's bit width by -1, 0 or +1 step from the solver's plan at the
+budget; a proposal over the budget is repaired by lowering the bits where the perturbation
+table says it costs least per byte saved, so every trial is a plan within the budget. Each plan
+is scored by the KL divergence of its fake-quantized model from the FP32 model on held-out
+training images (never the test set), after calibrating its activation scales. The solver's
+plans at and below the budget are enqueued first, so the search can only match or beat them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocate import Allocation, perturbations, solve
+from .config import Recipe
+from .errors import UsageError
+from .hessian import LayerSensitivity, layer_sensitivity
+from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
+from .size import layer_bytes, layer_shapes
+
+__all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached"]
+
+
+@dataclass
+class SearchConfig:
+    """Settings of sensitivity, allocation and search."""
+
+    checkpoint: str = "checkpoints/resnet20_cifar10.pt"
+    bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
+    a_bits: int = 8
+    estimator: str = "auto"
+    metric: str = "trace"
+    sensitivity_batches: int = 2
+    batch_size: int = 128
+    holdout_images: int = 1024
+    calibration_batches: int = 2
+    trials: int = 30
+    timeout: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.bit_choices or any(not 2 <= b <= 8 for b in self.bit_choices):
+            raise UsageError(f"search.bit_choices must be bit widths in 2..8, got "
+                             f"{self.bit_choices}")
+        self.bit_choices = sorted(set(self.bit_choices))
+        if self.metric not in ("trace", "eigenvalue"):
+            raise UsageError(f"search.metric must be trace or eigenvalue, got {self.metric!r}")
+        if self.estimator not in ("auto", "exact", "hutchinson", "hutchinson_ggn"):
+            raise UsageError(f"search.estimator must be auto, exact, hutchinson or "
+                             f"hutchinson_ggn; got {self.estimator!r}")
+        if self.trials < 0 or self.holdout_images < 1 or self.sensitivity_batches < 1:
+            raise UsageError("search.trials must be >= 0, holdout_images and "
+                             "sensitivity_batches >= 1")
+
+
+@dataclass
+class SearchRecipe(Recipe):
+    """A recipe with a `search` section."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+@torch.no_grad()
+def kl_score(qmodel: nn.Module, teacher_logits: list[torch.Tensor],
+             batches: list[torch.Tensor]) -> float:
+    """Mean KL(p_teacher || p_quantized) over held-out batches: lower is better."""
+    qmodel.eval()
+    total, n = 0.0, 0
+    for x, t in zip(batches, teacher_logits):
+        s = qmodel(x)
+        total += F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="sum",
+                          log_target=True).item()
+        n += len(x)
+    return total / n
+
+
+def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
+                       estimator: str, progress: bool) -> dict[str, LayerSensitivity]:
+    """`layer_sensitivity`, cached on disk by checkpoint hash, data and settings."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir / f"sensitivity-{digest}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return {k: LayerSensitivity(**v) for k, v in data["layers"].items()}
+    result = layer_sensitivity(model, batches, estimator=estimator, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "layers": {k: v.to_dict()
+                                                      for k, v in result.items()}}))
+    os.replace(tmp, path)
+    return result
+
+
+def _repair(bits: dict[str, int], omega, shapes, choices, budget: int, fixed: int,
+            a_bits) -> dict[str, int]:
+    """Lowers bits, cheapest perturbation per byte saved first, until the plan fits."""
+    bits = dict(bits)
+
+    def size():
+        return fixed + sum(layer_bytes(shapes[n], b, a_bits) for n, b in bits.items())
+
+    while size() > budget:
+        best, best_cost = None, float("inf")
+        for n, b in bits.items():
+            i = choices.index(b)
+            if i == 0:
+                continue
+            lower = choices[i - 1]
+            saved = layer_bytes(shapes[n], b, a_bits) - layer_bytes(shapes[n], lower, a_bits)
+            cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
+            if cost < best_cost:
+                best, best_cost = (n, lower), cost
+        if best is None:
+            break
+        bits[best[0]] = best[1]
+    return bits
+
+
+def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_bytes: int,
+                holdout: list[torch.Tensor], calibration: list[torch.Tensor],
+                cfg: SearchConfig, storage: str | None, example_inputs: tuple,
+                progress: bool = True, on_trial=None) -> tuple[Plan, dict]:
+    """Runs the solver and the Optuna study; returns the best plan and a summary.
+
+    Args:
+        model: the FP32 model (eval mode).
+        model_name: recorded in the plan.
+        sensitivity: per-layer `LayerSensitivity`.
+        budget_bytes: hard limit on the stored size.
+        holdout: held-out training inputs for scoring.
+        calibration: inputs for calibrating activation scales.
+        cfg: the recipe's search section.
+        storage: an Optuna RDB URL (SQLite file by default in the run folder); a study there
+            resumes.
+        example_inputs: for tracing.
+        progress: show Optuna's progress bar.
+        on_trial: called as `(trial_number, size_bytes, score, bits)` after each trial.
+    """
+    import optuna
+
+    names = quantizable_layers(model)
+    q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
+                     example_inputs=example_inputs)
+    shapes, fixed = layer_shapes(q8)
+    choices = cfg.bit_choices
+    omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
+    solver = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed,
+                   a_bits=cfg.a_bits)
+    with torch.no_grad():
+        teacher_logits = [model(x) for x in holdout]
+
+    def score(bits: dict[str, int]) -> float:
+        plan = Plan(model=model_name,
+                    layers={n: {"w_bits": b, "a_bits": cfg.a_bits} for n, b in bits.items()})
+        q = prepare_qat(model, plan, example_inputs=example_inputs)
+        calibrate_(q, calibration)
+        return kl_score(q, teacher_logits, holdout)
+
+    def size_of(bits):
+        return fixed + sum(layer_bytes(shapes[n], b, cfg.a_bits) for n, b in bits.items())
+
+    def objective(trial: "optuna.Trial") -> float:
+        proposal = {}
+        for n in names:
+            i = choices.index(solver.bits[n])
+            step = trial.suggest_categorical(n, [-1, 0, 1])
+            proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
+        bits = _repair(proposal, omega, shapes, choices, budget_bytes, fixed, cfg.a_bits)
+        value = score(bits)
+        trial.set_user_attr("bits", bits)
+        trial.set_user_attr("size_bytes", size_of(bits))
+        if on_trial:
+            on_trial(trial.number, size_of(bits), value, bits)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=5)
+    try:
+        study = optuna.create_study(study_name="mpq-search", storage=storage, sampler=sampler,
+                                    direction="minimize", load_if_exists=True)
+    except Exception as exc:  # sqlalchemy/optuna raise many kinds for a bad URL
+        raise UsageError(f"cannot open the Optuna storage {storage!r}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        # The solver's plan at the budget, then at budgets a little below it: the search
+        # starts from the exact optimum of the Hessian model.
+        seeds = [solver] + [solve(omega, shapes, budget_bytes=int(budget_bytes * f),
+                                  fixed_bytes=fixed, a_bits=cfg.a_bits)
+                            for f in (0.97, 0.94) if budget_bytes * f >= _smallest(
+                                shapes, choices, fixed, cfg.a_bits)]
+        for alloc in seeds:
+            study.enqueue_trial({n: max(-1, min(1, choices.index(alloc.bits[n])
+                                                - choices.index(solver.bits[n])))
+                                 for n in names})
+    remaining = max(0, cfg.trials - len(done))
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout,
+                       show_progress_bar=progress)
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        bits, value = solver.bits, score(solver.bits)
+    else:
+        best = min(completed, key=lambda t: t.value)
+        bits, value = best.user_attrs["bits"], best.value
+    solver_score = next((t.value for t in completed if t.number == 0), None)
+    plan = Allocation(bits, size_of(bits), float(sum(omega[n][b] for n, b in bits.items()))).plan(
+        model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
+        extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
+               "solver_score": solver_score, "solver_bits": solver.bits})
+    assert plan.extra["size_bytes"] <= budget_bytes
+    summary = {"trials": [{"number": t.number, "score": t.value,
+                           "size_bytes": t.user_attrs.get("size_bytes"),
+                           "bits": t.user_attrs.get("bits")} for t in completed],
+               "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
+                          "objective": solver.objective}, "omega": omega}
+    return plan, summary
+
+
+def _smallest(shapes, choices, fixed, a_bits) -> int:
+    return fixed + sum(layer_bytes(s, choices[0], a_bits) for s in shapes.values())
+
+
+def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
+               data_root=None, checkpoint: str | None = None, storage: str | None = None,
+               device: str = "auto", progress: bool = True) -> Plan:
+    """The whole search stage for a recipe: writes `plan.json`, `sensitivity.json`,
+    `search.json`, `study.db` (unless `storage` is given) and TensorBoard logs in `tb/`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .allocate import parse_budget
+    from .checkpoint import load_checkpoint
+    from .data import BatchLoader, cache_dir, load_split
+    from .qat import load_teacher
+    from .size import fp32_parameter_bytes
+    from .trainer import resolve_device
+
+    cfg = recipe.search
+    checkpoint = checkpoint or cfg.checkpoint
+    device = resolve_device(device)
+    model = load_teacher(checkpoint, model_name=recipe.model.name,
+                         num_classes=recipe.model.num_classes).eval()
+    fp32_bytes = fp32_parameter_bytes(model)
+    budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
+    train = load_split(recipe.data, "train", root=data_root, progress=progress,
+                       num_classes=recipe.model.num_classes)
+    out = Path(out_dir)
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    # Held-out images: the tail of a fixed permutation of the training split; sensitivity and
+    # calibration batches come from its head. The test split is never looked at.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    holdout_split = train.subset(order[-cfg.holdout_images:])
+    head = train.subset(order[:cfg.batch_size * max(cfg.sensitivity_batches,
+                                                    cfg.calibration_batches)])
+
+    def batches(split, n=None):
+        loader = BatchLoader(split, recipe.data, batch_size=cfg.batch_size, train=False)
+        return [xy for _, xy in zip(range(n or len(loader)), loader.epoch(0))]
+
+    sens_batches = batches(head, cfg.sensitivity_batches)
+    calibration = [x for x, _ in batches(head, cfg.calibration_batches)]
+    holdout = [x for x, _ in batches(holdout_split)]
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    data_key = hashlib.sha256(torch.cat([x for x, _ in sens_batches]).numpy().tobytes())
+    key = {"checkpoint": digest, "data": data_key.hexdigest(), "estimator": cfg.estimator,
+           "batches": cfg.sensitivity_batches, "batch_size": cfg.batch_size}
+    sensitivity = sensitivity_cached(model, sens_batches, cache_dir=cache_dir() / "sensitivity",
+                                     key=key, estimator=cfg.estimator, progress=progress)
+    (out / "sensitivity.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint), "checkpoint_sha256": digest,
+         "images": sum(len(y) for _, y in sens_batches),
+         "layers": {k: v.to_dict() for k, v in sensitivity.items()}}, indent=2) + "\n")
+
+    writer = SummaryWriter(str(out / "tb"))
+    names = list(sensitivity)
+    for i, name in enumerate(names):
+        s = sensitivity[name]
+        writer.add_scalar(f"sensitivity/trace/{name}", s.trace, 0)
+        writer.add_scalar(f"sensitivity/top_eigenvalue/{name}", s.top_eigenvalue, 0)
+        writer.add_scalar("sensitivity/trace_by_layer_index", s.trace, i)
+        writer.add_scalar("sensitivity/trace_se_by_layer_index", s.trace_se, i)
+        writer.add_scalar("sensitivity/top_eigenvalue_by_layer_index", s.top_eigenvalue, i)
+
+    example = (holdout[0][:1],)
+    if budget_bytes >= fp32_bytes:
+        plan = uniform_plan(recipe.model.name, names, w_bits=8, a_bits=cfg.a_bits)
+        print(f"note: the budget {budget_bytes} bytes is at or above the FP32 size "
+              f"{fp32_bytes}: every layer gets 8 bits")
+        q = prepare_qat(model, plan, example_inputs=example)
+        from .size import weight_bytes
+
+        plan.extra = {"size_bytes": weight_bytes(q), "budget_bytes": budget_bytes}
+        summary = {}
+    else:
+        def on_trial(number, size, value, bits):
+            writer.add_scalar("search/score", value, number)
+            writer.add_scalar("search/size_bytes", size, number)
+
+        plan, summary = search_plan(model, model_name=recipe.model.name,
+                                    sensitivity=sensitivity, budget_bytes=budget_bytes,
+                                    holdout=holdout, calibration=calibration, cfg=cfg,
+                                    storage=storage, example_inputs=example,
+                                    progress=progress, on_trial=on_trial)
+    for i, name in enumerate(names):
+        writer.add_scalar("plan/w_bits_by_layer_index", plan.layers[name]["w_bits"], i)
+        writer.add_scalar(f"plan/w_bits/{name}", plan.layers[name]["w_bits"], 0)
+    writer.close()
+    plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,
+                  "compression": fp32_bytes / plan.extra["size_bytes"]}
+    plan.save(out / "plan.json")
+    (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return plan
+

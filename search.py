@@ -1,0 +1,53 @@
+"""Choose per-layer bit widths for a memory budget: sensitivity, exact solver, Optuna search.
+
+    python search.py --recipe recipes/resnet20_cifar10.yaml --budget 13x --out runs/search13x
+    python search.py ... --budget 120KB        # bytes with a unit: B, KB, MB, KiB, MiB, ...
+
+Writes plan.json (feed it to train.py --plan), sensitivity.json, search.json and TensorBoard
+logs in tb/. The Optuna study lives in study.db in --out (or --storage URL) and resumes.
+"""
+
+import argparse
+
+from mpq.cli import add_common_args, run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="YAML recipe with a search section")
+    parser.add_argument("--budget", required=True,
+                        help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x)")
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--checkpoint", help="FP32 checkpoint (default: the recipe's)")
+    parser.add_argument("--storage", help="Optuna RDB URL (default: SQLite in --out)")
+    parser.add_argument("--trials", type=int, help="trials in all (default: the recipe's)")
+    parser.add_argument("--timeout", type=float, help="seconds for the study")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe value")
+    add_common_args(parser)
+    args = parser.parse_args()
+    run_cli(lambda: run(args))
+
+
+def run(args) -> None:
+    from mpq.config import load_recipe
+    from mpq.search import SearchRecipe, run_search
+
+    overrides = list(args.overrides)
+    if args.trials is not None:
+        overrides.append(f"search.trials={args.trials}")
+    if args.timeout is not None:
+        overrides.append(f"search.timeout={args.timeout}")
+    recipe = load_recipe(args.recipe, overrides, cls=SearchRecipe)
+    plan = run_search(recipe, budget=args.budget, out_dir=args.out, data_root=args.data_root,
+                      checkpoint=args.checkpoint, storage=args.storage, device=args.device,
+                      progress=not args.quiet)
+    e = plan.extra
+    print(f"size_bytes={e['size_bytes']} budget_bytes={e['budget_bytes']} "
+          f"compression={e['compression']:.2f}x score={e.get('score', float('nan')):.5f}")
+    print(f"plan={args.out}/plan.json")
+
+
+if __name__ == "__main__":
+    main()
