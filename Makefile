@@ -27,6 +27,12 @@ data:
 test: setup data
 	$(BIN)/python -m pytest -q
 
+# The main job: the committed teacher if there is one (else train it, resumably), a search at
+# 13x compression, QAT with distillation on the plan found.
+TEACHER := $(if $(wildcard checkpoints/resnet20_cifar10.pt),checkpoints/resnet20_cifar10.pt,runs/resnet20_cifar10_fp32/model.pt)
+BUDGET ?= 13x
+
 run: setup data
-	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/resnet20_cifar10_fp32
-	$(BIN)/python -m mpq eval --checkpoint runs/resnet20_cifar10_fp32/model.pt
+	@[ -f $(TEACHER) ] || $(BIN)/python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/resnet20_cifar10_fp32
+	$(BIN)/python search.py --recipe recipes/resnet20_cifar10.yaml --checkpoint $(TEACHER) --budget $(BUDGET) --out runs/search_$(BUDGET)
+	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher $(TEACHER) --plan runs/search_$(BUDGET)/plan.json --out runs/qat_$(BUDGET)
