@@ -26,6 +26,7 @@ from .config import Recipe
 from .errors import UsageError
 from .hessian import LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
+from .report import log_search, log_sensitivity
 from .size import layer_bytes, layer_shapes
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached"]
@@ -129,7 +130,7 @@ def _repair(bits: dict[str, int], omega, shapes, choices, budget: int, fixed: in
 def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_bytes: int,
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
-                progress: bool = True, on_trial=None) -> tuple[Plan, dict]:
+                progress: bool = True) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -144,7 +145,6 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             resumes.
         example_inputs: for tracing.
         progress: show Optuna's progress bar.
-        on_trial: called as `(trial_number, size_bytes, score, bits)` after each trial.
     """
     import optuna
 
@@ -179,8 +179,6 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", size_of(bits))
-        if on_trial:
-            on_trial(trial.number, size_of(bits), value, bits)
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -283,14 +281,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
          "layers": {k: v.to_dict() for k, v in sensitivity.items()}}, indent=2) + "\n")
 
     writer = SummaryWriter(str(out / "tb"))
+    log_sensitivity(writer, sensitivity)
     names = list(sensitivity)
-    for i, name in enumerate(names):
-        s = sensitivity[name]
-        writer.add_scalar(f"sensitivity/trace/{name}", s.trace, 0)
-        writer.add_scalar(f"sensitivity/top_eigenvalue/{name}", s.top_eigenvalue, 0)
-        writer.add_scalar("sensitivity/trace_by_layer_index", s.trace, i)
-        writer.add_scalar("sensitivity/trace_se_by_layer_index", s.trace_se, i)
-        writer.add_scalar("sensitivity/top_eigenvalue_by_layer_index", s.top_eigenvalue, i)
 
     example = (holdout[0][:1],)
     if budget_bytes >= fp32_bytes:
@@ -303,18 +295,12 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
         plan.extra = {"size_bytes": weight_bytes(q), "budget_bytes": budget_bytes}
         summary = {}
     else:
-        def on_trial(number, size, value, bits):
-            writer.add_scalar("search/score", value, number)
-            writer.add_scalar("search/size_bytes", size, number)
-
         plan, summary = search_plan(model, model_name=recipe.model.name,
                                     sensitivity=sensitivity, budget_bytes=budget_bytes,
                                     holdout=holdout, calibration=calibration, cfg=cfg,
                                     storage=storage, example_inputs=example,
-                                    progress=progress, on_trial=on_trial)
-    for i, name in enumerate(names):
-        writer.add_scalar("plan/w_bits_by_layer_index", plan.layers[name]["w_bits"], i)
-        writer.add_scalar(f"plan/w_bits/{name}", plan.layers[name]["w_bits"], 0)
+                                    progress=progress)
+    log_search(writer, plan.layers, summary.get("trials", []))
     writer.close()
     plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,
                   "compression": fp32_bytes / plan.extra["size_bytes"]}
