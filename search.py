@@ -23,8 +23,6 @@ def main() -> None:
     parser.add_argument("--storage", help="Optuna RDB URL (default: SQLite in --out)")
     parser.add_argument("--trials", type=int, help="trials in all (default: the recipe's)")
     parser.add_argument("--timeout", type=float, help="seconds for the study")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a recipe value")
     add_common_args(parser)
     args = parser.parse_args()
     run_cli(lambda: run(args))

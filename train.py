@@ -22,8 +22,6 @@ def main() -> None:
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("--plan", help="bit plan JSON (from search.py)")
     plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a recipe value, e.g. train.epochs=3")
     add_common_args(parser)
     args = parser.parse_args()
     run_cli(lambda: run(args))

@@ -29,6 +29,9 @@ def run_cli(fn: Callable[[], object]) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. train.epochs=3 (repeatable)")
     parser.add_argument("--data-root", default=None,
                         help="data folder (ImageFolder train/ + test/ or val/, or torchvision's "
                              "CIFAR-10); default: $MPQ_DATA, else download CIFAR-10")

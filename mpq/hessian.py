@@ -230,7 +230,8 @@ def _hooked_gauss_newton(model: nn.Module, layers: list[str], batches) -> dict:
 def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                       layers: list[str] | None = None, estimator: str = "auto",
                       rel_tol: float = 0.05, min_probes: int = 8, max_probes: int = 500,
-                      seed: int = 0, progress: bool = False) -> dict[str, LayerSensitivity]:
+                      seed: int = 0, top_eigenvalue: bool = True,
+                      progress: bool = False) -> dict[str, LayerSensitivity]:
     """Trace and top eigenvalue of each layer's Hessian block of the mean cross-entropy.
 
     Args:
@@ -243,6 +244,8 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
         rel_tol: Hutchinson stops when standard error <= rel_tol * |mean| ...
         min_probes, max_probes: ... after at least `min_probes` and at most `max_probes`.
         seed: seeds the probes.
+        top_eigenvalue: also compute top eigenvalues (sampled estimators: by Lanczos, extra
+            Hessian-vector products; exact: free). NaN when off.
         progress: show a progress bar over layers.
     """
     from tqdm import tqdm
@@ -273,7 +276,8 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             weight = model.get_submodule(name).weight
             if estimator == "hutchinson":
                 results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
-                                            min_probes, max_probes, g, rows=None)
+                                            min_probes, max_probes, g, rows=None,
+                                            eigen=top_eigenvalue)
                 continue
             rows = [_gauss_newton_rows(model, weight_name, weight.detach(), x)
                     for x, _ in batches]
@@ -288,14 +292,14 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             else:
                 results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
                                             min_probes, max_probes, g, rows=rows,
-                                            ggn_trace=ggn_trace)
+                                            ggn_trace=ggn_trace, eigen=top_eigenvalue)
     finally:
         model.train(was_training)
     return results
 
 
 def _hutchinson(model, weight, batches, n_total, rel_tol, min_probes, max_probes, g, *,
-                rows, ggn_trace=0.0) -> LayerSensitivity:
+                rows, ggn_trace=0.0, eigen=True) -> LayerSensitivity:
     """Hutchinson on one layer's block, optionally on H - G with tr(G) added back."""
     grads = []
     for x, y in batches:
@@ -326,6 +330,7 @@ def _hutchinson(model, weight, batches, n_total, rel_tol, min_probes, max_probes
     mean = sum(samples) / n
     se = math.sqrt(sum((s - mean) ** 2 for s in samples) / max(1, n - 1) / n)
     top = _top_eigenvalue(lambda v: hvp(v.view_as(weight)).flatten(), weight.numel(),
-                          seed=int(torch.randint(1 << 30, (1,), generator=g)))
+                          seed=int(torch.randint(1 << 30, (1,), generator=g))) \
+        if eigen else math.nan
     name = "hutchinson" if rows is None else "hutchinson_ggn"
     return LayerSensitivity(mean + ggn_trace, se, top, 0.0, name, n, weight.numel())
