@@ -28,10 +28,11 @@ def run_cli(fn: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. train.epochs=3 (repeatable)")
+def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> None:
+    if recipe:
+        parser.add_argument("--set", dest="overrides", action="append", default=[],
+                            metavar="KEY=VALUE",
+                            help="override a recipe value, e.g. train.epochs=3 (repeatable)")
     parser.add_argument("--data-root", default=None,
                         help="data folder (ImageFolder train/ + test/ or val/, or torchvision's "
                              "CIFAR-10); default: $MPQ_DATA, else download CIFAR-10")
@@ -68,6 +69,6 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="top-1 of any mpq checkpoint on the test split")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--batch-size", type=int, default=500)
-    add_common_args(ev)
+    add_common_args(ev, recipe=False)
     args = parser.parse_args(argv)
     run_cli(lambda: {"eval": _eval}[args.command](args))

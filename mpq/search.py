@@ -212,6 +212,12 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         best = min(completed, key=lambda t: t.value)
         bits, value = best.user_attrs["bits"], best.value
     solver_score = next((t.value for t in completed if t.number == 0), None)
+    # Uniform plans that fit the budget, scored the same way: what mixed precision must beat.
+    uniform = {}
+    for b in choices:
+        flat = {n: b for n in names}
+        if size_of(flat) <= budget_bytes:
+            uniform[b] = {"size_bytes": size_of(flat), "score": score(flat)}
     plan = Allocation(bits, size_of(bits), float(sum(omega[n][b] for n, b in bits.items()))).plan(
         model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
         extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
@@ -221,7 +227,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                            "size_bytes": t.user_attrs.get("size_bytes"),
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
-                          "objective": solver.objective}, "omega": omega}
+                          "objective": solver.objective},
+               "uniform": uniform, "omega": omega}
     return plan, summary
 
 
