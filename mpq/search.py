@@ -212,12 +212,13 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         best = min(completed, key=lambda t: t.value)
         bits, value = best.user_attrs["bits"], best.value
     solver_score = next((t.value for t in completed if t.number == 0), None)
-    # Uniform plans that fit the budget, scored the same way: what mixed precision must beat.
+    # Uniform plans, scored the same way: what mixed precision must beat (those over the
+    # budget too: uniform 4-bit is just over an 8x budget once scales and biases count).
     uniform = {}
     for b in choices:
         flat = {n: b for n in names}
-        if size_of(flat) <= budget_bytes:
-            uniform[b] = {"size_bytes": size_of(flat), "score": score(flat)}
+        uniform[b] = {"size_bytes": size_of(flat), "within_budget": size_of(flat) <= budget_bytes,
+                      "score": score(flat)}
     plan = Allocation(bits, size_of(bits), float(sum(omega[n][b] for n, b in bits.items()))).plan(
         model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
         extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",

@@ -32,8 +32,9 @@ def test_search_keeps_the_budget_beats_uniform_and_reproduces(search_args, tmp_p
     assert plan["score"] <= plan["solver_score"]  # the solver's plan is trial 0
     summary = json.loads((tmp_path / "a" / "search.json").read_text())
     trials = summary["trials"]
-    assert summary["uniform"] and all(u["size_bytes"] <= plan["budget_bytes"]
-                                      for u in summary["uniform"].values())
+    assert len(summary["uniform"]) == 5 and all(
+        u["within_budget"] == (u["size_bytes"] <= plan["budget_bytes"])
+        for u in summary["uniform"].values())
     assert len(trials) == 5 and all(t["size_bytes"] <= plan["budget_bytes"] for t in trials)
     sens = json.loads((tmp_path / "a" / "sensitivity.json").read_text())["layers"]
     assert sens["conv1"]["estimator"] == "exact" and sens["conv1"]["trace"] > 0
