@@ -1,13 +1,20 @@
 """mpq: mixed-precision quantization for PyTorch models.
 
-Stages, each one call: `train_fp32` (a teacher), and the ones that follow it in the pipeline.
+Stages, each one call: `train_fp32` (a teacher), `layer_sensitivity` (Hessian per layer),
+`solve` (exact allocation under a byte budget), `run_search` (sensitivity + solver + Optuna
+for a recipe), `prepare_qat` and `train_qat` (QAT with distillation).
 """
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 from .data import BatchLoader, load_split
 from .errors import UsageError
+from .allocate import parse_budget, solve
+from .hessian import layer_sensitivity
 from .models import ResNet20, build_model
+from .qat import train_qat
+from .quant import Plan, load_plan, prepare_qat
+from .search import run_search
 from .trainer import evaluate, train_fp32
 
 __version__ = "0.1.0"
@@ -16,16 +23,24 @@ __all__ = [
     "BatchLoader",
     "DataConfig",
     "ModelConfig",
+    "Plan",
     "Recipe",
     "ResNet20",
     "TrainConfig",
     "UsageError",
     "build_model",
     "evaluate",
+    "layer_sensitivity",
     "load_checkpoint",
+    "load_plan",
     "load_recipe",
     "load_split",
     "model_from_checkpoint",
+    "parse_budget",
+    "prepare_qat",
+    "run_search",
     "save_checkpoint",
+    "solve",
     "train_fp32",
+    "train_qat",
 ]

@@ -89,7 +89,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: BatchLoader,
         out_dir: str | os.PathLike, meta: dict, train_cfg: TrainConfig | None = None,
-        loss_fn: Callable | None = None, params=None, progress: bool = True, log: bool = True,
+        loss_fn: Callable | None = None, progress: bool = True, log: bool = True,
         on_epoch_start: Callable[[int], None] | None = None,
         epoch_logger: Callable | None = None) -> dict:
     """Trains `model` in place and returns the final metrics; resumes from `out_dir` if possible.
@@ -102,7 +102,6 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         meta: plain data stored in every checkpoint (model spec, normalisation, plan, ...).
         train_cfg: optimiser and schedule; defaults to `recipe.train`.
         loss_fn: `(model, x, y) -> (loss, logits, {name: tensor})`; defaults to cross-entropy.
-        params: parameters to optimise (default: all of `model`).
         progress: show a progress bar per epoch.
         log: print one summary line per epoch.
         on_epoch_start: called with the epoch index before each epoch (e.g. to freeze BN).
@@ -118,8 +117,7 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     out.mkdir(parents=True, exist_ok=True)
     recipe_dict = recipe_to_dict(recipe)
     loss_fn = loss_fn or _cross_entropy(cfg.label_smoothing)
-    params = list(model.parameters()) if params is None else list(params)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
