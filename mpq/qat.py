@@ -79,8 +79,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
-def load_teacher(path: str | os.PathLike, *, model_name: str, num_classes: int) -> nn.Module:
-    """Loads an FP32 teacher checkpoint, refusing one of another architecture."""
+def load_teacher(path: str | os.PathLike, *, model_name: str, num_classes: int,
+                 normalization: dict | None = None) -> nn.Module:
+    """Loads an FP32 teacher checkpoint, refusing one of another architecture (or, when
+    `normalization` is given, one trained on differently normalised inputs)."""
     payload = load_checkpoint(path)
     if payload.get("kind", "fp32") != "fp32":
         raise UsageError(f"teacher {path} is a {payload.get('kind')} checkpoint; the teacher "
@@ -89,6 +91,10 @@ def load_teacher(path: str | os.PathLike, *, model_name: str, num_classes: int) 
     if payload["model"].get("num_classes") != num_classes:
         raise UsageError(f"teacher {path} has {payload['model'].get('num_classes')} classes, "
                          f"the recipe {num_classes}")
+    theirs = payload.get("normalization")
+    if normalization is not None and theirs is not None and theirs != normalization:
+        raise UsageError(f"teacher {path} was trained with normalization {theirs}, the recipe "
+                         f"uses {normalization}; set data.mean and data.std to the teacher's")
     return model
 
 
@@ -116,7 +122,9 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                          f"{recipe.model.name!r}")
     device = distributed.init_from_env(resolve_device(device))
     fp32 = load_teacher(teacher, model_name=recipe.model.name,
-                        num_classes=recipe.model.num_classes)
+                        num_classes=recipe.model.num_classes,
+                        normalization={"mean": list(recipe.data.mean),
+                                       "std": list(recipe.data.std)})
     cfg = recipe.qat
     student = quantized_model(fp32, plan, cfg, input_size=recipe.data.image_size)
     progress = progress and distributed.is_main()

@@ -255,7 +255,9 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     checkpoint = checkpoint or cfg.checkpoint
     device = resolve_device(device)
     model = load_teacher(checkpoint, model_name=recipe.model.name,
-                         num_classes=recipe.model.num_classes).eval()
+                         num_classes=recipe.model.num_classes,
+                         normalization={"mean": list(recipe.data.mean),
+                                        "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
     train = load_split(recipe.data, "train", root=data_root, progress=progress,

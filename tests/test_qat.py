@@ -127,6 +127,8 @@ def test_bad_qat_input(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
     _usage_error(run_script(*args[:-2], "--teacher", tmp_path / "r18.pt", "--bits", "4"),
                  "holds a 'resnet18' model, but 'resnet20' was expected")
     _usage_error(run_script(*args[:-2], "--bits", "4"), "needs --teacher")
+    _usage_error(run_script(*args, "--bits", "4", "--set", "data.mean=[0.1, 0.1, 0.1]"),
+                 "set data.mean and data.std to the teacher's")
     assert not (tmp_path / "qat").exists()
 
 
