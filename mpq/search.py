@@ -182,9 +182,15 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Trials only mean something relative to the solver's plan they move from, so the study's
+    # name pins the budget and that plan: another budget or teacher in the same storage starts
+    # its own study instead of mixing trials.
+    basis = hashlib.sha256(json.dumps([budget_bytes, choices, solver.bits, cfg.seed],
+                                      sort_keys=True).encode()).hexdigest()[:12]
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=5)
     try:
-        study = optuna.create_study(study_name="mpq-search", storage=storage, sampler=sampler,
+        study = optuna.create_study(study_name=f"mpq-{model_name}-{budget_bytes}B-{basis}",
+                                    storage=storage, sampler=sampler,
                                     direction="minimize", load_if_exists=True)
     except Exception as exc:  # sqlalchemy/optuna raise many kinds for a bad URL
         raise UsageError(f"cannot open the Optuna storage {storage!r}: "

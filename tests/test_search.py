@@ -61,3 +61,18 @@ def test_bad_search_input(search_args, budget, extra, fragment):
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_interrupted_study_resumes_and_another_budget_starts_its_own(search_args, tmp_path):
+    import optuna
+
+    assert run_script(*search_args("8x", "r", "--trials", "3")).returncode == 0
+    assert run_script(*search_args("8x", "r", "--trials", "5")).returncode == 0
+    assert run_script(*search_args("6x", "r", "--trials", "2")).returncode == 0
+    storage = f"sqlite:///{tmp_path / 'r' / 'study.db'}"
+    done = optuna.trial.TrialState.COMPLETE
+    completed = sorted(
+        sum(t.state == done for t in optuna.load_study(study_name=s.study_name,
+                                                       storage=storage).trials)
+        for s in optuna.get_all_study_summaries(storage))
+    assert completed == [2, 5]  # 3 then 2 more at 8x; its own 2 at 6x
