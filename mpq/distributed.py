@@ -73,12 +73,3 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
-
-
-def all_mean(value: float) -> float:
-    """Mean of a Python number over ranks."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / world_size()
