@@ -31,7 +31,7 @@ def omega_for(shapes, rng):
 
 
 def timed(omega, shapes, fixed, repeats):
-    budget = fixed + sum(layer_bytes(s, 4, 8) for s in shapes.values())
+    budget = fixed + sum(layer_bytes(s, 4) for s in shapes.values())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

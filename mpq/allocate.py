@@ -84,7 +84,7 @@ class Allocation:
 
 
 def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
-          budget_bytes: int, fixed_bytes: int = 0, a_bits: int | None = 8,
+          budget_bytes: int, fixed_bytes: int = 0,
           extra_constraints: list | None = None) -> Allocation:
     """Minimises sum Omega_i(b_i) subject to the stored size <= `budget_bytes`, exactly.
 
@@ -92,8 +92,8 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
         omega: per layer, the perturbation at each allowed bit width.
         shapes: per layer, what its size depends on.
         budget_bytes: the whole model's budget, `fixed_bytes` included.
-        fixed_bytes: bytes that do not depend on the bits (float layers, join quantizers).
-        a_bits: activation bits of every layer (they count in the size).
+        fixed_bytes: bytes that do not depend on the bits (activation quantizers, float
+            layers, the file header): `mpq.size.layer_shapes` gives them.
         extra_constraints: `(costs, upper)` pairs, `costs[name][b]` summed over the choice
             must be <= `upper` (e.g. bit operations).
     """
@@ -101,8 +101,8 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
 
     names = list(omega)
     choices = [(name, b) for name in names for b in sorted(omega[name])]
-    sizes = np.array([layer_bytes(shapes[n], b, a_bits) for n, b in choices], dtype=float)
-    smallest = fixed_bytes + sum(min(layer_bytes(shapes[n], b, a_bits) for b in omega[n])
+    sizes = np.array([layer_bytes(shapes[n], b) for n, b in choices], dtype=float)
+    smallest = fixed_bytes + sum(min(layer_bytes(shapes[n], b) for b in omega[n])
                                  for n in names)
     if budget_bytes < smallest:
         raise UsageError(f"budget {budget_bytes} bytes ({budget_bytes / 1000:.1f}KB) is below "
@@ -124,21 +124,20 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
     picked = [choices[j] for j in np.flatnonzero(result.x > 0.5)]
     bits = {n: b for n, b in picked}
     bits = {n: bits[n] for n in names}
-    size = fixed_bytes + sum(layer_bytes(shapes[n], b, a_bits) for n, b in bits.items())
+    size = fixed_bytes + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
     return Allocation(bits, size, float(sum(omega[n][b] for n, b in bits.items())))
 
 
-def pareto_front(omega, shapes, *, fixed_bytes: int = 0, a_bits: int | None = 8,
+def pareto_front(omega, shapes, *, fixed_bytes: int = 0,
                  points: int = 25) -> list[Allocation]:
     """Optimal allocations at `points` budgets from the smallest to the largest size."""
-    lo = fixed_bytes + sum(min(layer_bytes(shapes[n], b, a_bits) for b in omega[n])
+    lo = fixed_bytes + sum(min(layer_bytes(shapes[n], b) for b in omega[n])
                            for n in omega)
-    hi = fixed_bytes + sum(max(layer_bytes(shapes[n], b, a_bits) for b in omega[n])
+    hi = fixed_bytes + sum(max(layer_bytes(shapes[n], b) for b in omega[n])
                            for n in omega)
     front, seen = [], set()
     for budget in np.linspace(lo, hi, points):
-        alloc = solve(omega, shapes, budget_bytes=int(budget), fixed_bytes=fixed_bytes,
-                      a_bits=a_bits)
+        alloc = solve(omega, shapes, budget_bytes=int(budget), fixed_bytes=fixed_bytes)
         key = tuple(alloc.bits.values())
         if key not in seen:
             seen.add(key)

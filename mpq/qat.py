@@ -169,7 +169,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     metrics = fit(student, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
                   out_dir=out_dir, meta=meta, loss_fn=loss_fn, progress=progress, log=log,
                   on_epoch_start=on_epoch_start, epoch_logger=epoch_logger)
-    metrics.update(teacher_top1=teacher_top1, weight_bytes=weight_bytes(student),
+    metrics.update(teacher_top1=teacher_top1,
+                   weight_bytes=weight_bytes(student, model_meta(recipe)),
                    fp32_bytes=fp32_parameter_bytes(fp32))
     metrics["compression"] = metrics["fp32_bytes"] / metrics["weight_bytes"]
     if distributed.is_main():

@@ -102,13 +102,13 @@ def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
     return result
 
 
-def _repair(bits: dict[str, int], omega, shapes, choices, budget: int, fixed: int,
-            a_bits) -> dict[str, int]:
+def _repair(bits: dict[str, int], omega, shapes, choices, budget: int,
+            fixed: int) -> dict[str, int]:
     """Lowers bits, cheapest perturbation per byte saved first, until the plan fits."""
     bits = dict(bits)
 
     def size():
-        return fixed + sum(layer_bytes(shapes[n], b, a_bits) for n, b in bits.items())
+        return fixed + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
 
     while size() > budget:
         best, best_cost = None, float("inf")
@@ -117,7 +117,7 @@ def _repair(bits: dict[str, int], omega, shapes, choices, budget: int, fixed: in
             if i == 0:
                 continue
             lower = choices[i - 1]
-            saved = layer_bytes(shapes[n], b, a_bits) - layer_bytes(shapes[n], lower, a_bits)
+            saved = layer_bytes(shapes[n], b) - layer_bytes(shapes[n], lower)
             cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
             if cost < best_cost:
                 best, best_cost = (n, lower), cost
@@ -130,7 +130,7 @@ def _repair(bits: dict[str, int], omega, shapes, choices, budget: int, fixed: in
 def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_bytes: int,
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
-                progress: bool = True) -> tuple[Plan, dict]:
+                meta: dict | None = None, progress: bool = True) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -144,6 +144,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         storage: an Optuna RDB URL (SQLite file by default in the run folder); a study there
             resumes.
         example_inputs: for tracing.
+        meta: the model's `model`, `input_size` and `normalization` (as in its checkpoint):
+            with it, sizes are those of the `model.mpq` file, header included.
         progress: show Optuna's progress bar.
     """
     import optuna
@@ -151,11 +153,10 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     names = quantizable_layers(model)
     q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
                      example_inputs=example_inputs)
-    shapes, fixed = layer_shapes(q8)
+    shapes, fixed = layer_shapes(q8, meta)
     choices = cfg.bit_choices
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
-    solver = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed,
-                   a_bits=cfg.a_bits)
+    solver = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed)
     with torch.no_grad():
         teacher_logits = [model(x) for x in holdout]
 
@@ -167,7 +168,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         return kl_score(q, teacher_logits, holdout)
 
     def size_of(bits):
-        return fixed + sum(layer_bytes(shapes[n], b, cfg.a_bits) for n, b in bits.items())
+        return fixed + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
 
     def objective(trial: "optuna.Trial") -> float:
         proposal = {}
@@ -175,7 +176,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             i = choices.index(solver.bits[n])
             step = trial.suggest_categorical(n, [-1, 0, 1])
             proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
-        bits = _repair(proposal, omega, shapes, choices, budget_bytes, fixed, cfg.a_bits)
+        bits = _repair(proposal, omega, shapes, choices, budget_bytes, fixed)
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", size_of(bits))
@@ -200,9 +201,9 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         # The solver's plan at the budget, then at budgets a little below it: the search
         # starts from the exact optimum of the Hessian model.
         seeds = [solver] + [solve(omega, shapes, budget_bytes=int(budget_bytes * f),
-                                  fixed_bytes=fixed, a_bits=cfg.a_bits)
+                                  fixed_bytes=fixed)
                             for f in (0.97, 0.94) if budget_bytes * f >= _smallest(
-                                shapes, choices, fixed, cfg.a_bits)]
+                                shapes, choices, fixed)]
         for alloc in seeds:
             study.enqueue_trial({n: max(-1, min(1, choices.index(alloc.bits[n])
                                                 - choices.index(solver.bits[n])))
@@ -239,8 +240,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     return plan, summary
 
 
-def _smallest(shapes, choices, fixed, a_bits) -> int:
-    return fixed + sum(layer_bytes(s, choices[0], a_bits) for s in shapes.values())
+def _smallest(shapes, choices, fixed) -> int:
+    return fixed + sum(layer_bytes(s, choices[0]) for s in shapes.values())
 
 
 def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
@@ -255,7 +256,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     from .data import BatchLoader, cache_dir, load_split
     from .qat import load_teacher
     from .size import fp32_parameter_bytes
-    from .trainer import resolve_device
+    from .trainer import model_meta, resolve_device
 
     cfg = recipe.search
     checkpoint = checkpoint or cfg.checkpoint
@@ -308,14 +309,15 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
         q = prepare_qat(model, plan, example_inputs=example)
         from .size import weight_bytes
 
-        plan.extra = {"size_bytes": weight_bytes(q), "budget_bytes": budget_bytes}
+        plan.extra = {"size_bytes": weight_bytes(q, model_meta(recipe)),
+                      "budget_bytes": budget_bytes}
         summary = {}
     else:
         plan, summary = search_plan(model, model_name=recipe.model.name,
                                     sensitivity=sensitivity, budget_bytes=budget_bytes,
                                     holdout=holdout, calibration=calibration, cfg=cfg,
                                     storage=storage, example_inputs=example,
-                                    progress=progress)
+                                    meta=model_meta(recipe), progress=progress)
     log_search(writer, plan.layers, summary.get("trials", []))
     writer.close()
     plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,

@@ -28,7 +28,7 @@ def test_solver_equals_brute_force(seed):
     bits = rng.sample([2, 3, 4, 5, 6, 8], 3)
     omega, shapes = random_instance(rng, 5, bits)
     fixed = rng.randint(0, 500)
-    sizes = lambda combo: fixed + sum(layer_bytes(shapes[n], b, 8)  # noqa: E731
+    sizes = lambda combo: fixed + sum(layer_bytes(shapes[n], b)  # noqa: E731
                                       for n, b in zip(shapes, combo))
     all_combos = list(itertools.product(*(sorted(omega[n]) for n in shapes)))
     lo, hi = min(map(sizes, all_combos)), max(map(sizes, all_combos))

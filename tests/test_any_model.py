@@ -1,6 +1,8 @@
 """The engine on a network it has never seen: grouped and depthwise convs, a residual add, a
 concatenation, a Linear in the middle, SiLU, a conv without BN (issue: any model)."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,8 +58,16 @@ def test_layers_and_folding_come_from_the_graph(net_and_data):
     layers = quant_layers(q)
     assert layers["stem"].bn is not None and layers["depthwise"].bn is not None
     assert layers["grouped"].bn is None and layers["side"].bn is None
-    joins = [n for n, _ in q.named_modules() if n.startswith("join_quant_")]
-    assert len(joins) == 4  # two inputs of the add, two of the concatenation
+    acts = [n for n, _ in q.named_modules() if n.startswith("act_quant_")]
+    # One per tensor: the input, the stem's output (depthwise input and add), the depthwise
+    # branch, the grouped conv's output, the sum (side input and concatenation), the side
+    # conv's output, the Linear's input, the head's input.
+    assert len(acts) == 8
+    for node in q.graph.nodes:
+        if node.op == "call_function" and node.target in (operator.add, torch.cat):
+            inputs = node.args[0] if node.target is torch.cat else node.args
+            assert all(a.op == "call_module" and a.target.startswith("act_quant_")
+                       for a in inputs)
     calibrate_(q, [x])
     with torch.no_grad():
         rel = (q.eval()(x) - net(x)).norm() / net(x).norm()

@@ -55,8 +55,15 @@ def test_prepare_folds_every_bn_and_quantizes_every_layer():
                 if isinstance(m, torch.nn.BatchNorm2d) and not any(
                     getattr(q, "bn", None) is m for q in qmodel.modules())]
     assert all(q.bn is not None for n, q in quant_layers(qmodel).items() if n != "fc")
-    joins = [n for n, _ in qmodel.named_modules() if n.startswith("join_quant_")]
-    assert len(joins) == 18  # two inputs of each of the 9 residual additions
+    acts = [n for n, _ in qmodel.named_modules() if n.startswith("act_quant_")]
+    # One quantizer per tensor: the input, the stem's output, per block its inner activation
+    # and its conv branch, the 2 projection shortcuts, 8 block outputs feeding the next block
+    # (conv1 and shortcut share it), the classifier's input.
+    assert len(acts) == 1 + 1 + 9 * 2 + 2 + 8 + 1
+    adds = [n for n in qmodel.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 9
+    for add in adds:
+        assert all(a.op == "call_module" and a.target.startswith("act_quant_") for a in add.args)
     x = torch.randn(8, 3, 16, 16)
     calibrate_(qmodel, [x])
     with torch.no_grad():

@@ -2,9 +2,10 @@
 
 - `WeightQuantizer`: per-channel symmetric (narrow range) weights at 2..8 bits.
 - `ActQuantizer`: per-tensor activations, unsigned when calibration saw no negative value.
-- `QuantConv` / `QuantLinear`: a layer with its weight quantizer, its input quantizer and, for a
-  conv followed by BatchNorm, the BN folded in: the conv runs with the quantized *folded* weight,
-  which is exactly what export stores.
+- `QuantConv` / `QuantLinear`: a layer with its weight quantizer and, for a conv followed by
+  BatchNorm, the BN folded in: the conv runs with the quantized *folded* weight, which is exactly
+  what export stores. The layer's input is quantized by a standalone `ActQuantizer` that
+  `prepare_qat` puts on the tensor (shared with the tensor's other quantized consumers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .primitives import fake_quantize, grad_scale, mse_optimal_scale, quant_rang
 
 __all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer"]
 
-SCALE_MODES = ("mse", "max", "lsq")
+SCALE_MODES = ("mse", "max", "lsq", "fixed")
 
 
 class WeightQuantizer(nn.Module):
@@ -31,7 +32,8 @@ class WeightQuantizer(nn.Module):
         mode: `mse` (MSE-optimal clipping ratio per channel, re-searched every
             `refresh_every` training steps, applied to the current max |w| every step),
             `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
-            initialised MSE-optimally on first use).
+            initialised MSE-optimally on first use) or `fixed` (the stored scale as it is: a
+            model rebuilt from an export, whose weights already lie on their grid).
         refresh_every: training steps between two searches of the MSE-optimal ratio (the
             search costs ~40 quantizations of the weight; weights move slowly in QAT).
     """
@@ -56,6 +58,8 @@ class WeightQuantizer(nn.Module):
     def compute_scale(self, w: torch.Tensor) -> torch.Tensor:
         """The scale used for `w`, shaped (C, 1, ...) to broadcast against it."""
         shape = (-1,) + (1,) * (w.dim() - 1)
+        if self.mode == "fixed":
+            return self.scale.detach().reshape(shape)
         if self.mode == "lsq":
             if not bool(self.initialized):
                 with torch.no_grad():
@@ -146,21 +150,17 @@ class ActQuantizer(nn.Module):
 
 
 class _QuantLayer(nn.Module):
-    """Shared parts: the float layer's parameters, a weight quantizer and an input quantizer."""
+    """Shared parts: the float layer's parameters and a weight quantizer. `a_bits` records the
+    bits of the input, which a standalone `ActQuantizer` in the graph quantizes."""
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
-                 weight_mode: str, learn_act_scale: bool):
+                 weight_mode: str):
         super().__init__()
         self.layer = layer
         self.w_bits, self.a_bits = w_bits, a_bits
         out_channels = layer.weight.shape[0]
         self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_mode)
                              if w_bits is not None else None)
-        self.input_quant = (ActQuantizer(a_bits, learn_scale=learn_act_scale)
-                            if a_bits is not None else None)
-
-    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.input_quant(x) if self.input_quant is not None else x
 
     def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         return self.weight_quant(w) if self.weight_quant is not None else w
@@ -180,7 +180,7 @@ class QuantLinear(_QuantLayer):
     """`nn.Linear` with quantized weight and input."""
 
     def forward(self, x):
-        return F.linear(self.quant_input(x), self.quant_weight(self.layer.weight), self.layer.bias)
+        return F.linear(x, self.quant_weight(self.layer.weight), self.layer.bias)
 
 
 class QuantConv(_QuantLayer):
@@ -196,10 +196,8 @@ class QuantConv(_QuantLayer):
     measured, W8 QAT of ResNet20 fell from 68% to 14% in 30 steps that way.)
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_mode,
-                 learn_act_scale):
-        super().__init__(conv, w_bits, a_bits, weight_mode=weight_mode,
-                         learn_act_scale=learn_act_scale)
+    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_mode):
+        super().__init__(conv, w_bits, a_bits, weight_mode=weight_mode)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
 
@@ -239,7 +237,6 @@ class QuantConv(_QuantLayer):
         self.bn_frozen.fill_(True)
 
     def forward(self, x):
-        x = self.quant_input(x)
         if self.bn is None:
             return self.layer._conv_forward(x, self.quant_weight(self.layer.weight),
                                             self.layer.bias)

@@ -4,8 +4,11 @@
 - replaces every quantizable layer (`Conv1d`, `Conv2d` incl. grouped/depthwise, `Linear`) that
   the plan quantizes with `QuantConv`/`QuantLinear`; a conv whose only user is a BatchNorm gets
   that BN folded in (found from the graph, not from module names);
-- puts an 8-bit `ActQuantizer` on every tensor that enters an addition or a concatenation, so
-  residual sums and concatenations run on an integer grid as the exported model will.
+- quantizes activations per *tensor*, not per consumer: one `ActQuantizer` (named
+  `act_quant_<producer>`) right after each tensor that enters a quantized layer (at that layer's
+  `a_bits`) or an addition or concatenation (8 bits), shared by all those consumers. A tensor
+  then has one scale wherever it is used, as in the exported int8 graph, where each quantized
+  tensor is stored once (a ResNet block's input feeds its first conv and its shortcut add).
 
 `calibrate_` then sets every activation scale from a few batches.
 """
@@ -89,6 +92,14 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
     ShapeProp(gm).propagate(*example_inputs)
     modules = dict(gm.named_modules())
     called = set()
+    wants: dict[fx.Node, dict[int, list[fx.Node]]] = {}  # tensor -> bits -> consumers
+
+    def want(tensor, bits, consumer):
+        if isinstance(tensor, fx.Node):
+            users = wants.setdefault(tensor, {}).setdefault(bits, [])
+            if consumer not in users:
+                users.append(consumer)
+
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or node.target not in settings:
             continue
@@ -100,7 +111,7 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
         if s.w_bits is None and s.a_bits is None:
             continue
         layer = modules[node.target]
-        kwargs = dict(weight_mode=weight_mode, learn_act_scale=learn_act_scale)
+        kwargs = dict(weight_mode=weight_mode)
         if isinstance(layer, nn.Linear):
             wrapper = QuantLinear(layer, s.w_bits, s.a_bits, **kwargs)
         else:
@@ -115,6 +126,8 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
                 gm.graph.erase_node(bn_node)
             wrapper = QuantConv(layer, bn, s.w_bits, s.a_bits, **kwargs)
         gm.set_submodule(node.target, wrapper)
+        if s.a_bits is not None:
+            want(node.args[0], s.a_bits, node)
     missing = [name for name, s in settings.items()
                if name not in called and (s.w_bits is not None or s.a_bits is not None)]
     if missing:
@@ -122,17 +135,23 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
                          f"graph (e.g. their weight is used through a functional call); leave "
                          f"them in float in the plan (w_bits: null, a_bits: null)")
     if quantize_joins:
-        for node in list(gm.graph.nodes):
-            for i, inp in enumerate(_joins(node)):
-                name = f"join_quant_{node.name}_in{i}"
-                gm.add_submodule(name, ActQuantizer(8, learn_scale=learn_act_scale))
-                with gm.graph.inserting_before(node):
-                    q = gm.graph.call_module(name, (inp,))
-                node.replace_input_with(inp, q)
+        for node in gm.graph.nodes:
+            for inp in _joins(node):
+                want(inp, 8, node)
+    for tensor, by_bits in wants.items():
+        for bits, consumers in by_bits.items():
+            name = f"act_quant_{tensor.name}" + (f"_a{bits}" if len(by_bits) > 1 else "")
+            gm.add_submodule(name, ActQuantizer(bits, learn_scale=learn_act_scale))
+            with gm.graph.inserting_after(tensor):
+                q = gm.graph.call_module(name, (tensor,))
+            for consumer in consumers:
+                consumer.replace_input_with(tensor, q)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.mpq_plan = plan
+    gm.mpq_layer_names = list(settings)
+    gm.mpq_quantize_joins = quantize_joins
     return gm
 
 

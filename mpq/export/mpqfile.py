@@ -1,0 +1,225 @@
+"""`model.mpq`: the packed model file, where a b-bit weight takes b bits.
+
+Layout (little-endian):
+
+    magic      4 bytes  b"MPQ\\x01"
+    version    uint16   1
+    header     uint32   length of the JSON header that follows
+    payload    uint64   length of the payload that follows the header
+    JSON header         {"format", "model", "input_size", "normalization", "w_bits", "a_bits",
+                         "quantize_joins"}: enough to rebuild the model's graph
+    payload             the parts of `mpq.size.stored_parts`, in order:
+                        per quantized layer: its weight as `w_bits`-bit integers packed by
+                        `mpq.pack` (float32 if the weight stays float), float32 scales (one per
+                        output channel), float32 bias;
+                        per activation quantizer: float32 scale, one byte of signedness;
+                        every other floating tensor as float32
+    crc32      uint32   of everything before it
+
+`w_bits` / `a_bits` are one character per quantizable layer (in `quantizable_layers` order):
+the bit width, or `-` for float. The header's length thus does not depend on the plan, and the
+file's size is `mpq.size.weight_bytes(qmodel, meta)` exactly. A truncated or altered file fails
+its length or checksum test with a `UsageError`; it never loads as a wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..pack import pack, packed_size, unpack
+from ..quant import Plan, freeze_bn_, quantizable_layers
+from ..quant.modules import QuantConv, _QuantLayer
+from ..size import stored_parts
+
+__all__ = ["MPQ_VERSION", "header_bytes", "int_weight", "load_mpq", "read_mpq", "save_mpq"]
+
+MAGIC = b"MPQ\x01"
+MPQ_VERSION = 1
+_PREFIX = struct.Struct("<4sHIQ")
+_CRC = struct.Struct("<I")
+
+
+def _bits_string(bits) -> str:
+    return "".join("-" if b is None else str(b) for b in bits)
+
+
+def _header(meta: dict, qmodel: nn.Module) -> bytes:
+    plan: Plan = qmodel.mpq_plan
+    names = list(qmodel.mpq_layer_names)
+    settings = plan.resolve(names)
+    header = {"format": "mpq.model", "model": meta["model"], "input_size": meta["input_size"],
+              "normalization": meta["normalization"],
+              "w_bits": _bits_string(settings[n].w_bits for n in names),
+              "a_bits": _bits_string(settings[n].a_bits for n in names),
+              "quantize_joins": bool(qmodel.mpq_quantize_joins)}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def header_bytes(meta: dict, qmodel: nn.Module) -> int:
+    """Bytes of a `model.mpq` file that are not payload (prefix, header, checksum)."""
+    return _PREFIX.size + len(_header(meta, qmodel)) + _CRC.size
+
+
+@torch.no_grad()
+def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer weight (int8 tensor) and per-channel float32 scale the layer computes with."""
+    w = layer.effective_weight().detach().float()
+    q = layer.weight_quant
+    scale = q.compute_scale(w).float()
+    k = torch.clamp(torch.round(w / scale), q.qmin, q.qmax).to(torch.int8)
+    return k, scale.flatten()
+
+
+def _layer_bias(layer: _QuantLayer) -> torch.Tensor | None:
+    bias = layer.folded_bias() if isinstance(layer, QuantConv) else layer.layer.bias
+    return None if bias is None else bias.detach().float()
+
+
+def _f32(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().float().contiguous().numpy().astype("<f4").tobytes()
+
+
+def _payload(qmodel: nn.Module) -> bytes:
+    layers, acts, rest = stored_parts(qmodel)
+    chunks = []
+    for layer in layers.values():
+        if layer.w_bits is not None:
+            k, scale = int_weight(layer)
+            chunks += [pack(k.numpy(), layer.w_bits), _f32(scale)]
+        else:
+            chunks.append(_f32(layer.effective_weight()))
+        bias = _layer_bias(layer)
+        if bias is not None:
+            chunks.append(_f32(bias))
+    for q in acts.values():
+        chunks += [_f32(q.scale.reshape(1)), bytes([int(bool(q.signed))])]
+    chunks += [_f32(t) for t in rest.values()]
+    return b"".join(chunks)
+
+
+def save_mpq(path: str | os.PathLike, qmodel: nn.Module, meta: dict) -> int:
+    """Writes the packed file for a prepared model (eval mode); returns its size in bytes.
+
+    `meta` holds `model` ({"name", "num_classes"}), `input_size` and `normalization`.
+    """
+    qmodel.eval()
+    header, payload = _header(meta, qmodel), _payload(qmodel)
+    body = _PREFIX.pack(MAGIC, MPQ_VERSION, len(header), len(payload)) + header + payload
+    data = body + _CRC.pack(zlib.crc32(body))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes]:
+    """The header and payload of a `model.mpq` file, after checking its length and checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
+    data = path.read_bytes()
+    what = f"{path} is not a valid mpq model file"
+    if len(data) < _PREFIX.size + _CRC.size or data[:4] != MAGIC:
+        raise UsageError(f"{what} (no MPQ signature); export one with `python -m mpq export`")
+    _, version, n_header, n_payload = _PREFIX.unpack_from(data)
+    if version != MPQ_VERSION:
+        raise UsageError(f"{path} is mpq model format version {version}; this mpq reads "
+                         f"version {MPQ_VERSION}")
+    expected = _PREFIX.size + n_header + n_payload + _CRC.size
+    if len(data) != expected:
+        raise UsageError(f"{what}: it has {len(data)} bytes where its header announces "
+                         f"{expected} (truncated or appended to); export it again")
+    (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
+    if zlib.crc32(data[:expected - _CRC.size]) != crc:
+        raise UsageError(f"{what}: checksum mismatch (the file is corrupted); export it again")
+    start = _PREFIX.size
+    try:
+        header = json.loads(data[start:start + n_header])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what}: unreadable header ({exc})") from None
+    return header, data[start + n_header:expected - _CRC.size]
+
+
+class _Reader:
+    def __init__(self, payload: bytes, path):
+        self.payload, self.pos, self.path = payload, 0, path
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.payload):
+            raise UsageError(f"{self.path}: the payload is shorter than the model it describes "
+                             f"(written by another version of the model code?)")
+        chunk = self.payload[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def floats(self, like: torch.Tensor | tuple) -> torch.Tensor:
+        shape = tuple(like.shape) if isinstance(like, torch.Tensor) else like
+        n = int(np.prod(shape)) if shape else 1
+        return torch.from_numpy(np.frombuffer(self.take(4 * n), dtype="<f4").copy()).reshape(shape)
+
+
+def _plan_from_header(header: dict, names: list[str], path) -> Plan:
+    w, a = header.get("w_bits", ""), header.get("a_bits", "")
+    if len(w) != len(names) or len(a) != len(names):
+        raise UsageError(f"{path} describes {len(w)} quantizable layers but the model "
+                         f"{header['model'].get('name')!r} has {len(names)}")
+    parse = (lambda c: None if c == "-" else int(c))
+    return Plan(model=header["model"]["name"],
+                layers={n: {"w_bits": parse(wc), "a_bits": parse(ac)}
+                        for n, wc, ac in zip(names, w, a)})
+
+
+@torch.no_grad()
+def load_mpq(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuilds the fake-quantized model a `model.mpq` file holds, and its header.
+
+    The model computes exactly what the exported model computed: weights on their grid with
+    their stored scales (weight quantizers in `fixed` mode), BN folded, stored activation scales.
+    """
+    from ..models import build_model
+    from ..qat import QATConfig, quantized_model
+
+    header, payload = read_mpq(path)
+    spec = header["model"]
+    model = build_model(spec["name"], num_classes=spec["num_classes"])
+    plan = _plan_from_header(header, quantizable_layers(model), path)
+    cfg = QATConfig(weight_scale="fixed", quantize_joins=header.get("quantize_joins", True))
+    qmodel = quantized_model(model, plan, cfg, input_size=header["input_size"]).eval()
+    freeze_bn_(qmodel)
+    layers, acts, rest = stored_parts(qmodel)
+    reader = _Reader(payload, path)
+    for layer in layers.values():
+        w = layer.layer.weight
+        if layer.w_bits is not None:
+            k = unpack(reader.take(packed_size(w.numel(), layer.w_bits)), layer.w_bits, w.numel())
+            scale = reader.floats((w.shape[0],))
+            layer.weight_quant.scale.copy_(scale)
+            layer.weight_quant.initialized.fill_(True)
+            w.copy_(torch.from_numpy(k).float().reshape(w.shape)
+                    * scale.reshape((-1,) + (1,) * (w.dim() - 1)))
+        else:
+            w.copy_(reader.floats(w))
+        if layer.layer.bias is not None or getattr(layer, "bn", None) is not None:
+            bias = reader.floats((w.shape[0],))
+            target = layer.bn.bias if getattr(layer, "bn", None) is not None else layer.layer.bias
+            target.copy_(bias)
+    for q in acts.values():
+        q.scale.copy_(reader.floats((1,)).reshape(()))
+        q.signed.fill_(bool(reader.take(1)[0]))
+        q.calibrated.fill_(True)
+    for t in rest.values():
+        t.copy_(reader.floats(t))
+    if reader.pos != len(payload):
+        raise UsageError(f"{path}: {len(payload) - reader.pos} payload bytes left over after "
+                         f"the model was filled (written for another model?)")
+    return qmodel, header
