@@ -4,7 +4,9 @@
     python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher checkpoints/resnet20_cifar10.pt \\
         --plan runs/search/plan.json --out runs/qat        # or --bits 4 for a uniform plan
 
-An existing run in --out resumes exactly; a run of another recipe there is refused.
+QAT ends with an export into OUT/export/ (model.mpq, model_int8.onnx, model_int8.pt, export.json;
+see `python -m mpq export`). An existing run in --out resumes exactly; a run of another recipe
+there is refused.
 Under torchrun, QAT and FP32 training use DistributedDataParallel.
 """
 
@@ -22,6 +24,8 @@ def main() -> None:
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("--plan", help="bit plan JSON (from search.py)")
     plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
+    parser.add_argument("--no-export", action="store_true",
+                        help="skip the export after QAT (into OUT/export/)")
     add_common_args(parser)
     args = parser.parse_args()
     run_cli(lambda: run(args))
@@ -40,6 +44,7 @@ def run(args) -> None:
         metrics = train_fp32(recipe, out_dir=args.out, data_root=args.data_root,
                              device=args.device, progress=not args.quiet)
     else:
+        from mpq.distributed import is_main
         from mpq.qat import QATRecipe, load_teacher, train_qat
         from mpq.quant import load_plan, quantizable_layers, uniform_plan
 
@@ -58,7 +63,25 @@ def run(args) -> None:
                             progress=not args.quiet)
         print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
               f"compression={metrics['compression']:.2f}x")
+        if not args.no_export and is_main():
+            export(args)
     print(f"top1={metrics['top1']:.2f}")
+
+
+def export(args) -> None:
+    """Exports the finished QAT run into OUT/export/ (kept if a previous run exported it)."""
+    from pathlib import Path
+
+    from mpq.cli import print_export
+    from mpq.export.run import export_checkpoint
+
+    out = Path(args.out) / "export"
+    if (out / "export.json").exists():
+        print(f"{out} already holds this run's export; kept (python -m mpq export --force "
+              f"redoes it)")
+        return
+    print_export(export_checkpoint(Path(args.out) / "model.pt", out, data_root=args.data_root,
+                                   progress=not args.quiet), out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ __all__ = ["add_common_args", "main", "run_cli"]
 
 def run_cli(fn: Callable[[], object]) -> None:
     """Runs a script body; a `UsageError` becomes one line on stderr and exit code 2."""
+    from .export.run import ExportCheckFailed
     from .trainer import TrainingDiverged
 
     try:
@@ -20,7 +21,7 @@ def run_cli(fn: Callable[[], object]) -> None:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, ExportCheckFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -63,6 +64,29 @@ def _eval(args) -> None:
     print(f"top1={result['top1']:.2f}")
 
 
+def _export(args) -> None:
+    from .export.run import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.out, data_root=args.data_root,
+                               force=args.force, batch_size=args.batch_size,
+                               progress=not args.quiet)
+    print_export(report, args.out)
+
+
+def print_export(report: dict, out) -> None:
+    """The lines `python -m mpq export` and `train.py` print after an export."""
+    files = report["files"]
+    print(f"wrote {out}: model.mpq {files['model.mpq']['bytes']} bytes "
+          f"({report['compression']:.2f}x smaller than FP32), model_int8.onnx "
+          f"{files['model_int8.onnx']['bytes']} bytes, model_int8.pt, export.json")
+    if "onnx_top1" in report:
+        print(f"fake_quant_top1={report['fake_quant_top1']:.2f} "
+              f"torch_int8_top1={report['torch_int8_top1']:.2f} "
+              f"(agreement {report['torch_int8_agreement']:.2f}%)")
+        print(f"onnx_top1={report['onnx_top1']:.2f} "
+              f"(agreement {report['onnx_agreement']:.2f}%)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,5 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--batch-size", type=int, default=500)
     add_common_args(ev, recipe=False)
+    ex = sub.add_parser("export", help="int8 ONNX, PyTorch int8 and packed model.mpq from a QAT "
+                                       "checkpoint, checked on the test split")
+    ex.add_argument("--checkpoint", required=True, help="QAT checkpoint (train.py --plan/--bits)")
+    ex.add_argument("--out", required=True, help="folder for the exported files")
+    ex.add_argument("--force", action="store_true", help="replace an existing export there")
+    ex.add_argument("--batch-size", type=int, default=500)
+    add_common_args(ex, recipe=False)
     args = parser.parse_args(argv)
-    run_cli(lambda: {"eval": _eval}[args.command](args))
+    run_cli(lambda: {"eval": _eval, "export": _export}[args.command](args))

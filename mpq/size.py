@@ -61,16 +61,17 @@ def stored_parts(qmodel: nn.Module) -> tuple[dict[str, _QuantLayer], dict[str, A
     """What a prepared model stores, in a fixed order: its quantized layers, its activation
     quantizers (both by module name) and every other floating tensor it needs (by state-dict
     key)."""
-    layers, acts, owned = {}, {}, []
+    layers, acts, owned = {}, {}, set()
     for name, module in qmodel.named_modules():
-        if isinstance(module, _QuantLayer):
-            layers[name] = module
-            owned.append(name + ".")
-        elif isinstance(module, ActQuantizer):
-            acts[name] = module
-            owned.append(name + ".")
-    rest = {key: t for key, t in qmodel.state_dict().items()
-            if t.is_floating_point() and not any(key.startswith(p) for p in owned)}
+        if isinstance(module, (_QuantLayer, ActQuantizer)):
+            (layers if isinstance(module, _QuantLayer) else acts)[name] = module
+            owned.update(t.data_ptr() for t in module.state_dict().values())
+    # By storage, not by name: a BN folded into a conv may still be reachable at its old path.
+    rest = {}
+    for key, t in qmodel.state_dict().items():
+        if t.is_floating_point() and t.data_ptr() not in owned:
+            owned.add(t.data_ptr())
+            rest[key] = t
     return layers, acts, rest
 
 

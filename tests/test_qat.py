@@ -156,4 +156,4 @@ def test_qat_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_t
     tiny_recipe_dict["data"]["synthetic_train_size"] = 960
     tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 2}
     kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
-                               "--teacher", tiny_teacher, "--bits", "3"], tmp_path)
+                               "--teacher", tiny_teacher, "--bits", "3", "--no-export"], tmp_path)

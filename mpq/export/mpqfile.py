@@ -187,14 +187,16 @@ def load_mpq(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     their stored scales (weight quantizers in `fixed` mode), BN folded, stored activation scales.
     """
     from ..models import build_model
-    from ..qat import QATConfig, quantized_model
+    from ..quant import prepare_qat
 
     header, payload = read_mpq(path)
     spec = header["model"]
     model = build_model(spec["name"], num_classes=spec["num_classes"])
     plan = _plan_from_header(header, quantizable_layers(model), path)
-    cfg = QATConfig(weight_scale="fixed", quantize_joins=header.get("quantize_joins", True))
-    qmodel = quantized_model(model, plan, cfg, input_size=header["input_size"]).eval()
+    size = header["input_size"]
+    qmodel = prepare_qat(model, plan, example_inputs=(torch.zeros(2, 3, size, size),),
+                         weight_mode="fixed",
+                         quantize_joins=header.get("quantize_joins", True)).eval()
     freeze_bn_(qmodel)
     layers, acts, rest = stored_parts(qmodel)
     reader = _Reader(payload, path)

@@ -1,7 +1,8 @@
 """Fake-quantization modules built from `mpq.quant.primitives`.
 
 - `WeightQuantizer`: per-channel symmetric (narrow range) weights at 2..8 bits.
-- `ActQuantizer`: per-tensor activations, unsigned when calibration saw no negative value.
+- `ActQuantizer`: per-tensor activations, unsigned when calibration saw no negative value,
+  else signed over the full range.
 - `QuantConv` / `QuantLinear`: a layer with its weight quantizer and, for a conv followed by
   BatchNorm, the BN folded in: the conv runs with the quantized *folded* weight, which is exactly
   what export stores. The layer's input is quantized by a standalone `ActQuantizer` that
@@ -109,7 +110,11 @@ class ActQuantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return quant_range(self.bits, signed=bool(self.signed))
+        """[0, 2^b - 1] unsigned; full-range [-2^(b-1), 2^(b-1) - 1] signed, which int8 runtimes
+        hold exactly as unsigned values with zero point 2^(b-1) (their fast u8 x s8 kernels)."""
+        if bool(self.signed):
+            return -2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        return quant_range(self.bits, signed=False)
 
     def start_calibration(self) -> None:
         self.calibrating, self._samples = True, []

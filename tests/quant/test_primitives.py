@@ -53,7 +53,10 @@ def test_activation_quantizer_grid_and_signedness(bits, signed_data):
     assert bool(q.signed) == signed_data
     out = q(x)
     k = torch.round(out / q.scale.detach())
-    qmin, qmax = quant_range(bits, signed=signed_data)
+    # Unsigned: [0, 2^b - 1]; signed: the full range [-2^(b-1), 2^(b-1) - 1] (an unsigned grid
+    # at zero point 2^(b-1) in the int8 runtimes), unlike weights' narrow range.
+    qmin, qmax = (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed_data else (0, 2 ** bits - 1)
+    assert q.qrange == (qmin, qmax)
     assert torch.equal(out, k * q.scale.detach()) and k.min() >= qmin and k.max() <= qmax
 
 

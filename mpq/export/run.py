@@ -1,0 +1,174 @@
+"""The export stage: from a fake-quantized model to `model.mpq`, `model_int8.onnx`,
+`model_int8.pt` and `export.json`, checked against the fake-quantized model on the test set.
+
+The int8 models are built from the model *rebuilt out of `model.mpq`*, so the packed file is
+proven to hold everything they need. Files are written to a temporary folder and moved into
+place at the end; an existing export is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..models import build_model
+from ..size import fp32_parameter_bytes, weight_bytes
+from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
+from .onnx_qdq import export_onnx
+from .torch_int8 import save_torch_int8
+
+__all__ = ["EXPORT_FILES", "ExportCheckFailed", "export_model"]
+
+EXPORT_FILES = ("model.mpq", "model_int8.onnx", "model_int8.pt", "export.json")
+MIN_AGREEMENT = 99.5   # % of test images where the exported model's top-1 equals fake-quant's
+MAX_TOP1_DROP = 0.2    # points
+
+
+class ExportCheckFailed(RuntimeError):
+    """An exported model disagrees with the fake-quantized one beyond the tolerances."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def _predictions(fn, batches) -> tuple[np.ndarray, np.ndarray]:
+    preds, labels = [], []
+    for x, y in batches:
+        preds.append(np.asarray(fn(x)).argmax(1))
+        labels.append(y.cpu().numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
+                 test_batches=None, force: bool = False, extra: dict | None = None,
+                 threads: int | None = None) -> dict:
+    """Exports a fake-quantized model and checks the exports on `test_batches`.
+
+    Args:
+        qmodel: a prepared model (from `prepare_qat`, QAT-trained), on the CPU.
+        meta: `model` ({"name", "num_classes"}), `input_size`, `normalization` (0..1 units).
+        out_dir: where the files go (created).
+        test_batches: a list of (input, label) CPU batches; None skips the accuracy check.
+        force: replace an existing export.
+        extra: more fields for `export.json` (e.g. the plan's budget).
+    Returns the content of `export.json`. Raises `ExportCheckFailed` (after writing the files)
+    when an exported model misses the tolerances.
+    """
+    import onnxruntime as ort
+
+    out = Path(out_dir)
+    existing = [name for name in EXPORT_FILES if (out / name).exists()]
+    if existing and not force:
+        raise UsageError(f"{out} already holds an export ({', '.join(existing)}); pass --force "
+                         f"to replace it, or choose another --out")
+    qmodel = qmodel.cpu().eval()
+    size = meta["input_size"]
+    shape = (3, size, size)
+    tmp = out / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mpq_bytes = save_mpq(tmp / "model.mpq", qmodel, meta)
+    expected = weight_bytes(qmodel, meta)
+    if mpq_bytes != expected:  # the size the solver budgets with is the size on disk
+        raise AssertionError(f"model.mpq has {mpq_bytes} bytes, mpq.size says {expected}")
+    rebuilt, _ = load_mpq(tmp / "model.mpq")
+    export_onnx(rebuilt, tmp / "model_int8.onnx", input_shape=shape)
+    int8 = save_torch_int8(rebuilt, tmp / "model_int8.pt", input_shape=shape)
+
+    plan = qmodel.mpq_plan
+    fp32_bytes = fp32_parameter_bytes(build_model(meta["model"]["name"],
+                                                  num_classes=meta["model"]["num_classes"]))
+    report = {
+        "format": "mpq.export", "version": 1, "mpq_file_version": MPQ_VERSION,
+        "model": meta["model"],
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": "RGB",
+                  "shape": list(shape),
+                  "preprocess": "RGB; if not size x size: resize the shorter side to size "
+                                "(bilinear) and centre-crop; x / 255; (x - mean) / std"},
+        "normalization": meta["normalization"],
+        "output": {"name": "logits", "shape": ["batch", meta["model"]["num_classes"]]},
+        "plan": plan.to_dict(),
+        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                  for name in EXPORT_FILES[:3]},
+        "mpq_bytes": mpq_bytes, "fp32_bytes": fp32_bytes,
+        "compression": fp32_bytes / mpq_bytes,
+        "plan_size_bytes": (plan.extra or {}).get("size_bytes"),
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        **(extra or {}),
+    }
+    failures = []
+    if test_batches is not None:
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(tmp / "model_int8.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        fq, labels = _predictions(lambda x: qmodel(x).numpy(), test_batches)
+        runs = {"onnx": lambda x: session.run(None, {"input": x.numpy()})[0],
+                "torch_int8": lambda x: int8(x).numpy()}
+        report["test_images"] = int(len(labels))
+        report["fake_quant_top1"] = float((fq == labels).mean() * 100)
+        for name, fn in runs.items():
+            pred, _ = _predictions(fn, test_batches)
+            top1 = float((pred == labels).mean() * 100)
+            agreement = float((pred == fq).mean() * 100)
+            report[f"{name}_top1"], report[f"{name}_agreement"] = top1, agreement
+            if agreement < MIN_AGREEMENT or report["fake_quant_top1"] - top1 > MAX_TOP1_DROP:
+                failures.append(f"{name}: top-1 {top1:.2f} against fake-quant "
+                                f"{report['fake_quant_top1']:.2f}, agreement {agreement:.2f}%")
+        report["checks"] = {"min_agreement": MIN_AGREEMENT, "max_top1_drop": MAX_TOP1_DROP,
+                            "passed": not failures, "failures": failures}
+    (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name in EXPORT_FILES:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    if failures:
+        raise ExportCheckFailed(f"export check failed ({'; '.join(failures)}); the files are "
+                                f"in {out} for inspection")
+    return report
+
+
+
+def test_batches_for(payload: dict, *, data_root=None, batch_size: int = 500,
+                     progress: bool = True) -> list:
+    """The test split of a checkpoint's data set, as CPU batches normalised its way."""
+    from ..config import DataConfig, recipe_from_dict
+    from ..data import BatchLoader, load_split
+
+    data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
+    data_cfg.mean = payload["normalization"]["mean"]
+    data_cfg.std = payload["normalization"]["std"]
+    split = load_split(data_cfg, "test", root=data_root,
+                       num_classes=payload["model"]["num_classes"], progress=progress)
+    loader = BatchLoader(split, data_cfg, batch_size=batch_size, train=False,
+                         device=torch.device("cpu"))
+    return list(loader.epoch(0))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      data_root=None, force: bool = False, batch_size: int = 500,
+                      progress: bool = True) -> dict:
+    """`export_model` for a QAT checkpoint (it carries its plan), checked on its test split."""
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    if payload.get("kind") != "qat":
+        raise UsageError(f"{checkpoint} is an FP32 checkpoint; export needs a QAT checkpoint "
+                         f"(train.py --teacher {checkpoint} --bits 8, or --plan PLAN.json)")
+    qmodel = model_from_checkpoint(payload, path=checkpoint)
+    meta = {key: payload[key] for key in ("model", "input_size", "normalization")}
+    batches = test_batches_for(payload, data_root=data_root, batch_size=batch_size,
+                               progress=progress)
+    extra = {"checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(Path(checkpoint)),
+             "qat_top1": (payload.get("metrics") or {}).get("top1")}
+    return export_model(qmodel, meta, out_dir, test_batches=batches, force=force, extra=extra)
