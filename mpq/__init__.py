@@ -2,7 +2,8 @@
 
 Stages, each one call: `train_fp32` (a teacher), `layer_sensitivity` (Hessian per layer),
 `solve` (exact allocation under a byte budget), `run_search` (sensitivity + solver + Optuna
-for a recipe), `prepare_qat` and `train_qat` (QAT with distillation).
+for a recipe), `prepare_qat` and `train_qat` (QAT with distillation), `export_model` (packed
+file, int8 ONNX and PyTorch int8, checked against the fake-quantized model).
 """
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -10,6 +11,7 @@ from .config import DataConfig, ModelConfig, Recipe, TrainConfig, load_recipe
 from .data import BatchLoader, load_split
 from .errors import UsageError
 from .allocate import parse_budget, solve
+from .export import export_checkpoint, export_model
 from .hessian import layer_sensitivity
 from .models import ResNet20, build_model
 from .qat import train_qat
@@ -30,6 +32,8 @@ __all__ = [
     "UsageError",
     "build_model",
     "evaluate",
+    "export_checkpoint",
+    "export_model",
     "layer_sensitivity",
     "load_checkpoint",
     "load_plan",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.allocate import perturbations, solve
+from mpq.export import export_model, load_mpq
 from mpq.hessian import is_piecewise_linear, layer_sensitivity
 from mpq.qat import distillation_loss
 from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
@@ -74,7 +75,12 @@ def test_layers_and_folding_come_from_the_graph(net_and_data):
     assert rel < 0.5
 
 
-def test_sensitivity_plan_and_qat_steps(net_and_data):
+# The model as a user names it in a recipe: `package.module:factory` (tests/ is on sys.path).
+META = {"model": {"name": "test_any_model:OddNet", "num_classes": 5}, "input_size": 8,
+        "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+
+
+def test_sensitivity_plan_qat_steps_and_export(net_and_data, tmp_path):
     net, x, y = net_and_data
     assert not is_piecewise_linear(net)[0]  # SiLU: Hutchinson with the GGN control variate
     sens = layer_sensitivity(net, [(x[:24], y[:24]), (x[24:], y[24:])], rel_tol=0.2,
@@ -82,13 +88,13 @@ def test_sensitivity_plan_and_qat_steps(net_and_data):
     assert {s.estimator for s in sens.values()} == {"hutchinson_ggn"}
     names = quantizable_layers(net)
     q8 = prepare_qat(net, uniform_plan("odd", names, w_bits=8), example_inputs=(x[:1],))
-    shapes, fixed = layer_shapes(q8)
+    shapes, fixed = layer_shapes(q8, META)  # sizes of the model.mpq file, header included
     omega = perturbations(net, sens, [2, 4, 8])
-    budget = int(weight_bytes(q8) * 0.7)
+    budget = int(weight_bytes(q8, META) * 0.7)
     alloc = solve(omega, shapes, budget_bytes=budget, fixed_bytes=fixed)
     plan = alloc.plan("odd", budget_bytes=budget)
     student = prepare_qat(net, plan, example_inputs=(x[:1],))
-    assert weight_bytes(student) == alloc.size_bytes <= budget
+    assert weight_bytes(student, META) == alloc.size_bytes <= budget
     calibrate_(student, [x])
     student.train()
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01)
@@ -103,6 +109,28 @@ def test_sensitivity_plan_and_qat_steps(net_and_data):
         opt.step()
         assert torch.isfinite(loss)
     assert all(bool(m.bn_frozen) for m in student.modules() if isinstance(m, QuantConv))
+
+    # Export: the packed file within the plan's size, an ONNX model that passes the checker
+    # and agrees with the fake-quantized model in ONNX Runtime, a PyTorch int8 model too.
+    import onnxruntime as ort
+
+    student.eval()
+    out = tmp_path / "export"
+    report = export_model(student, META, out)
+    assert report["mpq_bytes"] <= plan.extra["size_bytes"] <= budget
+    session = ort.InferenceSession(str(out / "model_int8.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    int8 = torch.jit.load(str(out / "model_int8.pt"))
+    probe = torch.randn(512, 3, 8, 8)
+    with torch.no_grad():
+        ref = student(probe).argmax(1)
+        got_onnx = torch.from_numpy(session.run(None, {"input": probe.numpy()})[0]).argmax(1)
+        got_int8 = int8(probe).argmax(1)
+    assert (got_onnx == ref).float().mean() >= 0.99
+    assert (got_int8 == ref).float().mean() >= 0.99
+    rebuilt, _ = load_mpq(out / "model.mpq")  # the user's factory rebuilds it from the file
+    with torch.no_grad():
+        assert torch.equal(rebuilt(probe), student(probe))
 
 
 def test_exact_sensitivity_handles_grouped_convs_and_a_mid_network_linear():

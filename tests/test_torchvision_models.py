@@ -1,0 +1,45 @@
+"""torchvision's resnet18 through the three scripts on the synthetic set (issue: any model):
+an FP32 teacher, search.py under an 8x budget, train.py QAT with distillation and export."""
+
+import json
+
+import yaml
+
+from conftest import TINY_RECIPE, run_script
+
+
+def test_resnet18_teacher_search_qat_and_export(tmp_path):
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["model"] = {"name": "resnet18", "num_classes": 4}
+    recipe["data"].update(image_size=16, synthetic_train_size=128, synthetic_test_size=64)
+    recipe["train"].update(epochs=1, batch_size=32)
+    fp32 = tmp_path / "fp32.yaml"
+    fp32.write_text(yaml.safe_dump(recipe))
+    common = ["--device", "cpu", "--quiet"]
+    result = run_script("train.py", "--recipe", fp32, "--out", tmp_path / "teacher", *common)
+    assert result.returncode == 0, result.stderr
+    teacher = tmp_path / "teacher" / "model.pt"
+
+    search = {k: v for k, v in recipe.items() if k != "train"}
+    search["search"] = {"checkpoint": str(teacher), "trials": 3, "holdout_images": 32,
+                        "batch_size": 16, "sensitivity_batches": 1, "calibration_batches": 1,
+                        "bit_choices": [2, 4, 8]}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    result = run_script("search.py", "--recipe", tmp_path / "search.yaml", "--budget", "8x",
+                        "--out", tmp_path / "search", *common)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "search" / "plan.json").read_text())
+    assert plan["size_bytes"] <= plan["budget_bytes"]
+    assert len(plan["layers"]) == 21  # 20 convs (3 of them 1x1 downsamples) and the fc
+
+    recipe["qat"] = {"calibration_batches": 2}
+    (tmp_path / "qat.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_script("train.py", "--recipe", tmp_path / "qat.yaml", "--teacher", teacher,
+                        "--plan", tmp_path / "search" / "plan.json", "--out", tmp_path / "qat",
+                        *common, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "qat" / "export" / "export.json").read_text())
+    assert report["checks"]["passed"], report["checks"]
+    # The budget holds on disk: the packed file is no larger than the plan says.
+    assert report["mpq_bytes"] <= plan["size_bytes"] <= plan["budget_bytes"]
+    assert report["compression"] >= 8
