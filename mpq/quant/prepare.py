@@ -146,6 +146,9 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
                 q = gm.graph.call_module(name, (tensor,))
             for consumer in consumers:
                 consumer.replace_input_with(tensor, q)
+                if consumer.op == "call_module":
+                    gm.get_submodule(consumer.target).link_input_quant(
+                        gm.get_submodule(name))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

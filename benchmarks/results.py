@@ -1,0 +1,354 @@
+"""ResNet20 / CIFAR-10 results: every row of the README's results table, from one command.
+
+    python benchmarks/results.py [--data-root ROOT] [--rows fp32,mpq_13x,...] [--table-only]
+
+Each row runs the commands a user would (recorded in its JSON), on the committed teacher
+`checkpoints/resnet20_cifar10.pt`:
+
+    fp32, fp16      the teacher, evaluated in float32 / with its weights in float16
+    ao_int8_ptq     torch.ao FX static int8 PTQ (x86, conv+BN+ReLU fused), the seed's path
+    ptq_w4, ptq_w2  uniform W4A8 / W2A8 post-training quantization (train.py --ptq), exported
+    qat_w8          uniform W8A8 QAT, 2 epochs, exported
+    qat_w4, qat_w2  uniform W4A8 / W2A8 QAT (the QAT recipe's epochs), exported
+    mpq_8x, mpq_13x, mpq_16x
+                    search.py --budget, train.py --plan (QAT with distillation), exported
+
+A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it to redo one);
+the searches and QAT runs under `runs/results/` resume where a killed run stopped. Then every
+finished row's latency is measured side by side (batch 1 and 256, 2 threads, each row's best
+runtime), and the script writes `benchmarks/results/latency.json`, the README's results table
+(between its `results:begin` / `results:end` markers), the accuracy-vs-size curve to TensorBoard
+(`runs/results/tb`) and each exported row's small artifacts to `checkpoints/resnet20_cifar10/`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from timing import ort_runner, side_by_side  # noqa: E402
+
+TEACHER = ROOT / "checkpoints" / "resnet20_cifar10.pt"
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs" / "results"
+ARTIFACTS = ROOT / "checkpoints" / "resnet20_cifar10"
+QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
+SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
+ARTIFACT_FILES = ("plan.json", "model.mpq", "model_int8.onnx", "export.json")
+
+# name: (what the row is, how it is made)
+ROWS = {
+    "fp32": "FP32 teacher",
+    "fp16": "FP16 weights and compute",
+    "ao_int8_ptq": "torch.ao int8 PTQ, fused (seed's int8 path)",
+    "ptq_w4": "uniform W4A8 PTQ",
+    "ptq_w2": "uniform W2A8 PTQ",
+    "qat_w8": "uniform W8A8 QAT",
+    "qat_w4": "uniform W4A8 QAT",
+    "qat_w2": "uniform W2A8 QAT",
+    "mpq_8x": "mpq, 8x budget",
+    "mpq_13x": "mpq, 13x budget",
+    "mpq_16x": "mpq, 16x budget",
+}
+
+
+def _run(cmd: list, log: Path) -> None:
+    """Runs one of the user's commands, its output appended to `log`; stops on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    printable = " ".join(str(c) for c in cmd)
+    print(f"  $ {printable}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {printable}\n")
+        fh.flush()
+        code = subprocess.call([sys.executable, *map(str, cmd)], cwd=ROOT, env=env,
+                               stdout=fh, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"command failed with exit code {code} (log: {log}): {printable}")
+
+
+def _data_args(args) -> list:
+    return ["--data-root", args.data_root] if args.data_root else []
+
+
+def _exported_row(name: str, commands: list[list], export_dir: Path, log: Path) -> dict:
+    for cmd in commands:
+        _run(cmd, log)
+    report = json.loads((export_dir / "export.json").read_text())
+    metrics = json.loads((export_dir.parent / "metrics.json").read_text())
+    return {"top1": report["onnx_top1"], "top1_source": "model_int8.onnx in ONNX Runtime",
+            "file": "model.mpq", "file_bytes": report["mpq_bytes"],
+            "onnx_bytes": report["files"]["model_int8.onnx"]["bytes"],
+            "fake_quant_top1": report["fake_quant_top1"],
+            "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"],
+            "train_seconds": metrics.get("train_seconds"), "export_dir": str(export_dir),
+            "commands": [" ".join(map(str, c)) for c in commands]}
+
+
+def make_row(name: str, args) -> dict:
+    """Computes one row (artifacts under runs/results/<name>)."""
+    run = RUNS / name
+    log = run / "log.txt"
+    data = _data_args(args)
+    qat = ["train.py", "--recipe", QAT_RECIPE, "--teacher", TEACHER, *data, "--quiet"]
+    if name in ("ptq_w4", "ptq_w2"):
+        bits = name[-1]
+        return _exported_row(name, [[*qat, "--bits", bits, "--ptq", "--out", run / "qat"]],
+                             run / "qat" / "export", log)
+    if name.startswith("qat_w"):
+        bits = name[-1]
+        extra = ["--set", "train.epochs=2"] if bits == "8" else []
+        return _exported_row(name, [[*qat, "--bits", bits, *extra, "--out", run / "qat"]],
+                             run / "qat" / "export", log)
+    if name.startswith("mpq_"):
+        budget = name.split("_")[1]
+        search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", TEACHER, *data,
+                  "--budget", budget, "--out", run / "search", "--quiet"]
+        train = [*qat, "--plan", run / "search" / "plan.json", "--out", run / "qat"]
+        row = _exported_row(name, [search, train], run / "qat" / "export", log)
+        plan = json.loads((run / "search" / "plan.json").read_text())
+        row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
+        return row
+    return _baseline_row(name, run, args)
+
+
+def _test_batches(args):
+    from mpq.checkpoint import load_checkpoint
+    from mpq.export.run import test_batches_for
+
+    return test_batches_for(load_checkpoint(TEACHER), data_root=args.data_root, progress=False)
+
+
+@torch.no_grad()
+def _top1(fn, batches) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += int((fn(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100 * correct / total
+
+
+def _baseline_row(name: str, run: Path, args) -> dict:
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+
+    run.mkdir(parents=True, exist_ok=True)
+    model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
+    batches = _test_batches(args)
+    if name == "fp32":
+        path = run / "model_fp32.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), dynamo=True,
+                              input_names=["input"], output_names=["logits"], verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=False)
+        return {"top1": _top1(model, batches), "top1_source": "PyTorch FP32",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
+    if name == "fp16":
+        # Weights stored in float16; computed in float32 (PyTorch's CPU float16 convolutions
+        # took minutes for the test set here, so the row carries no latency).
+        path = run / "model_fp16.pt"
+        torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        return {"top1": _top1(model, batches), "top1_source": "float16 weights, float32 compute",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
+    if name == "ao_int8_ptq":
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        torch.backends.quantized.engine = "x86"
+        from mpq.data import BatchLoader, load_split
+        from mpq.config import DataConfig, recipe_from_dict
+
+        payload = load_checkpoint(TEACHER)
+        cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
+        train = load_split(cfg, "train", root=args.data_root, progress=False)
+        calib = [x for _, (x, _) in zip(range(8), BatchLoader(train, cfg, batch_size=128,
+                                                              train=False).epoch(0))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calib[0],))
+            for x in calib:
+                prepared(x)
+            converted = convert_fx(prepared)
+            path = run / "model_int8.pt"
+            torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(path))
+        return {"top1": _top1(converted, batches), "top1_source": "PyTorch x86 int8",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0,
+                "calibration_images": 8 * 128}
+    raise ValueError(name)
+
+
+def latency(rows: dict, threads: int, seconds: float) -> dict:
+    """Milliseconds at batch 1 and 256 of each row's runtimes, measured side by side."""
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    torch.backends.quantized.engine = "x86"
+    runtimes = {}
+    for name, row in rows.items():
+        if name == "fp32":
+            model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
+            model = model.to(memory_format=torch.channels_last)
+            runtimes["fp32/pytorch"] = lambda x, m=model: m(
+                x.contiguous(memory_format=torch.channels_last))
+            runtimes["fp32/onnxruntime"] = ort_runner(RUNS / name / "model_fp32.onnx", threads)
+        elif name == "fp16":
+            continue
+        elif name == "ao_int8_ptq":
+            runtimes["ao_int8_ptq/pytorch"] = torch.jit.load(str(RUNS / name / "model_int8.pt"))
+        else:
+            export = Path(row["export_dir"])
+            runtimes[f"{name}/onnxruntime"] = ort_runner(export / "model_int8.onnx", threads)
+            runtimes[f"{name}/pytorch"] = torch.jit.load(str(export / "model_int8.pt"))
+    out = {}
+    for batch in (1, 256):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            out[str(batch)] = side_by_side(runtimes, x, seconds=seconds)
+        print(f"  batch {batch}: " + ", ".join(f"{k} {v:.2f} ms"
+                                               for k, v in out[str(batch)].items()), flush=True)
+    return out
+
+
+def write_table(rows: dict, lat: dict, fp32_bytes: int) -> str:
+    teacher = rows["fp32"]["top1"] if "fp32" in rows else None
+    lines = ["| row | top-1 % | lost (points) | stored as | size on disk | compression | "
+             "batch 1 | batch 256 | QAT epochs |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, what in ROWS.items():
+        if name not in rows:
+            continue
+        row = rows[name]
+        best = {}
+        for batch in ("1", "256"):
+            options = {k.split("/")[1]: v for k, v in lat.get(batch, {}).items()
+                       if k.split("/")[0] == name}
+            best[batch] = (f"{min(options.values()):.2f} ms ({min(options, key=options.get)})"
+                           if options else "")
+        lost = f"{teacher - row['top1']:.2f}" if teacher is not None else ""
+        lines.append(f"| {what} | {row['top1']:.2f} | {lost} | {row['file']} | "
+                     f"{row['file_bytes'] / 1000:.1f} KB | {fp32_bytes / row['file_bytes']:.2f}x | "
+                     f"{best['1']} | {best['256']} | {row['epochs']} |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"README.md lacks the {begin} / {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+def log_curve(rows: dict, fp32_bytes: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mpq.report import scatter_chart
+
+    teacher = rows["fp32"]["top1"]
+    writer = SummaryWriter(str(RUNS / "tb"))
+    points = []
+    for name, row in sorted(rows.items(), key=lambda kv: kv[1]["file_bytes"]):
+        if name.startswith(("mpq_", "qat_w", "fp32")):
+            kb = row["file_bytes"] / 1000
+            writer.add_scalar("accuracy_vs_size/top1", row["top1"], round(kb))
+            writer.add_scalar("accuracy_vs_size/points_lost", teacher - row["top1"], round(kb))
+            points.append((kb, teacher - row["top1"]))
+    writer.add_image("accuracy_vs_size/points_lost_vs_KB",
+                     scatter_chart(points, title="ResNet20 / CIFAR-10: points lost vs size",
+                                   xlabel="KB on disk", ylabel="points lost"),
+                     dataformats="HWC")
+    writer.close()
+
+
+def copy_artifacts(rows: dict) -> None:
+    for name, row in rows.items():
+        if "export_dir" not in row:
+            continue
+        target = ARTIFACTS / name
+        target.mkdir(parents=True, exist_ok=True)
+        export = Path(row["export_dir"])
+        for file in ARTIFACT_FILES:
+            source = export / file if file != "plan.json" else export.parent / "plan.json"
+            shutil.copy2(source, target / file)
+    w4 = RUNS / "qat_w4" / "qat" / "model.pt"
+    if w4.exists():
+        shutil.copy2(w4, ROOT / "checkpoints" / "resnet20_cifar10_w4a8.pt")
+
+
+def main() -> None:
+    global TEACHER, RESULTS, RUNS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=os.environ.get("MPQ_DATA"))
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset")
+    parser.add_argument("--table-only", action="store_true",
+                        help="skip computing rows; measure latency and write the table")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--teacher", type=Path, default=TEACHER,
+                        help="FP32 teacher (default: the committed one)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="trial mode: rows, runs and TensorBoard go under this folder, and "
+                             "neither README.md nor checkpoints/ is touched")
+    args = parser.parse_args()
+    TEACHER = args.teacher.resolve()
+    if args.scratch is not None:
+        RESULTS, RUNS = args.scratch / "results", args.scratch / "runs"
+    if not TEACHER.exists():
+        print(f"error: teacher {TEACHER} does not exist; train it first (make run does)",
+              file=sys.stderr)
+        sys.exit(2)
+    wanted = args.rows.split(",")
+    unknown = [r for r in wanted if r not in ROWS]
+    if unknown:
+        print(f"error: unknown rows {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
+        sys.exit(2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        path = RESULTS / f"{name}.json"
+        if args.table_only or path.exists():
+            continue
+        print(f"{name}: {ROWS[name]}", flush=True)
+        start = time.time()
+        row = make_row(name, args)
+        row.update(row=name, what=ROWS[name], wall_seconds=round(time.time() - start, 1))
+        path.write_text(json.dumps(row, indent=2) + "\n")
+        print(f"  top1={row['top1']:.2f} {row['file']} {row['file_bytes']} bytes "
+              f"({row['wall_seconds']:.0f} s)", flush=True)
+    rows = {name: json.loads((RESULTS / f"{name}.json").read_text())
+            for name in ROWS if (RESULTS / f"{name}.json").exists()}
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.size import fp32_parameter_bytes
+
+    fp32_bytes = fp32_parameter_bytes(model_from_checkpoint(load_checkpoint(TEACHER)))
+    print("latency, side by side:", flush=True)
+    lat = latency(rows, args.threads, args.seconds)
+    (RESULTS / "latency.json").write_text(json.dumps(
+        {"threads": args.threads, "ms": lat, "torch": torch.__version__}, indent=2) + "\n")
+    table = write_table(rows, lat, fp32_bytes)
+    if "fp32" in rows:
+        log_curve(rows, fp32_bytes)
+    if args.scratch is None:
+        update_readme(table)
+        copy_artifacts(rows)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
