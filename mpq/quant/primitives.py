@@ -50,7 +50,7 @@ class _GradScale(torch.autograd.Function):
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """Fake quantization with a fixed scale in 4 in-place passes; the backward is one multiply.
+    """Fake quantization with a fixed scale in 5 passes; the backward is one multiply.
 
     2.5x faster on the CPU than the same thing composed of autograd ops, and than PyTorch's
     fused `fake_quantize_per_tensor_affine` kernel (measured on a (128, 16, 32, 32) tensor).
@@ -59,15 +59,16 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, qmin, qmax):
         q = torch.div(x, scale)
-        # |q - centre| <= half-width: one comparison pass instead of two and an `and`.
-        inside = (q - (qmin + qmax) / 2).abs_() <= (qmax - qmin) / 2
-        ctx.save_for_backward(inside)
-        return q.clamp_(qmin, qmax).round_().mul_(scale)
+        out = q.clamp(qmin, qmax)
+        # Inside the range exactly where clamping changed nothing: one comparison pass.
+        ctx.save_for_backward(out == q)
+        return out.round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
+        # `where` reads the mask as it is; `grad * inside` first copied it to float.
+        return torch.where(inside, grad, 0.0), None, None, None
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
