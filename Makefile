@@ -11,7 +11,7 @@ CACHE := $(HOME)/.cache/mpq
 MPQ_DATA ?= $(shell [ -f $(SHARED_DATA) ] && echo $(CACHE)/cifar10-jpeg)
 export MPQ_DATA
 
-.PHONY: setup test run data
+.PHONY: setup test run data results
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +36,7 @@ run: setup data
 	@[ -f $(TEACHER) ] || $(BIN)/python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/resnet20_cifar10_fp32
 	$(BIN)/python search.py --recipe recipes/resnet20_cifar10.yaml --checkpoint $(TEACHER) --budget $(BUDGET) --out runs/search_$(BUDGET)
 	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher $(TEACHER) --plan runs/search_$(BUDGET)/plan.json --out runs/qat_$(BUDGET)
+
+# The README's results table: every row (searches, QAT, PTQ, baselines), resumably.
+results: setup data
+	$(BIN)/python benchmarks/results.py

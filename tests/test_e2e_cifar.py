@@ -47,3 +47,28 @@ def test_committed_teacher_reaches_target():
                         timeout=600)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1].split("=")[1]) >= 89.0
+
+
+ARTIFACTS = sorted(p for p in (ROOT / "checkpoints" / "resnet20_cifar10").glob("*")
+                   if (p / "export.json").is_file())
+
+
+@pytest.mark.skipif(not ARTIFACTS, reason="no results committed yet under "
+                                          "checkpoints/resnet20_cifar10/ (benchmarks/results.py)")
+@pytest.mark.parametrize("folder", ARTIFACTS, ids=[p.name for p in ARTIFACTS])
+def test_committed_onnx_reproduces_its_top1_with_ort_pillow_numpy_only(folder):
+    import json
+
+    report = json.loads((folder / "export.json").read_text())
+    plan = json.loads((folder / "plan.json").read_text())
+    assert (folder / "model.mpq").stat().st_size == report["mpq_bytes"]
+    if plan.get("size_bytes") is not None:
+        assert report["mpq_bytes"] <= plan["size_bytes"] <= plan["budget_bytes"]
+    result = run_script(ROOT / "tools" / "eval_onnx.py", "--export", folder, "--data-root", DATA,
+                        timeout=600)
+    assert result.returncode == 0, result.stderr
+    top1 = float(result.stdout.strip().splitlines()[-1].split("=")[1])
+    assert abs(top1 - report["onnx_top1"]) <= 0.2
+    row = ROOT / "benchmarks" / "results" / f"{folder.name}.json"
+    if row.is_file():  # the README table's figure is this one
+        assert abs(json.loads(row.read_text())["top1"] - top1) <= 0.2

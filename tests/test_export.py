@@ -208,3 +208,23 @@ def test_cli_export_and_standalone_onnx_evaluator(tmp_path, tiny_teacher, tiny_r
     fp32 = run_script("-m", "mpq", "export", "--checkpoint", tiny_teacher, "--out",
                       tmp_path / "x", "--data-root", folder)
     assert fp32.returncode == 2 and "QAT checkpoint" in fp32.stderr
+
+
+class _Bessel(torch.nn.Module):
+    """A conv followed by an op the ONNX exporter has no function for."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, x):
+        return torch.special.i1(self.conv(x)).mean((2, 3))
+
+
+def test_an_op_onnx_cannot_express_is_a_clear_error(tmp_path):
+    model = _Bessel().eval()
+    q = prepare_qat(model, Plan("m", {"conv": {"w_bits": 8, "a_bits": 8}}),
+                    example_inputs=(torch.zeros(1, 3, 8, 8),))
+    calibrate_(q, [torch.randn(4, 3, 8, 8)])
+    with pytest.raises(UsageError, match=r"cannot be exported to ONNX \(.*bessel_i1.*float"):
+        export_onnx(q.eval(), tmp_path / "m.onnx", input_shape=(3, 8, 8))

@@ -131,10 +131,18 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, *, input_shape)
     example = torch.zeros(2, *input_shape)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, opset_version=OPSET, input_names=["input"],
-            output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False)
+        try:
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=OPSET, input_names=["input"],
+                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                verbose=False)
+        except Exception as exc:  # the exporter raises many kinds; name the op it could not
+            detail = next((ln.strip() for ln in str(exc).splitlines()
+                           if "No ONNX function" in ln or "Unsupported" in ln), None)
+            detail = detail or f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+            raise UsageError(f"the model cannot be exported to ONNX ({detail[:300]}); leave "
+                             f"the layer using that op in float in the plan, or train with "
+                             f"--no-export") from None
     model = program.model_proto
     for node in model.graph.node:  # the exporter's per-node stack traces: half the file
         del node.metadata_props[:]
