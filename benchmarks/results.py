@@ -248,8 +248,7 @@ def write_table(rows: dict, lat: dict, fp32_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
+def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     if begin not in text or end not in text:

@@ -1,0 +1,39 @@
+"""benchmarks/results.py's table: rows in the table's order, points lost against the FP32 row,
+compression against FP32 parameter bytes, each row's fastest runtime; the README block between
+the markers replaced and nothing else."""
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+results = pytest.importorskip("results")
+
+
+def row(top1, file, size, epochs=0):
+    return {"top1": top1, "file": file, "file_bytes": size, "epochs": epochs}
+
+
+def test_table_rows_losses_compression_and_fastest_runtime():
+    rows = {"mpq_13x": row(88.9, "model.mpq", 80_000, 10),
+            "fp32": row(89.2, "fp32.onnx", 1_100_000)}
+    latency = {"1": {"fp32/pytorch": 1.5, "fp32/onnxruntime": 0.4, "mpq_13x/onnxruntime": 0.2,
+                     "mpq_13x/pytorch": 0.5},
+               "256": {"fp32/pytorch": 170.0, "fp32/onnxruntime": 96.0,
+                       "mpq_13x/onnxruntime": 42.0, "mpq_13x/pytorch": 34.0}}
+    lines = results.write_table(rows, latency, fp32_bytes=1_089_896).splitlines()
+    assert lines[2].startswith("| FP32 teacher | 89.20 | 0.00 |")  # table order, not dict order
+    mpq = lines[3]
+    assert "| 88.90 | 0.30 | model.mpq | 80.0 KB | 13.62x |" in mpq
+    assert "0.20 ms (onnxruntime) | 34.00 ms (pytorch) | 10 |" in mpq
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nafter\n")
+    results.update_readme("| new |", readme)
+    assert readme.read_text() == ("intro\n<!-- results:begin -->\n| new |\n"
+                                  "<!-- results:end -->\nafter\n")
+    assert results.COMPUTE_ORDER and sorted(results.COMPUTE_ORDER) == sorted(results.ROWS)
