@@ -37,7 +37,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--export", required=True, help="folder with model_int8.onnx and export.json")
+    parser.add_argument("--export", required=True,
+                        help="folder with model_int8.onnx and export.json")
     parser.add_argument("--data-root", required=True, help="ImageFolder root with test/ or val/")
     parser.add_argument("--model", default="model_int8.onnx")
     parser.add_argument("--batch-size", type=int, default=256)
