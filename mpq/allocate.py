@@ -26,7 +26,8 @@ from .quant.plan import Plan
 from .quant.primitives import mse_optimal_scale, quant_range
 from .size import LayerShape, layer_bytes
 
-__all__ = ["Allocation", "parse_budget", "pareto_front", "perturbations", "solve"]
+__all__ = ["Allocation", "parse_budget", "pareto_front", "perturbations", "plan_for_budget",
+           "solve"]
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
@@ -143,3 +144,34 @@ def pareto_front(omega, shapes, *, fixed_bytes: int = 0,
             seen.add(key)
             front.append(alloc)
     return front
+
+
+def plan_for_budget(model: nn.Module, sensitivity: dict, budget: str | int, *,
+                    example_inputs: tuple, model_name: str = "model",
+                    bit_choices=(2, 3, 4, 5, 6, 7, 8), a_bits: int | None = 8,
+                    metric: str = "trace", meta: dict | None = None) -> Plan:
+    """The allocation stage in one call: the exactly optimal plan for `budget`.
+
+    Args:
+        model: the FP32 model (eval mode).
+        sensitivity: `layer_sensitivity`'s result for it.
+        budget: bytes, or text such as `120KB` or `13x` (of the FP32 parameter bytes).
+        example_inputs: inputs for one forward pass (tracing).
+        model_name: recorded in the plan.
+        bit_choices: weight bit widths allowed.
+        a_bits: activation bits of every layer.
+        metric: `trace` or `eigenvalue` (see `perturbations`).
+        meta: `model`, `input_size`, `normalization`: with it, sizes are those of the exported
+            `model.mpq` file, header included, so the budget holds on disk.
+    """
+    from .quant.plan import uniform_plan
+    from .quant.prepare import prepare_qat
+    from .size import fp32_parameter_bytes, layer_shapes
+
+    budget_bytes = parse_budget(budget, fp32_bytes=fp32_parameter_bytes(model))
+    q8 = prepare_qat(model, uniform_plan(model_name, list(sensitivity), w_bits=8,
+                                         a_bits=a_bits), example_inputs=example_inputs)
+    shapes, fixed = layer_shapes(q8, meta)
+    omega = perturbations(model, sensitivity, list(bit_choices), metric=metric)
+    alloc = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed)
+    return alloc.plan(model_name, a_bits=a_bits, budget_bytes=budget_bytes)

@@ -194,6 +194,62 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     return metrics
 
 
+def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tuple,
+                  epochs: int = 1, lr: float = 0.01, cfg: QATConfig | None = None,
+                  device: str | torch.device = "cpu") -> nn.Module:
+    """QAT with distillation on any model and any data, in one call; returns the fake-quantized
+    student in eval mode (ready for `mpq.export.export_model`).
+
+    The recipe-driven `train_qat` adds checkpoints, exact resume, TensorBoard and DDP; this is
+    the same training for a user's own loop-free use.
+
+    Args:
+        teacher: the FP32 model (not changed).
+        plan: bits per layer (e.g. from `mpq.allocate.plan_for_budget`).
+        batches: re-iterable (input, label) batches, e.g. a DataLoader: one pass per epoch; its
+            first `cfg.calibration_batches` batches calibrate the activation scales.
+        example_inputs: inputs for tracing.
+        epochs: passes over `batches`; BN is folded for good for the last quarter of them.
+        lr: peak learning rate of SGD (Nesterov momentum 0.9, weight decay 1e-4), cosine decay.
+        cfg: distillation and quantizer settings (`QATConfig`).
+        device: where to train.
+    """
+    import itertools
+    import math
+
+    cfg = cfg or QATConfig()
+    device = torch.device(device)
+    student = prepare_qat(teacher, plan, example_inputs=example_inputs,
+                          weight_mode=cfg.weight_scale, learn_act_scale=cfg.learn_act_scale,
+                          quantize_joins=cfg.quantize_joins).to(device)
+    teacher = teacher.to(device).eval()
+    calibrate_(student, (x.to(device) for x, _ in
+                         itertools.islice(iter(batches), cfg.calibration_batches)))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    freeze_at = math.ceil(3 * epochs / 4)
+    for epoch in range(epochs):
+        if epoch >= freeze_at:
+            freeze_bn_(student)
+        student.train()
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss, _ = distillation_loss(student(x), t_logits, y, alpha=cfg.alpha,
+                                        temperature=cfg.temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"QAT loss became {loss.item()} in epoch {epoch + 1}; "
+                                         f"lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    freeze_bn_(student)
+    return student.eval()
+
+
 def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
     """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings)."""
     from .checkpoint import load_state_dict_checked

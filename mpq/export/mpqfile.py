@@ -194,18 +194,22 @@ def _plan_from_header(header: dict, names: list[str], path) -> Plan:
 
 
 @torch.no_grad()
-def load_mpq(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, dict]:
     """Rebuilds the fake-quantized model a `model.mpq` file holds, and its header.
 
     The model computes exactly what the exported model computed: weights on their grid with
     their stored scales (weight quantizers in `fixed` mode), BN folded, stored activation scales.
+    `architecture(num_classes=...)` builds the bare FP32 model; by default the header's model
+    name does (`mpq.models.build_model`: registry names and `package.module:factory`).
     """
     from ..models import build_model
     from ..quant import prepare_qat
 
     header, payload = read_mpq(path)
     spec = header["model"]
-    model = build_model(spec["name"], num_classes=spec["num_classes"])
+    model = (architecture or (lambda num_classes: build_model(spec["name"],
+                                                          num_classes=num_classes)))(
+        num_classes=spec["num_classes"])
     plan = _plan_from_header(header, quantizable_layers(model), path)
     size = header["input_size"]
     qmodel = prepare_qat(model, plan, example_inputs=(torch.zeros(2, 3, size, size),),

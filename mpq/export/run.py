@@ -51,7 +51,7 @@ def _predictions(fn, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
                  test_batches=None, force: bool = False, extra: dict | None = None,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, architecture=None) -> dict:
     """Exports a fake-quantized model and checks the exports on `test_batches`.
 
     Args:
@@ -61,6 +61,9 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         test_batches: a list of (input, label) CPU batches; None skips the accuracy check.
         force: replace an existing export.
         extra: more fields for `export.json` (e.g. the plan's budget).
+        threads: ONNX Runtime threads for the check.
+        architecture: builds the bare FP32 model, `architecture(num_classes=...)`; by default
+            `meta["model"]["name"]` through `mpq.models.build_model`.
     Returns the content of `export.json`. Raises `ExportCheckFailed` (after writing the files)
     when an exported model misses the tolerances.
     """
@@ -81,13 +84,14 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
     expected = weight_bytes(qmodel, meta)
     if mpq_bytes != expected:  # the size the solver budgets with is the size on disk
         raise AssertionError(f"model.mpq has {mpq_bytes} bytes, mpq.size says {expected}")
-    rebuilt, _ = load_mpq(tmp / "model.mpq")
+    rebuilt, _ = load_mpq(tmp / "model.mpq", architecture=architecture)
     export_onnx(rebuilt, tmp / "model_int8.onnx", input_shape=shape)
     int8 = save_torch_int8(rebuilt, tmp / "model_int8.pt", input_shape=shape)
 
     plan = qmodel.mpq_plan
-    fp32_bytes = fp32_parameter_bytes(build_model(meta["model"]["name"],
-                                                  num_classes=meta["model"]["num_classes"]))
+    build = architecture or (lambda num_classes: build_model(meta["model"]["name"],
+                                                             num_classes=num_classes))
+    fp32_bytes = fp32_parameter_bytes(build(num_classes=meta["model"]["num_classes"]))
     report = {
         "format": "mpq.export", "version": 1, "mpq_file_version": MPQ_VERSION,
         "model": meta["model"],
