@@ -281,14 +281,15 @@ class QuantConv(_QuantLayer):
             w, b = self.quant_weight_bias(self.effective_weight(), self.folded_bias())
             out = self.layer._conv_forward(x, w, None)
             return out + b.reshape((1, -1) + (1,) * (out.dim() - 2))
-        # Live BN: fold, quantize, convolve, undo the fold, normalise with batch statistics.
+        # Live BN: fold, quantize, undo the fold, convolve, normalise with batch statistics.
         # The fold factor is a constant here: without quantization its two uses cancel, so
         # gamma's true gradient comes from batch_norm alone (and the backward stays cheap).
-        factor = self._bn_factor().detach()
+        # Undoing the fold on the weight rather than on the conv's output is the same linear
+        # map (conv(x, Q(W f)) / f = conv(x, Q(W f) / f) per output channel) at a cost of
+        # one pass over the weight instead of two over the activation (forward and backward).
         w = self.layer.weight
-        out = self.layer._conv_forward(
-            x, self.quant_weight(w * factor.reshape((-1,) + (1,) * (w.dim() - 1))), None)
-        out = out * (1 / factor).reshape((1, -1) + (1,) * (out.dim() - 2))
+        factor = self._bn_factor().detach().reshape((-1,) + (1,) * (w.dim() - 1))
+        out = self.layer._conv_forward(x, self.quant_weight(w * factor) / factor, None)
         if self.layer.bias is not None:
             out = out + self.layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
         bn = self.bn
