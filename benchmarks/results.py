@@ -61,8 +61,8 @@ ROWS = {
     "mpq_13x": "mpq, 13x budget",
     "mpq_16x": "mpq, 16x budget",
 }
-COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "mpq_13x",
-                 "qat_w4", "mpq_16x", "mpq_8x", "qat_w2"]
+COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
+                 "qat_w2", "mpq_13x", "mpq_16x", "mpq_8x"]
 
 
 def _run(cmd: list, log: Path) -> None:

@@ -109,22 +109,43 @@ def _gauss_newton_rows(model: nn.Module, weight_name: str, weight: torch.Tensor,
     return torch.cat(rows)
 
 
-def _top_eigenvalue(matvec, dim: int, *, seed: int, tol: float = 1e-4) -> float:
-    """Largest (algebraic) eigenvalue of a symmetric operator by Lanczos (ARPACK via SciPy).
+def _top_eigenvalue(matvec, dim: int, *, seed: int, tol: float = 1e-4,
+                    max_steps: int = 100) -> float:
+    """Largest (algebraic) eigenvalue of a symmetric operator by Lanczos.
 
     Plain power iteration finds the eigenvalue of largest magnitude, which for a Hessian block
-    can be a negative one; Lanczos with which="LA" finds the top of the spectrum.
+    can be a negative one; the top Ritz value of a Lanczos tridiagonal converges to the top of
+    the spectrum. Full reorthogonalisation (in float64) keeps it honest; it stops when the Ritz
+    residual |beta_k s_k| is at most `tol` times the Ritz value, which bounds the eigenvalue
+    error by about that much. On ResNet20's Gauss-Newton blocks it took 7-10 products where
+    ARPACK (scipy's eigsh, k=1) took about 21, for the same value to 1e-6.
     """
-    import numpy as np
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
     if dim == 1:
         return float(matvec(torch.ones(1))[0])
-    op = LinearOperator((dim, dim), dtype=np.float64, matvec=lambda v: matvec(
-        torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).reshape(-1)
-    ).double().numpy())
-    v0 = np.random.default_rng(seed).standard_normal(dim)
-    return float(eigsh(op, k=1, which="LA", tol=tol, v0=v0, return_eigenvectors=False)[0])
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64)
+    basis = [q / q.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    top = math.nan
+    for _ in range(min(dim, max_steps)):
+        w = matvec(basis[-1].float()).double().reshape(-1)
+        alphas.append(torch.dot(w, basis[-1]).item())
+        vecs = torch.stack(basis)
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - vecs.T @ (vecs @ w)
+        beta = w.norm().item()
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(tri)
+        top = values[-1].item()
+        if abs(beta * vectors[-1, -1].item()) <= tol * abs(top) or beta <= 1e-12 * abs(top):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return top
 
 
 def _layer_columns(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
@@ -170,6 +191,8 @@ def _hooked_gauss_newton(model: nn.Module, layers: list[str], batches) -> dict:
     """tr(G_ii) and top eigenvalue for many layers at once: one forward and C backward passes
     per batch, per-sample gradients from each layer's input and output gradient."""
     model = copy.deepcopy(model).eval()
+    for p in model.parameters():  # only activation gradients are needed: skip weight grads
+        p.requires_grad_(False)
     for m in model.modules():  # module backward hooks and in-place ops do not mix
         if hasattr(m, "inplace"):
             m.inplace = False
@@ -220,7 +243,8 @@ def _hooked_gauss_newton(model: nn.Module, layers: list[str], batches) -> dict:
         if name in normal:
             top = _top_of_symmetric(normal[name])
         else:
-            rows = torch.cat(rows_kept.pop(name))
+            kept = rows_kept.pop(name)
+            rows = kept[0] if len(kept) == 1 else torch.cat(kept)
             top = _top_eigenvalue(lambda v: rows.T @ (rows @ v), rows.shape[1], seed=0,
                                   tol=1e-6)
         out[name] = (sq[name] / n_total, top / n_total)
@@ -229,7 +253,7 @@ def _hooked_gauss_newton(model: nn.Module, layers: list[str], batches) -> dict:
 
 def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                       layers: list[str] | None = None, estimator: str = "auto",
-                      rel_tol: float = 0.05, min_probes: int = 8, max_probes: int = 500,
+                      rel_tol: float = 0.05, min_probes: int = 30, max_probes: int = 500,
                       seed: int = 0, top_eigenvalue: bool = True,
                       progress: bool = False) -> dict[str, LayerSensitivity]:
     """Trace and top eigenvalue of each layer's Hessian block of the mean cross-entropy.
@@ -242,7 +266,11 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             the Gauss-Newton control variate), `exact`, `hutchinson` (plain, as PyHessian),
             or `hutchinson_ggn` (with the control variate).
         rel_tol: Hutchinson stops when standard error <= rel_tol * |mean| ...
-        min_probes, max_probes: ... after at least `min_probes` and at most `max_probes`.
+        min_probes, max_probes: ... after at least `min_probes` and at most `max_probes`. The
+            standard error comes from the probes themselves, and stopping as soon as it looks
+            small makes it run low when there are few: on ResNet20 one layer stopped at 8
+            probes reporting 1.08 where the true value (known from the exact block) was 8.1.
+            From 30 probes on, the estimate is steady.
         seed: seeds the probes.
         top_eigenvalue: also compute top eigenvalues (sampled estimators: by Lanczos, extra
             Hessian-vector products; exact: free). NaN when off.
