@@ -254,7 +254,7 @@ def _hooked_gauss_newton(model: nn.Module, layers: list[str], batches) -> dict:
 def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
                       layers: list[str] | None = None, estimator: str = "auto",
                       rel_tol: float = 0.05, min_probes: int = 30, max_probes: int = 500,
-                      seed: int = 0, top_eigenvalue: bool = True,
+                      deflate: int = 8, seed: int = 0, top_eigenvalue: bool = True,
                       progress: bool = False) -> dict[str, LayerSensitivity]:
     """Trace and top eigenvalue of each layer's Hessian block of the mean cross-entropy.
 
@@ -271,6 +271,8 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             small makes it run low when there are few: on ResNet20 one layer stopped at 8
             probes reporting 1.08 where the true value (known from the exact block) was 8.1.
             From 30 probes on, the estimate is steady.
+        deflate: sampled estimators count the top-`deflate` sketched subspace of each block
+            exactly and sample the rest (see `_hutchinson`); 0 for plain Hutchinson.
         seed: seeds the probes.
         top_eigenvalue: also compute top eigenvalues (sampled estimators: by Lanczos, extra
             Hessian-vector products; exact: free). NaN when off.
@@ -305,7 +307,7 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             if estimator == "hutchinson":
                 results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
                                             min_probes, max_probes, g, rows=None,
-                                            eigen=top_eigenvalue)
+                                            eigen=top_eigenvalue, deflate=deflate)
                 continue
             rows = [_gauss_newton_rows(model, weight_name, weight.detach(), x)
                     for x, _ in batches]
@@ -320,15 +322,25 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             else:
                 results[name] = _hutchinson(model, weight, batches, n_total, rel_tol,
                                             min_probes, max_probes, g, rows=rows,
-                                            ggn_trace=ggn_trace, eigen=top_eigenvalue)
+                                            ggn_trace=ggn_trace, eigen=top_eigenvalue,
+                                            deflate=deflate)
     finally:
         model.train(was_training)
     return results
 
 
 def _hutchinson(model, weight, batches, n_total, rel_tol, min_probes, max_probes, g, *,
-                rows, ggn_trace=0.0, eigen=True) -> LayerSensitivity:
-    """Hutchinson on one layer's block, optionally on H - G with tr(G) added back."""
+                rows, ggn_trace=0.0, eigen=True, deflate=8) -> LayerSensitivity:
+    """Hutchinson on one layer's block B (H, or H - G with tr(G) added back), deflated.
+
+    With `deflate` = k > 0 (as in Hutch++, Meyer et al. 2021): sketch Y = B S with k Rademacher
+    vectors, take an orthonormal basis Q of Y, count tr(Q^T B Q) exactly (k more products) and
+    sample only the rest, tr((I - P) B (I - P)) with P = Q Q^T, by probes projected off Q. The
+    sum is unbiased for tr(B) whatever Q is, and the standard error is the residual's. The top
+    of a layer's spectrum carries most of the probes' variance, so this needs far fewer
+    products: on ResNet20's teacher at 5% relative SE, 46 in all instead of 138-247 on the
+    layers that needed most. `probes` in the result counts every product (2k + samples).
+    """
     grads = []
     for x, y in batches:
         loss = F.cross_entropy(model(x), y, reduction="sum") / n_total
@@ -340,25 +352,47 @@ def _hutchinson(model, weight, batches, n_total, rel_tol, min_probes, max_probes
             out += torch.autograd.grad(grad, weight, v, retain_graph=True)[0]
         return out
 
-    samples = []
-    while len(samples) < max_probes:
-        v = torch.randint(0, 2, weight.shape, generator=g).to(weight) * 2 - 1
-        sample = torch.dot(v.flatten(), hvp(v).flatten()).item()
-        if rows is not None:  # control variate: subtract v^T G v, whose mean tr(G) is known
-            sample -= (rows @ v.flatten()).pow(2).sum().item() / n_total
-        samples.append(sample)
-        n = len(samples)
-        if n >= min_probes:
-            mean = sum(samples) / n
-            se = math.sqrt(sum((s - mean) ** 2 for s in samples) / (n - 1) / n)
-            total = mean + ggn_trace
-            if se <= rel_tol * abs(total):
-                break
+    def block(v: torch.Tensor) -> torch.Tensor:  # B v, flat in and out
+        out = hvp(v.view_as(weight)).flatten()
+        if rows is not None:  # control variate: B = H - G, and tr(G) is known exactly
+            out = out - rows.T @ (rows @ v) / n_total
+        return out
+
+    def rademacher() -> torch.Tensor:
+        return (torch.randint(0, 2, (weight.numel(),), generator=g) * 2 - 1).to(weight)
+
+    deflated, basis, products = 0.0, None, 0
+    if deflate and weight.numel() > 4 * deflate:
+        sketch = torch.stack([block(rademacher()) for _ in range(deflate)], 1)
+        basis = torch.linalg.qr(sketch).Q                                   # (n, k)
+        deflated = sum(torch.dot(basis[:, j], block(basis[:, j])).item()
+                       for j in range(deflate))
+        products = 2 * deflate
+    def stats(xs):
+        mean = sum(xs) / len(xs)
+        return mean, math.sqrt(sum((s - mean) ** 2 for s in xs) / max(1, len(xs) - 1) / len(xs))
+
+    # Stopping in stages: a pilot of `min_probes` sizes the sample for the tolerance, and the
+    # stopping rule is checked only when a stage is complete. Checking after every probe
+    # stops when the skewed samples happen to sit low, which biases the mean and its standard
+    # error down (measured: a third of the z-scores beyond 2 on a small ReLU network).
+    samples, target = [], max(2, min(min_probes, max_probes))
+    while True:
+        while len(samples) < target:
+            v = rademacher()
+            if basis is not None:
+                v = v - basis @ (basis.T @ v)
+            samples.append(torch.dot(v, block(v)).item())
+        mean, se = stats(samples)
+        goal = rel_tol * abs(mean + deflated + ggn_trace)
+        if se <= goal or len(samples) >= max_probes:
+            break
+        need = math.ceil(len(samples) * (se / max(goal, 1e-30)) ** 2)
+        target = min(max_probes, max(need, len(samples) + len(samples) // 2))
     n = len(samples)
-    mean = sum(samples) / n
-    se = math.sqrt(sum((s - mean) ** 2 for s in samples) / max(1, n - 1) / n)
     top = _top_eigenvalue(lambda v: hvp(v.view_as(weight)).flatten(), weight.numel(),
                           seed=int(torch.randint(1 << 30, (1,), generator=g))) \
         if eigen else math.nan
     name = "hutchinson" if rows is None else "hutchinson_ggn"
-    return LayerSensitivity(mean + ggn_trace, se, top, 0.0, name, n, weight.numel())
+    return LayerSensitivity(mean + deflated + ggn_trace, se, top, 0.0, name, n + products,
+                            weight.numel())
