@@ -34,9 +34,12 @@ class QATConfig:
     """Quantization-aware training settings.
 
     `freeze_bn_epoch`: from this epoch (0-based) on, BN is folded into the weights for good and
-    its statistics stay fixed; None means three quarters of the way through, when a cosine
-    schedule has brought the learning rate low (training on frozen statistics at a high rate
-    diverged in our measurements). Eval mode always computes the folded, exported layer.
+    its statistics stay fixed; None (the default) folds only when training ends. Every epoch's
+    test figure is taken in eval mode, which computes the folded, exported layer, so what is
+    measured is what is exported either way. Folding for good mid-run is a worse
+    parametrisation: a channel's relative step grows by (sigma / gamma)^2, and measured on
+    ResNet20 W4A8 (10 epochs) it took test top-1 from 89.49 to 39.55 in the one epoch after
+    folding, at a learning rate of 2.4e-4; with BN live to the end the run ends where it was.
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
     """
 
@@ -147,7 +150,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     calibrate_(student, (x for i, (x, _) in zip(range(cfg.calibration_batches), calib.epoch(0))))
 
     freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else \
-        -(-3 * recipe.train.epochs // 4)
+        recipe.train.epochs
 
     def on_epoch_start(epoch: int) -> None:
         if epoch >= freeze_at:
@@ -209,13 +212,12 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
         batches: re-iterable (input, label) batches, e.g. a DataLoader: one pass per epoch; its
             first `cfg.calibration_batches` batches calibrate the activation scales.
         example_inputs: inputs for tracing.
-        epochs: passes over `batches`; BN is folded for good for the last quarter of them.
+        epochs: passes over `batches`; BN is folded for good when they end.
         lr: peak learning rate of SGD (Nesterov momentum 0.9, weight decay 1e-4), cosine decay.
         cfg: distillation and quantizer settings (`QATConfig`).
         device: where to train.
     """
     import itertools
-    import math
 
     cfg = cfg or QATConfig()
     device = torch.device(device)
@@ -228,7 +230,7 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    freeze_at = math.ceil(3 * epochs / 4)
+    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else epochs
     for epoch in range(epochs):
         if epoch >= freeze_at:
             freeze_bn_(student)
