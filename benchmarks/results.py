@@ -50,7 +50,7 @@ ARTIFACT_FILES = ("plan.json", "model.mpq", "model_int8.onnx", "export.json")
 # need first, since the whole set spans sessions on a CPU).
 ROWS = {
     "fp32": "FP32 teacher",
-    "fp16": "FP16 weights and compute",
+    "fp16": "FP16 weights (float32 compute)",
     "ao_int8_ptq": "torch.ao int8 PTQ, fused (seed's int8 path)",
     "ptq_w4": "uniform W4A8 PTQ",
     "ptq_w2": "uniform W2A8 PTQ",
