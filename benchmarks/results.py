@@ -65,10 +65,30 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_13x", "mpq_16x", "mpq_8x"]
 
 
+def _rel(path) -> str:
+    """`path` as recorded in a row: relative to the repository when inside it, so the JSON
+    reads the same on every clone."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _in_repo(recorded: str) -> Path:
+    """A recorded path back to a real one (older rows recorded absolute paths)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else ROOT / path
+
+
+def _printable(cmd: list) -> str:
+    return " ".join(_rel(c) if isinstance(c, Path) else str(c) for c in cmd)
+
+
 def _run(cmd: list, log: Path) -> None:
     """Runs one of the user's commands, its output appended to `log`; stops on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    printable = " ".join(str(c) for c in cmd)
+    printable = _printable(cmd)
     print(f"  $ {printable}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "a") as fh:
@@ -94,8 +114,8 @@ def _exported_row(name: str, commands: list[list], export_dir: Path, log: Path) 
             "onnx_bytes": report["files"]["model_int8.onnx"]["bytes"],
             "fake_quant_top1": report["fake_quant_top1"],
             "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"],
-            "train_seconds": metrics.get("train_seconds"), "export_dir": str(export_dir),
-            "commands": [" ".join(map(str, c)) for c in commands]}
+            "train_seconds": metrics.get("train_seconds"), "export_dir": _rel(export_dir),
+            "commands": [_printable(c) for c in commands]}
 
 
 def make_row(name: str, args) -> dict:
@@ -207,15 +227,28 @@ def latency(rows: dict, threads: int, seconds: float) -> dict:
             model = model.to(memory_format=torch.channels_last)
             runtimes["fp32/pytorch"] = lambda x, m=model: m(
                 x.contiguous(memory_format=torch.channels_last))
-            runtimes["fp32/onnxruntime"] = ort_runner(RUNS / name / "model_fp32.onnx", threads)
+            if (RUNS / name / "model_fp32.onnx").exists():
+                runtimes["fp32/onnxruntime"] = ort_runner(RUNS / name / "model_fp32.onnx",
+                                                          threads)
         elif name == "fp16":
             continue
         elif name == "ao_int8_ptq":
-            runtimes["ao_int8_ptq/pytorch"] = torch.jit.load(str(RUNS / name / "model_int8.pt"))
+            if (RUNS / name / "model_int8.pt").exists():
+                runtimes["ao_int8_ptq/pytorch"] = torch.jit.load(
+                    str(RUNS / name / "model_int8.pt"))
         else:
-            export = Path(row["export_dir"])
-            runtimes[f"{name}/onnxruntime"] = ort_runner(export / "model_int8.onnx", threads)
-            runtimes[f"{name}/pytorch"] = torch.jit.load(str(export / "model_int8.pt"))
+            export = _in_repo(row["export_dir"])
+            if not export.exists():  # a fresh clone: the committed ONNX model still times
+                export = ARTIFACTS / name
+            if (export / "model_int8.onnx").exists():
+                runtimes[f"{name}/onnxruntime"] = ort_runner(export / "model_int8.onnx", threads)
+            if (export / "model_int8.pt").exists():
+                runtimes[f"{name}/pytorch"] = torch.jit.load(str(export / "model_int8.pt"))
+    missing = [name for name in rows if name != "fp16"
+               and not any(k.startswith(f"{name}/") for k in runtimes)]
+    if missing:
+        print(f"  no model on disk to time for {', '.join(missing)} (their runs/results/ folders "
+              "are gone); their latency cells stay empty", flush=True)
     out = {}
     for batch in (1, 256):
         x = torch.randn(batch, 3, 32, 32)
@@ -285,7 +318,9 @@ def copy_artifacts(rows: dict) -> None:
             continue
         target = ARTIFACTS / name
         target.mkdir(parents=True, exist_ok=True)
-        export = Path(row["export_dir"])
+        export = _in_repo(row["export_dir"])
+        if not export.exists():
+            continue  # a fresh clone: the committed copies are all there is
         for file in ARTIFACT_FILES:
             source = export / file if file != "plan.json" else export.parent / "plan.json"
             shutil.copy2(source, target / file)

@@ -37,3 +37,14 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     assert readme.read_text() == ("intro\n<!-- results:begin -->\n| new |\n"
                                   "<!-- results:end -->\nafter\n")
     assert results.COMPUTE_ORDER and sorted(results.COMPUTE_ORDER) == sorted(results.ROWS)
+
+
+def test_rows_record_paths_relative_to_the_repository(tmp_path):
+    inside = results.ROOT / "runs" / "results" / "mpq_13x" / "qat" / "export"
+    assert results._rel(inside) == "runs/results/mpq_13x/qat/export"
+    assert results._in_repo("runs/results/x") == results.ROOT / "runs" / "results" / "x"
+    assert results._in_repo(str(tmp_path)) == tmp_path  # older rows: absolute paths stay
+    cmd = ["train.py", "--teacher", results.ROOT / "checkpoints" / "t.pt", "--data-root",
+           str(tmp_path), "--out", tmp_path / "out"]
+    assert results._printable(cmd) == (f"train.py --teacher checkpoints/t.pt --data-root "
+                                       f"{tmp_path} --out {tmp_path / 'out'}")
