@@ -29,7 +29,8 @@ from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_pl
 from .report import log_search, log_sensitivity
 from .size import layer_bytes, layer_shapes
 
-__all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached"]
+__all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
+           "check_budget", "smallest_plan_bytes"]
 
 
 @dataclass
@@ -244,6 +245,34 @@ def _smallest(shapes, choices, fixed) -> int:
     return fixed + sum(layer_bytes(s, choices[0]) for s in shapes.values())
 
 
+def smallest_plan_bytes(model: nn.Module, *, model_name: str, cfg: SearchConfig,
+                        example_inputs: tuple, meta: dict | None = None) -> int:
+    """The smallest stored size any plan of the search can have: every layer at the fewest
+    bits of `cfg.bit_choices` (with `meta`, the `model.mpq` file's size, header included)."""
+    q = prepare_qat(model, uniform_plan(model_name, quantizable_layers(model),
+                                        w_bits=min(cfg.bit_choices), a_bits=cfg.a_bits),
+                    example_inputs=example_inputs)
+    shapes, fixed = layer_shapes(q, meta)
+    return _smallest(shapes, sorted(cfg.bit_choices), fixed)
+
+
+def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes: int) -> None:
+    """Refuses, before any work, a budget below the smallest plan the recipe allows, saying
+    the most compression it can reach."""
+    from .trainer import model_meta
+
+    size = recipe.data.image_size
+    floor = smallest_plan_bytes(model, model_name=recipe.model.name, cfg=recipe.search,
+                                example_inputs=(torch.zeros(1, 3, size, size),),
+                                meta=model_meta(recipe))
+    if budget_bytes < floor:
+        raise UsageError(
+            f"budget {budget_bytes} bytes ({fp32_bytes / budget_bytes:.2f}x) is below the smallest "
+            f"possible model.mpq, {floor} bytes ({fp32_bytes / floor:.2f}x: every layer at "
+            f"{min(recipe.search.bit_choices)} bits, plus per-channel scales, biases and the "
+            f"header); ask for {fp32_bytes / floor:.2f}x or less (--budget {floor}B)")
+
+
 def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                data_root=None, checkpoint: str | None = None, storage: str | None = None,
                device: str = "auto", progress: bool = True) -> Plan:
@@ -267,6 +296,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                         "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
+    check_budget(model, recipe, budget_bytes, fp32_bytes)
     train = load_split(recipe.data, "train", root=data_root, progress=progress,
                        num_classes=recipe.model.num_classes)
     out = Path(out_dir)

@@ -48,3 +48,16 @@ def test_rows_record_paths_relative_to_the_repository(tmp_path):
            str(tmp_path), "--out", tmp_path / "out"]
     assert results._printable(cmd) == (f"train.py --teacher checkpoints/t.pt --data-root "
                                        f"{tmp_path} --out {tmp_path / 'out'}")
+
+
+def test_a_budget_below_the_smallest_plan_is_a_row_saying_so_not_a_crash():
+    if not results.TEACHER.exists():
+        pytest.skip(f"needs the committed teacher {results.TEACHER}")
+    assert results._smallest_plan("13x") is None
+    row16 = results._smallest_plan("16x")  # ResNet20: 2-bit weights alone take 67,724 bytes
+    assert row16["infeasible"] and row16["smallest_bytes"] > row16["budget_bytes"]
+    assert row16["smallest_bits"] == 2 and 14 < row16["smallest_compression"] < 16
+    rows = {"fp32": row(89.2, "fp32.onnx", 1_100_000), "mpq_16x": row16}
+    lines = results.write_table(rows, {}, fp32_bytes=1_089_896).splitlines()
+    assert lines[-1].startswith("| mpq, 16x budget | infeasible |")
+    assert f"max {row16['smallest_compression']:.2f}x" in lines[-1]

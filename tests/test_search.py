@@ -52,7 +52,7 @@ def test_budget_at_or_above_fp32_gives_8_bits(search_args, tmp_path):
 
 
 @pytest.mark.parametrize("budget, extra, fragment", [
-    ("1KB", [], "below the smallest possible size"),
+    ("1KB", [], "below the smallest possible model.mpq"),
     ("lots", [], "is not understood"),
     ("8x", ["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna"),
 ])
@@ -61,6 +61,22 @@ def test_bad_search_input(search_args, budget, extra, fragment):
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_too_small_budget_is_refused_before_any_work_and_names_the_floor(search_args, tmp_path):
+    import re
+
+    refused = run_script(*search_args("40x", "floor"))
+    assert refused.returncode == 2 and not (tmp_path / "floor").exists(), refused.stderr
+    floor = re.search(r"--budget (\d+)B\)", refused.stderr)
+    assert floor, refused.stderr
+    ok = run_script(*search_args(f"{floor.group(1)}B", "floor"))  # the floor it names fits
+    assert ok.returncode == 0, ok.stderr
+    plan = _plan(tmp_path, "floor")
+    assert plan["size_bytes"] == int(floor.group(1))
+    assert {v["w_bits"] for v in plan["layers"].values()} == {2}
+    below = run_script(*search_args(f"{int(floor.group(1)) - 1}B", "floor2"))
+    assert below.returncode == 2 and not (tmp_path / "floor2").exists()
 
 
 def test_interrupted_study_resumes_and_another_budget_starts_its_own(search_args, tmp_path):
