@@ -13,8 +13,11 @@ is a multiple-choice knapsack, solved exactly as an integer programme by HiGHS t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +87,25 @@ class Allocation:
                            "objective": self.objective, **(extra or {})})
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """Sends what native code writes to file descriptor 1 to /dev/null meanwhile (Python's own
+    prints are flushed first and unaffected afterwards)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (an embedding host): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
           budget_bytes: int, fixed_bytes: int = 0,
           extra_constraints: list | None = None) -> Allocation:
@@ -118,8 +140,9 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
     for costs, upper in extra_constraints or []:
         constraints.append(LinearConstraint(
             np.array([[costs[n][b] for n, b in choices]], dtype=float), -np.inf, upper))
-    result = milp(cost, integrality=np.ones(len(choices)), bounds=Bounds(0, 1),
-                  constraints=constraints, options={"mip_rel_gap": 0})
+    with _native_stdout_silenced():  # HiGHS prints solver chatter from C on some models
+        result = milp(cost, integrality=np.ones(len(choices)), bounds=Bounds(0, 1),
+                      constraints=constraints, options={"mip_rel_gap": 0})
     if result.x is None:
         raise UsageError(f"no plan satisfies the constraints ({result.message})")
     picked = [choices[j] for j in np.flatnonzero(result.x > 0.5)]

@@ -1,4 +1,5 @@
 import itertools
+import os
 import random
 
 import pytest
@@ -83,3 +84,13 @@ def test_plan_size_equals_the_size_of_the_prepared_model():
     qplan = prepare_qat(model, plan, example_inputs=(torch.zeros(1, 3, 32, 32),))
     assert weight_bytes(qplan) == alloc.size_bytes == plan.extra["size_bytes"]
     assert len(set(alloc.bits.values())) > 1  # a real mixed-precision answer
+
+
+def test_native_solver_chatter_is_silenced_and_stdout_restored(capfd):
+    from mpq.allocate import _native_stdout_silenced
+
+    print("before", flush=True)
+    with _native_stdout_silenced():
+        os.write(1, b"HighsMipSolverData chatter\n")  # what a C library writes to fd 1
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nafter\n"
