@@ -41,6 +41,16 @@ def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> 
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _is_mpq_file(path) -> bool:
+    from .export.mpqfile import MAGIC
+
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False  # load_checkpoint says what is wrong with the path
+
+
 def _eval(args) -> None:
     import torch
 
@@ -50,9 +60,17 @@ def _eval(args) -> None:
     from .trainer import evaluate, resolve_device
 
     device = resolve_device(args.device)
-    payload = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
-    data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
+    if _is_mpq_file(args.checkpoint):  # a packed model.mpq: the model it rebuilds exactly
+        from .export import load_mpq
+
+        model, payload = load_mpq(args.checkpoint)
+        model = model.to(device)
+        data_cfg = DataConfig(dataset="imagefolder" if args.data_root else "cifar10",
+                              image_size=payload["input_size"])
+    else:
+        payload = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
+        data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
     data_cfg.mean = payload["normalization"]["mean"]
     data_cfg.std = payload["normalization"]["std"]
     split = load_split(data_cfg, "test", root=args.data_root,
@@ -90,8 +108,10 @@ def print_export(report: dict, out) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mpq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="top-1 of any mpq checkpoint on the test split")
-    ev.add_argument("--checkpoint", required=True)
+    ev = sub.add_parser("eval", help="top-1 of any mpq checkpoint, or a packed model.mpq, on "
+                                     "the test split")
+    ev.add_argument("--checkpoint", required=True,
+                    help="FP32 or QAT checkpoint (.pt), or a packed model.mpq")
     ev.add_argument("--batch-size", type=int, default=500)
     add_common_args(ev, recipe=False)
     ex = sub.add_parser("export", help="int8 ONNX, PyTorch int8 and packed model.mpq from a QAT "

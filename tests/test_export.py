@@ -205,6 +205,11 @@ def test_cli_export_and_standalone_onnx_evaluator(tmp_path, tiny_teacher, tiny_r
     assert result.returncode == 0, result.stderr
     top1 = float(result.stdout.strip().splitlines()[-1].split("=")[1])
     assert abs(top1 - report["onnx_top1"]) <= 0.2
+    packed = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "export" / "model.mpq",
+                        "--data-root", folder, "--quiet")  # the packed file alone
+    assert packed.returncode == 0, packed.stderr
+    top1 = float(packed.stdout.strip().splitlines()[-1].split("=")[1])
+    assert abs(top1 - report["fake_quant_top1"]) < 0.01
     fp32 = run_script("-m", "mpq", "export", "--checkpoint", tiny_teacher, "--out",
                       tmp_path / "x", "--data-root", folder)
     assert fp32.returncode == 2 and "QAT checkpoint" in fp32.stderr

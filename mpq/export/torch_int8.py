@@ -147,4 +147,4 @@ def save_torch_int8(qmodel: fx.GraphModule, path: str | os.PathLike, *, input_sh
         scripted = torch.jit.trace(module, (example,), check_trace=False)
         scripted = torch.jit.freeze(scripted.eval())
         torch.jit.save(scripted, str(path))
-    return torch.jit.load(str(path))
+        return torch.jit.load(str(path))  # (TorchScript's deprecation notice: users load it too)
