@@ -1,11 +1,13 @@
 """torchvision's resnet18 through the three scripts on the synthetic set (issue: any model):
-an FP32 teacher, search.py under an 8x budget, train.py QAT with distillation and export."""
+an FP32 teacher, search.py under an 8x budget, train.py QAT with distillation and export; and a
+user's model that torch.fx cannot trace, refused with one clear line."""
 
 import json
+import os
 
 import yaml
 
-from conftest import TINY_RECIPE, run_script
+from conftest import ROOT, TINY_RECIPE, run_script
 
 
 def test_resnet18_teacher_search_qat_and_export(tmp_path):
@@ -43,3 +45,52 @@ def test_resnet18_teacher_search_qat_and_export(tmp_path):
     # The budget holds on disk: the packed file is no larger than the plan says.
     assert report["mpq_bytes"] <= plan["size_bytes"] <= plan["budget_bytes"]
     assert report["compression"] >= 8
+
+
+USER_NET = '''
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            y = y * 2
+        return y
+
+
+def gated(num_classes=4):
+    return nn.Sequential(Gate(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+'''
+
+
+def test_a_model_fx_cannot_trace_is_one_clear_error_through_the_scripts(tmp_path):
+    """A user's factory whose forward branches on data: FP32 training works (eager), the search
+    stops with exit code 2 and one line naming the module, the cause and what to do."""
+    (tmp_path / "usernet.py").write_text(USER_NET)
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["model"] = {"name": "usernet:gated", "num_classes": 4}
+    recipe["train"].update(epochs=1)
+    (tmp_path / "fp32.yaml").write_text(yaml.safe_dump(recipe))
+    common = ["--device", "cpu", "--quiet"]
+    result = run_script("train.py", "--recipe", tmp_path / "fp32.yaml", "--out",
+                        tmp_path / "teacher", *common, env=env)
+    assert result.returncode == 0, result.stderr
+    search = {k: v for k, v in recipe.items() if k != "train"}
+    search["search"] = {"checkpoint": str(tmp_path / "teacher" / "model.pt"), "trials": 2,
+                        "holdout_images": 32, "batch_size": 16}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    result = run_script("search.py", "--recipe", tmp_path / "search.yaml", "--budget", "4x",
+                        "--out", tmp_path / "search", *common, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "cannot be traced" in lines[0] and "in Gate.forward" in lines[0]
+    assert "control flow" in lines[0] and "torch.where" in lines[0]
+    assert not (tmp_path / "search" / "plan.json").exists()

@@ -54,8 +54,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
             tb = tb.tb_next
         raise UsageError(f"the model cannot be traced with torch.fx{where}: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0]}; make that code "
-                         f"traceable (no data-dependent control flow) or wrap it in a leaf "
-                         f"module and leave it in float") from None
+                         f"traceable: no Python branch or loop on tensor values (torch.where "
+                         f"or a fixed shape instead), no op torch.fx cannot record") from None
 
 
 def _is_tensor(node) -> bool:
