@@ -256,6 +256,7 @@ def latency(rows: dict, threads: int, seconds: float) -> dict:
 
     torch.set_num_threads(threads)
     torch.backends.quantized.engine = "x86"
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.load's notice
     runtimes = {}
     rows = {name: row for name, row in rows.items() if not row.get("infeasible")}
     for name, row in rows.items():
