@@ -72,3 +72,24 @@ def test_committed_onnx_reproduces_its_top1_with_ort_pillow_numpy_only(folder):
     row = ROOT / "benchmarks" / "results" / f"{folder.name}.json"
     if row.is_file():  # the README table's figure is this one
         assert abs(json.loads(row.read_text())["top1"] - top1) <= 0.2
+
+
+MBV2 = ROOT / "checkpoints" / "mobilenet_v2_cifar10"
+
+
+@pytest.mark.skipif(not (MBV2 / "model.mpq").is_file(), reason="no mobilenet_v2 result committed")
+def test_committed_mobilenet_v2_packed_file_alone_reproduces_its_top1():
+    """The committed torchvision mobilenet_v2 at 8x: the packed file fits its plan, and the model
+    `mpq eval` rebuilds from it alone scores what its export recorded."""
+    import json
+
+    report = json.loads((MBV2 / "export.json").read_text())
+    plan = json.loads((MBV2 / "plan.json").read_text())
+    assert (MBV2 / "model.mpq").stat().st_size == report["mpq_bytes"]
+    assert report["mpq_bytes"] <= plan["size_bytes"] <= plan["budget_bytes"]
+    assert plan["model"] == "mobilenet_v2" and plan["compression"] >= 8.0
+    result = run_script("-m", "mpq", "eval", "--checkpoint", MBV2 / "model.mpq", "--data-root",
+                        DATA, "--quiet", timeout=600)
+    assert result.returncode == 0, result.stderr
+    top1 = float(result.stdout.strip().splitlines()[-1].split("=")[1])
+    assert abs(top1 - report["fake_quant_top1"]) < 0.01
