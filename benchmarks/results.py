@@ -160,25 +160,21 @@ def _smallest_plan(budget: str) -> dict | None:
     from mpq.allocate import parse_budget
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.config import load_recipe
-    from mpq.search import SearchRecipe, smallest_plan_bytes
+    from mpq.search import SearchRecipe, plan_floor
     from mpq.size import fp32_parameter_bytes
-    from mpq.trainer import model_meta
 
     recipe = load_recipe(ROOT / SEARCH_RECIPE, [], cls=SearchRecipe)
     model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
-    size = recipe.data.image_size
-    floor = smallest_plan_bytes(model, model_name=recipe.model.name, cfg=recipe.search,
-                                example_inputs=(torch.zeros(1, 3, size, size),),
-                                meta=model_meta(recipe))
-    if budget_bytes >= floor:
+    floor = plan_floor(model, recipe)
+    if budget_bytes >= floor.bytes:
         return None
-    bits = min(recipe.search.bit_choices)
-    print(f"  infeasible: the budget is {budget_bytes} bytes, the smallest plan ({bits} bits "
-          f"everywhere) {floor} bytes", flush=True)
-    return {"infeasible": True, "budget_bytes": budget_bytes, "smallest_bytes": floor,
-            "smallest_bits": bits, "smallest_compression": fp32_bytes / floor}
+    print(f"  infeasible: the budget is {budget_bytes} bytes, the smallest plan ({floor.bits} "
+          f"bits everywhere) {floor.bytes} bytes, {floor.weight_bytes} of them weights", flush=True)
+    return {"infeasible": True, "budget_bytes": budget_bytes, "smallest_bytes": floor.bytes,
+            "smallest_weight_bytes": floor.weight_bytes, "smallest_bits": floor.bits,
+            "smallest_compression": fp32_bytes / floor.bytes}
 
 
 def _test_batches(args):
@@ -258,7 +254,6 @@ def latency(rows: dict, threads: int, seconds: float) -> dict:
     torch.backends.quantized.engine = "x86"
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.load's notice
     runtimes = {}
-    rows = {name: row for name, row in rows.items() if not row.get("infeasible")}
     for name, row in rows.items():
         if name == "fp32":
             model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
@@ -343,8 +338,8 @@ def log_curve(rows: dict, fp32_bytes: int) -> None:
     teacher = rows["fp32"]["top1"]
     writer = SummaryWriter(str(RUNS / "tb"))
     points = []
-    for name, row in sorted(rows.items(), key=lambda kv: kv[1].get("file_bytes", 0)):
-        if name.startswith(("mpq_", "qat_w", "fp32")) and not row.get("infeasible"):
+    for name, row in sorted(rows.items(), key=lambda kv: kv[1]["file_bytes"]):
+        if name.startswith(("mpq_", "qat_w", "fp32")):
             kb = row["file_bytes"] / 1000
             writer.add_scalar("accuracy_vs_size/top1", row["top1"], round(kb))
             writer.add_scalar("accuracy_vs_size/points_lost", teacher - row["top1"], round(kb))
@@ -421,15 +416,16 @@ def main() -> None:
 
     fp32_bytes = fp32_parameter_bytes(model_from_checkpoint(load_checkpoint(TEACHER)))
     print("latency, side by side:", flush=True)
-    lat = latency(rows, args.threads, args.seconds)
+    measured = {name: row for name, row in rows.items() if not row.get("infeasible")}
+    lat = latency(measured, args.threads, args.seconds)
     (RESULTS / "latency.json").write_text(json.dumps(
         {"threads": args.threads, "ms": lat, "torch": torch.__version__}, indent=2) + "\n")
     table = write_table(rows, lat, fp32_bytes)
     if "fp32" in rows:
-        log_curve(rows, fp32_bytes)
+        log_curve(measured, fp32_bytes)
     if args.scratch is None:
         update_readme(table)
-        copy_artifacts(rows)
+        copy_artifacts(measured)
     print(table)
 
 

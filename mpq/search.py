@@ -30,7 +30,7 @@ from .report import log_search, log_sensitivity
 from .size import layer_bytes, layer_shapes
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
-           "check_budget", "smallest_plan_bytes"]
+           "PlanFloor", "check_budget", "plan_floor"]
 
 
 @dataclass
@@ -245,32 +245,43 @@ def _smallest(shapes, choices, fixed) -> int:
     return fixed + sum(layer_bytes(s, choices[0]) for s in shapes.values())
 
 
-def smallest_plan_bytes(model: nn.Module, *, model_name: str, cfg: SearchConfig,
-                        example_inputs: tuple, meta: dict | None = None) -> int:
-    """The smallest stored size any plan of the search can have: every layer at the fewest
-    bits of `cfg.bit_choices` (with `meta`, the `model.mpq` file's size, header included)."""
-    q = prepare_qat(model, uniform_plan(model_name, quantizable_layers(model),
-                                        w_bits=min(cfg.bit_choices), a_bits=cfg.a_bits),
-                    example_inputs=example_inputs)
-    shapes, fixed = layer_shapes(q, meta)
-    return _smallest(shapes, sorted(cfg.bit_choices), fixed)
+@dataclass(frozen=True)
+class PlanFloor:
+    """The smallest `model.mpq` any plan of a search recipe can make: every layer at the fewest
+    bits of `bit_choices`. `weight_bytes` of its `bytes` are the packed weights themselves; the
+    rest is per-channel scales, biases, activation scales and the header."""
+
+    bytes: int
+    weight_bytes: int
+    bits: int
+
+
+def plan_floor(model: nn.Module, recipe: Recipe) -> PlanFloor:
+    """The `PlanFloor` of `recipe`'s search on `model` (an FP32 model in eval mode)."""
+    from .pack import packed_size
+    from .trainer import model_meta
+
+    cfg, size = recipe.search, recipe.data.image_size
+    bits = min(cfg.bit_choices)
+    q = prepare_qat(model, uniform_plan(recipe.model.name, quantizable_layers(model),
+                                        w_bits=bits, a_bits=cfg.a_bits),
+                    example_inputs=(torch.zeros(1, 3, size, size),))
+    shapes, fixed = layer_shapes(q, model_meta(recipe))
+    return PlanFloor(bytes=_smallest(shapes, [bits], fixed), bits=bits,
+                     weight_bytes=sum(packed_size(s.numel, bits) for s in shapes.values()))
 
 
 def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes: int) -> None:
     """Refuses, before any work, a budget below the smallest plan the recipe allows, saying
     the most compression it can reach."""
-    from .trainer import model_meta
-
-    size = recipe.data.image_size
-    floor = smallest_plan_bytes(model, model_name=recipe.model.name, cfg=recipe.search,
-                                example_inputs=(torch.zeros(1, 3, size, size),),
-                                meta=model_meta(recipe))
-    if budget_bytes < floor:
+    floor = plan_floor(model, recipe)
+    if budget_bytes < floor.bytes:
         raise UsageError(
             f"budget {budget_bytes} bytes ({fp32_bytes / budget_bytes:.2f}x) is below the smallest "
-            f"possible model.mpq, {floor} bytes ({fp32_bytes / floor:.2f}x: every layer at "
-            f"{min(recipe.search.bit_choices)} bits, plus per-channel scales, biases and the "
-            f"header); ask for {fp32_bytes / floor:.2f}x or less (--budget {floor}B)")
+            f"possible model.mpq, {floor.bytes} bytes ({fp32_bytes / floor.bytes:.2f}x): every "
+            f"layer at {floor.bits} bits, {floor.weight_bytes} bytes of weights plus "
+            f"{floor.bytes - floor.weight_bytes} of per-channel scales, biases and the header; "
+            f"ask for {fp32_bytes / floor.bytes:.2f}x or less (--budget {floor.bytes}B)")
 
 
 def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .pack import packed_size
 from .quant.modules import ActQuantizer, QuantConv, _QuantLayer
 
 __all__ = ["LayerShape", "fp32_parameter_bytes", "layer_bytes", "layer_shapes", "stored_parts",
@@ -40,7 +41,7 @@ def layer_bytes(shape: LayerShape, w_bits: int | None) -> int:
     if w_bits is None:
         total = shape.numel * FLOAT_BYTES
     else:
-        total = -(-shape.numel * w_bits // 8) + shape.out_channels * FLOAT_BYTES
+        total = packed_size(shape.numel, w_bits) + shape.out_channels * FLOAT_BYTES
     return total + (shape.out_channels * FLOAT_BYTES if shape.has_bias else 0)
 
 

@@ -69,7 +69,7 @@ def test_too_small_budget_is_refused_before_any_work_and_names_the_floor(search_
     refused = run_script(*search_args("40x", "floor"))
     assert refused.returncode == 2 and not (tmp_path / "floor").exists(), refused.stderr
     floor = re.search(r"--budget (\d+)B\)", refused.stderr)
-    assert floor, refused.stderr
+    assert floor and "bytes of weights plus" in refused.stderr, refused.stderr
     ok = run_script(*search_args(f"{floor.group(1)}B", "floor"))  # the floor it names fits
     assert ok.returncode == 0, ok.stderr
     plan = _plan(tmp_path, "floor")
