@@ -65,8 +65,8 @@ def _eval(args) -> None:
 
         model, payload = load_mpq(args.checkpoint)
         model = model.to(device)
-        data_cfg = DataConfig(dataset="imagefolder" if args.data_root else "cifar10",
-                              image_size=payload["input_size"])
+        # any ImageFolder or CIFAR-10 root; with no root, CIFAR-10 is downloaded
+        data_cfg = DataConfig(image_size=payload["input_size"])
     else:
         payload = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
