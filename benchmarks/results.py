@@ -351,21 +351,23 @@ def log_curve(rows: dict, fp32_bytes: int) -> None:
     writer.close()
 
 
-def copy_artifacts(rows: dict) -> None:
+def copy_artifacts(rows: dict, artifacts: Path = ARTIFACTS) -> None:
+    """Each exported row's small files into `artifacts/<row>/`; export.json's record of the
+    checkpoint it came from made repository-relative, so the committed copy names no machine."""
     for name, row in rows.items():
         if "export_dir" not in row:
             continue
-        target = ARTIFACTS / name
-        target.mkdir(parents=True, exist_ok=True)
         export = _in_repo(row["export_dir"])
         if not export.exists():
             continue  # a fresh clone: the committed copies are all there is
+        target = artifacts / name
+        target.mkdir(parents=True, exist_ok=True)
         for file in ARTIFACT_FILES:
             source = export / file if file != "plan.json" else export.parent / "plan.json"
             shutil.copy2(source, target / file)
-    w4 = RUNS / "qat_w4" / "qat" / "model.pt"
-    if w4.exists():
-        shutil.copy2(w4, ROOT / "checkpoints" / "resnet20_cifar10_w4a8.pt")
+        report = json.loads((target / "export.json").read_text())
+        report["checkpoint"] = _rel(report["checkpoint"])
+        (target / "export.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -426,6 +428,9 @@ def main() -> None:
     if args.scratch is None:
         update_readme(table)
         copy_artifacts(measured)
+        w4 = RUNS / "qat_w4" / "qat" / "model.pt"
+        if w4.exists():
+            shutil.copy2(w4, ROOT / "checkpoints" / "resnet20_cifar10_w4a8.pt")
     print(table)
 
 

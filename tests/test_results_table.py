@@ -2,6 +2,7 @@
 compression against FP32 parameter bytes, each row's fastest runtime; the README block between
 the markers replaced and nothing else."""
 
+import json
 import sys
 
 import pytest
@@ -48,6 +49,23 @@ def test_rows_record_paths_relative_to_the_repository(tmp_path):
            str(tmp_path), "--out", tmp_path / "out"]
     assert results._printable(cmd) == (f"train.py --teacher checkpoints/t.pt --data-root "
                                        f"{tmp_path} --out {tmp_path / 'out'}")
+
+
+def test_committed_export_report_names_its_checkpoint_relative_to_the_repository(tmp_path):
+    export = tmp_path / "qat" / "export"
+    export.mkdir(parents=True)
+    (tmp_path / "qat" / "plan.json").write_text("{}")
+    for file in ("model.mpq", "model_int8.onnx"):
+        (export / file).write_bytes(b"x")
+    checkpoint = results.ROOT / "runs" / "results" / "mpq_8x" / "qat" / "model.pt"
+    (export / "export.json").write_text(json.dumps({"checkpoint": str(checkpoint),
+                                                    "onnx_top1": 89.41}))
+    results.copy_artifacts({"mpq_8x": {"export_dir": str(export)}, "fp32": {"top1": 89.57}},
+                           artifacts=tmp_path / "committed")
+    copied = json.loads((tmp_path / "committed" / "mpq_8x" / "export.json").read_text())
+    assert copied == {"checkpoint": "runs/results/mpq_8x/qat/model.pt", "onnx_top1": 89.41}
+    assert json.loads((export / "export.json").read_text())["checkpoint"] == str(checkpoint)
+    assert sorted(p.name for p in (tmp_path / "committed").iterdir()) == ["mpq_8x"]
 
 
 def test_a_budget_below_the_smallest_plan_is_a_row_saying_so_not_a_crash():
