@@ -1,16 +1,17 @@
-"""`model.mpq`: the packed model file, where a b-bit weight takes b bits.
+"""`model.mpq`: the packed model file, where a b-bit weight takes at most b bits.
 
 Layout (little-endian):
 
     magic      4 bytes  b"MPQ\\x01"
-    version    uint16   1
+    version    uint16   2 (version 1 files, bit-packed at every width, still load)
     header     uint32   length of the JSON header that follows
     payload    uint64   length of the payload that follows the header
     JSON header         {"format", "model", "input_size", "normalization", "w_bits", "a_bits",
                          "quantize_joins"}: enough to rebuild the model's graph
     payload             the parts of `mpq.size.stored_parts`, in order:
                         per quantized layer: its weight as `w_bits`-bit integers packed by
-                        `mpq.pack` (float32 if the weight stays float), float32 scales (one per
+                        `mpq.pack` (1.6 bits each at 2 bits, 2.82 at 3; float32 if the weight
+                        stays float), float32 scales (one per
                         output channel), float32 bias;
                         per activation quantizer: float32 scale, one byte of signedness;
                         every other floating tensor as float32
@@ -44,7 +45,8 @@ __all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "load_mpq", 
            "save_mpq"]
 
 MAGIC = b"MPQ\x01"
-MPQ_VERSION = 1
+MPQ_VERSION = 2
+_READS = (1, 2)  # version 1: weights bit-packed at every width (`mpq.pack`'s dense=False)
 _PREFIX = struct.Struct("<4sHIQ")
 _CRC = struct.Struct("<I")
 
@@ -136,8 +138,9 @@ def save_mpq(path: str | os.PathLike, qmodel: nn.Module, meta: dict) -> int:
     return len(data)
 
 
-def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes]:
-    """The header and payload of a `model.mpq` file, after checking its length and checksum."""
+def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes, int]:
+    """The header, payload and format version of a `model.mpq` file, after checking its length
+    and checksum."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
@@ -146,9 +149,9 @@ def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes]:
     if len(data) < _PREFIX.size + _CRC.size or data[:4] != MAGIC:
         raise UsageError(f"{what} (no MPQ signature); export one with `python -m mpq export`")
     _, version, n_header, n_payload = _PREFIX.unpack_from(data)
-    if version != MPQ_VERSION:
+    if version not in _READS:
         raise UsageError(f"{path} is mpq model format version {version}; this mpq reads "
-                         f"version {MPQ_VERSION}")
+                         f"versions {', '.join(map(str, _READS))}")
     expected = _PREFIX.size + n_header + n_payload + _CRC.size
     if len(data) != expected:
         raise UsageError(f"{what}: it has {len(data)} bytes where its header announces "
@@ -161,7 +164,7 @@ def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes]:
         header = json.loads(data[start:start + n_header])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{what}: unreadable header ({exc})") from None
-    return header, data[start + n_header:expected - _CRC.size]
+    return header, data[start + n_header:expected - _CRC.size], version
 
 
 class _Reader:
@@ -205,7 +208,7 @@ def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, 
     from ..models import build_model
     from ..quant import prepare_qat
 
-    header, payload = read_mpq(path)
+    header, payload, version = read_mpq(path)
     spec = header["model"]
     model = (architecture or (lambda num_classes: build_model(spec["name"],
                                                           num_classes=num_classes)))(
@@ -221,7 +224,9 @@ def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, 
     for layer in layers.values():
         w = layer.layer.weight
         if layer.w_bits is not None:
-            k = unpack(reader.take(packed_size(w.numel(), layer.w_bits)), layer.w_bits, w.numel())
+            dense = version >= 2
+            k = unpack(reader.take(packed_size(w.numel(), layer.w_bits, dense=dense)),
+                       layer.w_bits, w.numel(), dense=dense)
             scale = reader.floats((w.shape[0],))
             layer.weight_quant.scale.copy_(scale)
             layer.weight_quant.initialized.fill_(True)
