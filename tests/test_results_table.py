@@ -75,9 +75,8 @@ def test_a_budget_below_the_smallest_plan_is_a_row_saying_so_not_a_crash():
     assert results._smallest_plan("16x") is None
     row20 = results._smallest_plan("20x")
     assert row20["infeasible"] and row20["smallest_bytes"] > row20["budget_bytes"]
-    # ResNet20's 270,896 weights at 2 bits (1.6 each) fit the 20x budget; its 794 channels'
-    # scales and biases do not
-    # (54,180 bytes at 1.6 bits, plus each of the 22 layers rounding up to whole bytes)
+    # ResNet20's 270,896 weights at 2 bits (1.6 each: 54,180 bytes, plus each of the 22 layers
+    # rounding up to whole bytes) fit the 20x budget; its 794 channels' scales and biases do not
     assert row20["smallest_weight_bytes"] == 54_188 < row20["budget_bytes"]
     assert row20["smallest_bits"] == 2 and 17 < row20["smallest_compression"] < 18
     # the table's formatting of such a row (under a row name the table knows)

@@ -221,10 +221,10 @@ def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, 
     freeze_bn_(qmodel)
     layers, acts, rest = stored_parts(qmodel)
     reader = _Reader(payload, path)
+    dense = version >= 2  # version 1 bit-packed every width
     for layer in layers.values():
         w = layer.layer.weight
         if layer.w_bits is not None:
-            dense = version >= 2
             k = unpack(reader.take(packed_size(w.numel(), layer.w_bits, dense=dense)),
                        layer.w_bits, w.numel(), dense=dense)
             scale = reader.floats((w.shape[0],))
