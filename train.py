@@ -72,17 +72,25 @@ def run(args) -> None:
 
 def export(args) -> None:
     """Exports the finished QAT run into OUT/export/ (kept if a previous run exported it)."""
+    import hashlib
+    import json
     from pathlib import Path
 
     from mpq.cli import print_export
     from mpq.export.run import export_checkpoint
 
     out = Path(args.out) / "export"
+    checkpoint = Path(args.out) / "model.pt"
+    force = False
     if (out / "export.json").exists():
-        print(f"{out} already holds this run's export; kept (python -m mpq export --force "
-              f"redoes it)")
-        return
-    print_export(export_checkpoint(Path(args.out) / "model.pt", out, data_root=args.data_root,
+        recorded = json.loads((out / "export.json").read_text()).get("checkpoint_sha256")
+        if recorded == hashlib.sha256(checkpoint.read_bytes()).hexdigest():
+            print(f"{out} already holds this run's export; kept (python -m mpq export --force "
+                  f"redoes it)")
+            return
+        print(f"{checkpoint} changed since {out} was exported; exporting it again")
+        force = True
+    print_export(export_checkpoint(checkpoint, out, data_root=args.data_root, force=force,
                                    progress=not args.quiet), out)
 
 

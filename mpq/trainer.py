@@ -91,7 +91,8 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         out_dir: str | os.PathLike, meta: dict, train_cfg: TrainConfig | None = None,
         loss_fn: Callable | None = None, progress: bool = True, log: bool = True,
         on_epoch_start: Callable[[int], None] | None = None,
-        epoch_logger: Callable | None = None) -> dict:
+        epoch_logger: Callable | None = None,
+        on_train_end: Callable[[nn.Module, dict], dict] | None = None) -> dict:
     """Trains `model` in place and returns the final metrics; resumes from `out_dir` if possible.
 
     Args:
@@ -106,6 +107,9 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         log: print one summary line per epoch.
         on_epoch_start: called with the epoch index before each epoch (e.g. to freeze BN).
         epoch_logger: called as `(writer, model, epoch)` after each epoch for extra scalars.
+        on_train_end: called as `(model, metrics)` once the last epoch is done (also when a
+            finished run is resumed), before `model.pt` is written; may change the model, and
+            returns metrics that update the final ones (e.g. `top1` after BN re-estimation).
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -133,6 +137,12 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         if diff:
             raise UsageError(f"{out} holds a run of a different recipe (differs in: "
                              f"{', '.join(diff) or 'meta'}); use another --out to start afresh")
+        # The run's identity beyond its recipe: model, kind, and for QAT the plan (bit widths
+        # change no tensor shape, so a run of another plan would load without complaint).
+        other = sorted(k for k, v in meta.items() if k in state and state[k] != v)
+        if other:
+            raise UsageError(f"{out} holds a run of another {' and '.join(other)} than this "
+                             f"command's; use another --out to start afresh")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -203,12 +213,16 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                       f"train {row['train_top1']:.2f}% test {test['top1']:.2f}% "
                       f"({row['seconds']:.0f} s)", flush=True)
+        final = history[-1] if history else {}
+        metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
+                   "epochs": cfg.epochs, "train_seconds": sum(r["seconds"] for r in history)}
+        if on_train_end:
+            metrics.update(on_train_end(model, dict(metrics)))
+            for key in ("top1", "test_loss"):
+                writer.add_scalar(f"final/{key}", metrics[key], cfg.epochs)
     finally:
         writer.close()
 
-    final = history[-1] if history else {}
-    metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
-               "epochs": cfg.epochs, "train_seconds": sum(r["seconds"] for r in history)}
     if main:
         save_checkpoint(out / "model.pt", {**meta, "state_dict": model.state_dict(),
                                            "epoch": cfg.epochs - 1, "metrics": metrics,

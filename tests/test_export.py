@@ -2,6 +2,7 @@
 damaged; the ONNX and PyTorch int8 models agree with the fake-quantized one; the CLI and the
 stand-alone ONNX evaluator."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, TINY_RECIPE, run_script
-from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+from mpq.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from mpq.config import DataConfig, recipe_from_dict
 from mpq.data import BatchLoader, load_split
 from mpq.errors import UsageError
@@ -214,6 +215,19 @@ def test_cli_export_and_standalone_onnx_evaluator(tmp_path, tiny_teacher, tiny_r
                         "--device", "cpu", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "onnx_top1=" in result.stdout and (tmp_path / "qat" / "export" / "model.mpq").exists()
+    train = ["train.py", "--recipe", tmp_path / "qat.yaml", "--teacher", tiny_teacher, "--bits",
+             "4", "--out", tmp_path / "qat", "--data-root", folder, "--device", "cpu", "--quiet"]
+    kept = run_script(*train)  # the finished run again: same model.pt, its export kept
+    assert kept.returncode == 0 and "export; kept" in kept.stdout, kept.stderr
+    last = tmp_path / "qat" / "checkpoint_last.pt"
+    state = load_checkpoint(last)
+    state["state_dict"]["fc.layer.bias"] += 0.5  # the run now ends with another model.pt
+    save_checkpoint(last, state)
+    redone = run_script(*train)
+    assert redone.returncode == 0 and "exporting it again" in redone.stdout, redone.stderr
+    report = json.loads((tmp_path / "qat" / "export" / "export.json").read_text())
+    assert report["checkpoint_sha256"] == hashlib.sha256(
+        (tmp_path / "qat" / "model.pt").read_bytes()).hexdigest()
     args = ["-m", "mpq", "export", "--checkpoint", tmp_path / "qat" / "model.pt",
             "--data-root", folder, "--out", tmp_path / "export", "--quiet"]
     result = run_script(*args)
