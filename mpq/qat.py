@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Recipe, recipe_to_dict
 from .data import BatchLoader
 from .errors import UsageError
-from .quant import Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers
+from .quant import (Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
+                    reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
 
 __all__ = ["QATConfig", "QATRecipe", "distillation_loss", "load_teacher",
@@ -41,6 +43,12 @@ class QATConfig:
     ResNet20 W4A8 (10 epochs) it took test top-1 from 89.49 to 39.55 in the one epoch after
     folding, at a learning rate of 2.4e-4; with BN live to the end the run ends where it was.
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
+    `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
+    exact average over this many augmented training batches (`mpq.quant.reestimate_bn_`),
+    for the weights training ended with; 0 (the default) keeps the running averages of
+    training. Measured with 200 batches on four finished ResNet20 QAT runs (W8, W4, W2 and the
+    13x plan), top-1 moved by -0.10 to +0.12 points and test loss by -0.002 to +0.001: noise,
+    so it is off by default; Nagel et al. 2022 report real gains on depthwise networks.
     """
 
     alpha: float = 0.9
@@ -51,6 +59,7 @@ class QATConfig:
     learn_act_scale: bool = False
     act_bits: int = 8
     quantize_joins: bool = True
+    bn_reestimate_batches: int = 0
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -63,6 +72,9 @@ class QATConfig:
             raise UsageError(f"qat.act_bits must be in 2..8, got {self.act_bits}")
         if self.calibration_batches < 1:
             raise UsageError("qat.calibration_batches must be >= 1")
+        if self.bn_reestimate_batches < 0:
+            raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
+                             "of training)")
 
 
 @dataclass
@@ -169,6 +181,15 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
             if layer.w_bits is not None:
                 writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
 
+    def on_train_end(model, final: dict) -> dict:
+        batches = islice(train_loader.epoch(recipe.train.epochs), cfg.bn_reestimate_batches)
+        if not cfg.bn_reestimate_batches or not reestimate_bn_(model, batches):
+            return {}
+        result = evaluate(model, test_loader)
+        return {"top1": result["top1"], "test_loss": result["loss"],
+                "top1_before_bn_reestimate": final["top1"],
+                "bn_reestimate_batches": cfg.bn_reestimate_batches}
+
     teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
     meta = {**model_meta(recipe), "kind": "qat", "plan": plan.to_dict(),
             "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
@@ -186,7 +207,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         metrics = fit(student, recipe=recipe, train_loader=train_loader,
                       test_loader=test_loader, out_dir=out_dir, meta=meta, loss_fn=loss_fn,
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
-                      epoch_logger=epoch_logger)
+                      epoch_logger=epoch_logger, on_train_end=on_train_end)
     metrics.update(teacher_top1=teacher_top1,
                    weight_bytes=weight_bytes(student, model_meta(recipe)),
                    fp32_bytes=fp32_parameter_bytes(fp32))

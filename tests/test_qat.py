@@ -11,7 +11,7 @@ from mpq.config import recipe_from_dict
 from mpq.models import build_model
 from mpq.qat import QATRecipe, distillation_loss, train_qat
 from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
-                       quantizable_layers, uniform_plan)
+                       quantizable_layers, reestimate_bn_, uniform_plan)
 
 
 def test_distillation_loss_equals_hand_computed_value():
@@ -88,8 +88,60 @@ def test_frozen_bn_training_forward_is_the_eval_forward_and_freezing_keeps_funct
     assert torch.equal(after_eval, after_train)  # what is trained is what is exported
 
 
+@pytest.mark.parametrize("mode", ["mse", "lsq"])
+def test_reestimate_bn_sets_the_exact_batch_statistics_and_changes_nothing_else(mode):
+    model = _trained_bn_resnet20()
+    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=2),
+                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
+    calibrate_(qmodel, [torch.randn(8, 3, 16, 16)])
+    qmodel.train()
+    with torch.no_grad():  # a few training steps' worth of running statistics
+        qmodel(torch.randn(8, 3, 16, 16))
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None]
+    convs[1].freeze_bn_()
+    live = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None
+            and not bool(m.bn_frozen)]
+    factors = {m: m._bn_factor().detach().clone() for m in live}
+    inputs = {m: [] for m in live}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs[mod].append(args[0].clone()))
+             for m in live]
+    before = copy.deepcopy(qmodel.state_dict())
+    convs[5].eval()  # a mix of modes, to be restored
+    modes = {name: m.training for name, m in qmodel.named_modules()}
+    batches = [(torch.randn(6, 3, 16, 16) * 1.5, None) for _ in range(3)]
+
+    assert reestimate_bn_(qmodel, batches) == 3
+    for h in hooks:
+        h.remove()
+    assert {name: m.training for name, m in qmodel.named_modules()} == modes
+    after = qmodel.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    live_bns = {id(m.bn) for m in live}
+    stats = {f"{n}.{b}" for n, bn in qmodel.named_modules(remove_duplicate=False)
+             if id(bn) in live_bns
+             for b in ("running_mean", "running_var", "num_batches_tracked")}
+    if mode == "mse":  # its `scale` is a copy of the scale each forward recomputes
+        changed = {k for k in changed if not k.endswith("weight_quant.scale")}
+    # Only live BN statistics: weights, scales, quantizer state and the frozen conv untouched.
+    assert changed and changed <= stats
+    qmodel.eval()
+    for m in live:
+        # What the conv computed: its input through the weight quantized at the old fold.
+        f = factors[m].reshape(-1, 1, 1, 1)
+        w = m.quant_weight(m.layer.weight * f) / f
+        outs = [m.layer._conv_forward(x, w, m.layer.bias) for x in inputs[m]]
+        assert len(outs) == 3
+        mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+        var = torch.stack([o.transpose(0, 1).flatten(1).var(1) for o in outs]).mean(0)
+        assert torch.allclose(m.bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(m.bn.running_var, var, rtol=1e-4, atol=1e-5)
+        assert m.bn.momentum == 0.1 and "pinned_bn_factor" not in m.__dict__
+    with pytest.raises(ValueError, match="at least one batch"):
+        reestimate_bn_(qmodel, [])
+
+
 def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe_dict):
-    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "bn_reestimate_batches": 2}
     # QAT's learning rate (as in recipes/resnet20_cifar10_qat.yaml), not the teacher's 0.05:
     # at 0.05 this 2-epoch run is chaotic, and a 1e-5 change of one gradient moved it 9 points.
     tiny_recipe_dict["train"]["lr"] = 0.01
@@ -98,7 +150,7 @@ def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe
     plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=8)
     metrics = train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat",
                         device="cpu", progress=False, log=False)
-    for key in ("top1", "teacher_top1", "epochs", "weight_bytes"):
+    for key in ("top1", "teacher_top1", "epochs", "weight_bytes", "top1_before_bn_reestimate"):
         assert key in metrics
     # W8A8 keeps the teacher's accuracy (a broken fold or STE fell to chance, 25%, here).
     assert metrics["top1"] >= metrics["teacher_top1"] - 10 and metrics["compression"] > 3.5
@@ -108,6 +160,12 @@ def test_tiny_qat_run_and_eval_command_agree(tmp_path, tiny_teacher, tiny_recipe
     assert result.stdout.strip().splitlines()[-1] == f"top1={metrics['top1']:.2f}"
     saved = load_checkpoint(tmp_path / "qat" / "model.pt")
     assert saved["kind"] == "qat" and saved["plan"] == plan.to_dict()
+    # A finished run resumed re-estimates BN from the same batches: the same model again.
+    again = train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat",
+                      device="cpu", progress=False, log=False)
+    assert again["top1"] == metrics["top1"]
+    resaved = load_checkpoint(tmp_path / "qat" / "model.pt")["state_dict"]
+    assert all(torch.equal(resaved[k], v) for k, v in saved["state_dict"].items())
 
 
 def qat_args(tmp_path, write_recipe, tiny_recipe_dict, teacher, *extra):
@@ -140,6 +198,19 @@ def test_bad_qat_input(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
     _usage_error(run_script(*args, "--bits", "4", "--set", "data.mean=[0.1, 0.1, 0.1]"),
                  "set data.mean and data.std to the teacher's")
     assert not (tmp_path / "qat").exists()
+
+
+def test_a_run_of_another_plan_is_refused_not_resumed(tmp_path, tiny_teacher, tiny_recipe_dict,
+                                                     write_recipe):
+    tiny_recipe_dict["train"]["epochs"] = 1
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export")
+    assert run_script(*args, "--bits", "4").returncode == 0
+    before = (tmp_path / "qat" / "model.pt").read_bytes()
+    # 3-bit weights have the 4-bit ones' shapes: only the plan tells the runs apart.
+    _usage_error(run_script(*args, "--bits", "3"), "holds a run of another plan")
+    assert (tmp_path / "qat" / "model.pt").read_bytes() == before
+    assert run_script(*args, "--bits", "4").returncode == 0  # its own plan resumes
 
 
 def test_kl_direction_is_teacher_to_student():

@@ -2,7 +2,8 @@
 
 from .modules import ActQuantizer, QuantConv, QuantLinear, WeightQuantizer
 from .plan import LayerQuant, Plan, load_plan, uniform_plan
-from .prepare import calibrate_, freeze_bn_, prepare_qat, quant_layers, quantizable_layers, trace
+from .prepare import (calibrate_, freeze_bn_, prepare_qat, quant_layers, quantizable_layers,
+                      reestimate_bn_, trace)
 from .primitives import fake_quantize, mse_optimal_scale, quant_range, round_ste
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "quant_layers",
     "quant_range",
     "quantizable_layers",
+    "reestimate_bn_",
     "round_ste",
     "trace",
     "uniform_plan",

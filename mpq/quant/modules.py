@@ -239,6 +239,11 @@ class QuantConv(_QuantLayer):
         self.register_buffer("bn_frozen", torch.tensor(False))
 
     def _bn_factor(self) -> torch.Tensor:
+        # `reestimate_bn_` pins the factor while it rebuilds the statistics it comes from: a
+        # learned (lsq) scale is in folded units, so the grid must not move under it.
+        pinned = self.__dict__.get("pinned_bn_factor")
+        if pinned is not None:
+            return pinned
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
 
     def effective_weight(self) -> torch.Tensor:
