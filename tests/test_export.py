@@ -68,6 +68,24 @@ def test_mpq_file_has_the_counted_size_and_rebuilds_the_model_exactly(tmp_path, 
     assert (tmp_path / "again.mpq").read_bytes() == (tmp_path / "model.mpq").read_bytes()
 
 
+def test_a_learned_scale_model_rebuilds_from_its_file_as_it_computes(tmp_path, tiny_teacher):
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher)).eval()
+    q = prepare_qat(teacher, mixed_plan(quantizable_layers(teacher)),
+                    example_inputs=(torch.zeros(1, 3, SIZE, SIZE),), weight_mode="lsq")
+    calibrate_(q, [torch.randn(16, 3, SIZE, SIZE)])
+    with torch.no_grad():  # learned scales away from their start, BN statistics moved
+        for p in q.parameters():
+            if p.dim() == 1 and p.requires_grad:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
+        q.train()(torch.randn(16, 3, SIZE, SIZE))
+    q.eval()
+    save_mpq(tmp_path / "model.mpq", q, META)
+    rebuilt, _ = load_mpq(tmp_path / "model.mpq")
+    x = torch.randn(16, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), q(x), atol=1e-5)
+
+
 def test_sub_8_bit_weights_take_their_bits(tmp_path, tiny_qmodel):
     names = quantizable_layers(model_from_checkpoint(load_checkpoint_tiny()))
     sizes = {}

@@ -77,7 +77,7 @@ def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer weight (int8 tensor) and per-channel float32 scale the layer computes with."""
     w = layer.effective_weight().detach().float()
     q = layer.weight_quant
-    scale = q.compute_scale(w).float()
+    scale = q.compute_scale(w, layer.scale_unit()).float()
     k = torch.clamp(torch.round(w / scale), q.qmin, q.qmax).to(torch.int8)
     return k, scale.flatten()
 

@@ -33,7 +33,8 @@ class WeightQuantizer(nn.Module):
         mode: `mse` (MSE-optimal clipping ratio per channel, re-searched every
             `refresh_every` training steps, applied to the current max |w| every step),
             `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
-            initialised MSE-optimally on first use) or `fixed` (the stored scale as it is: a
+            initialised MSE-optimally on first use; see `compute_scale`'s `unit` for convs with
+            a live BN) or `fixed` (the stored scale as it is: a
             model rebuilt from an export, whose weights already lie on their grid).
         refresh_every: training steps between two searches of the MSE-optimal ratio (the
             search costs ~40 quantizations of the weight; weights move slowly in QAT).
@@ -56,19 +57,26 @@ class WeightQuantizer(nn.Module):
         self.ratio.copy_(mse_optimal_scale(w, self.qmin, self.qmax, dim=0).flatten()
                          * self.qmax / top)
 
-    def compute_scale(self, w: torch.Tensor) -> torch.Tensor:
-        """The scale used for `w`, shaped (C, 1, ...) to broadcast against it."""
+    def compute_scale(self, w: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale used for `w`, shaped (C, 1, ...) to broadcast against it.
+
+        `unit` (C,): a per-channel factor `w` carries that the learned (lsq) scale should not,
+        such as a live BN's fold factor: the scale is learned for `w / unit` and applied as
+        `scale * unit`, so the grid each weight falls on does not move with BN's statistics.
+        The other modes are scale-equivariant per channel and ignore it.
+        """
         shape = (-1,) + (1,) * (w.dim() - 1)
         if self.mode == "fixed":
             return self.scale.detach().reshape(shape)
         if self.mode == "lsq":
+            unit = torch.ones(()) if unit is None else unit.detach().reshape(shape)
             if not bool(self.initialized):
                 with torch.no_grad():
-                    self.scale.copy_(mse_optimal_scale(w.detach(), self.qmin, self.qmax,
+                    self.scale.copy_(mse_optimal_scale(w.detach() / unit, self.qmin, self.qmax,
                                                        dim=0).flatten())
                     self.initialized.fill_(True)
             g = 1.0 / math.sqrt(w[0].numel() * self.qmax)
-            return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape)
+            return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape) * unit
         with torch.no_grad():
             w = w.detach()
             if self.mode == "mse" and (not bool(self.initialized) or (
@@ -184,12 +192,17 @@ class _QuantLayer(nn.Module):
         if self.weight_quant is None:
             return w, bias
         q = self.weight_quant
-        scale = q.compute_scale(w)
+        scale = q.compute_scale(w, self.scale_unit())
         wq = fake_quantize(w, scale, q.qmin, q.qmax)
         step = self.bias_step(scale)
         if bias is None or step is None:
             return wq, bias
         return wq, round_ste(bias / step) * step
+
+    def scale_unit(self) -> torch.Tensor | None:
+        """The per-channel factor the quantized weight carries beyond the layer's own weight
+        (see `WeightQuantizer.compute_scale`); None: none."""
+        return None
 
     def bias_step(self, weight_scale: torch.Tensor) -> torch.Tensor | None:
         """Per-channel step of the bias grid: input scale x weight scale (None: float bias)."""
@@ -239,12 +252,13 @@ class QuantConv(_QuantLayer):
         self.register_buffer("bn_frozen", torch.tensor(False))
 
     def _bn_factor(self) -> torch.Tensor:
-        # `reestimate_bn_` pins the factor while it rebuilds the statistics it comes from: a
-        # learned (lsq) scale is in folded units, so the grid must not move under it.
-        pinned = self.__dict__.get("pinned_bn_factor")
-        if pinned is not None:
-            return pinned
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def scale_unit(self) -> torch.Tensor | None:
+        """The fold factor while BN is live: every weight this layer quantizes carries it."""
+        if self.bn is None or bool(self.bn_frozen):
+            return None
+        return self._bn_factor().detach()
 
     def effective_weight(self) -> torch.Tensor:
         w = self.layer.weight
@@ -270,6 +284,8 @@ class QuantConv(_QuantLayer):
             self.bn_frozen.fill_(True)
             return
         bias = self.folded_bias()
+        if self.weight_quant is not None and self.weight_quant.mode == "lsq":
+            self.weight_quant.scale.mul_(self._bn_factor())  # the fold is the weight's now
         self.layer.weight.copy_(self.effective_weight())
         self.bn.bias.copy_(bias)
         self.bn.weight.requires_grad_(False)

@@ -205,9 +205,10 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
     in quantization-aware training") cheap fix. On ResNet20 it measured as noise (see
     `mpq.qat.QATConfig.bn_reestimate_batches`).
 
-    Only BN statistics change: weights, weight quantizers (no scale refresh), activation scales
-    and, while the statistics are gathered, each conv's fold factor stay as they are. A BN
-    already frozen into its conv has nothing to re-estimate. `batches` yields inputs or
+    Only BN statistics change: weights, weight quantizers (no scale refresh) and activation
+    scales stay as they are, and so does the grid each weight falls on (every scale mode is
+    per-channel invariant to the fold factor). A BN already frozen into its conv has nothing
+    to re-estimate. `batches` yields inputs or
     (input, label) pairs; returns the number used (0 when there is no live BN).
     """
     live = [m for m in model.modules() if isinstance(m, QuantConv) and m.bn is not None
@@ -220,8 +221,6 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
         return 0
     was_training = {m: m.training for m in model.modules()}
     momenta = [bn.momentum for bn in bns]
-    for m in live:
-        m.__dict__["pinned_bn_factor"] = m._bn_factor().detach().clone()
     for bn in bns:
         bn.reset_running_stats()
     model.eval()
@@ -243,8 +242,6 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
             bn.momentum = momentum
         for m, training in was_training.items():
             m.training = training
-        for m in live:
-            del m.__dict__["pinned_bn_factor"]
     if n == 0:
         raise ValueError("reestimate_bn_ needs at least one batch")
     return n
