@@ -71,14 +71,21 @@ def test_prepare_folds_every_bn_and_quantizes_every_layer():
     assert rel < 0.05  # W8A8 stays close to FP32
 
 
+def _calibrated_resnet20(bits, mode, x=None):
+    """A fake-quantized ResNet20 (16x16 inputs) with live BN, calibrated on `x`, in eval mode;
+    and the convs with a BN."""
+    model = _trained_bn_resnet20()
+    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=bits),
+                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
+    calibrate_(qmodel, [torch.randn(8, 3, 16, 16) if x is None else x])
+    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None]
+    return qmodel.eval(), convs
+
+
 @pytest.mark.parametrize("mode", ["mse", "lsq"])
 def test_frozen_bn_training_forward_is_the_eval_forward_and_freezing_keeps_function(mode):
-    model = _trained_bn_resnet20()
-    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=4),
-                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
     x = torch.randn(8, 3, 16, 16)
-    calibrate_(qmodel, [x])
-    qmodel.eval()
+    qmodel, _ = _calibrated_resnet20(4, mode, x)
     with torch.no_grad():
         before = qmodel(x)
         freeze_bn_(qmodel)
@@ -96,12 +103,7 @@ def test_the_grid_of_a_folded_weight_does_not_move_with_bn_statistics(mode):
     # folded weight instead, ResNet20's 13x plan fell to 68% in eval after 3 epochs.
     from mpq.export import int_weight
 
-    model = _trained_bn_resnet20()
-    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=2),
-                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
-    calibrate_(qmodel, [torch.randn(8, 3, 16, 16)])
-    qmodel.eval()
-    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None]
+    qmodel, convs = _calibrated_resnet20(2, mode)
     before = [int_weight(m)[0] for m in convs]
     with torch.no_grad():
         for m in convs:
@@ -112,14 +114,10 @@ def test_the_grid_of_a_folded_weight_does_not_move_with_bn_statistics(mode):
 
 @pytest.mark.parametrize("mode", ["mse", "lsq"])
 def test_reestimate_bn_sets_the_exact_batch_statistics_and_changes_nothing_else(mode):
-    model = _trained_bn_resnet20()
-    qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=2),
-                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
-    calibrate_(qmodel, [torch.randn(8, 3, 16, 16)])
+    qmodel, convs = _calibrated_resnet20(2, mode)
     qmodel.train()
     with torch.no_grad():  # a few training steps' worth of running statistics
         qmodel(torch.randn(8, 3, 16, 16))
-    convs = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None]
     convs[1].freeze_bn_()
     live = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None
             and not bool(m.bn_frozen)]
