@@ -5,8 +5,8 @@
         --plan runs/search/plan.json --out runs/qat        # or --bits 4 for a uniform plan
 
 QAT ends with an export into OUT/export/ (model.mpq, model_int8.onnx, model_int8.pt, export.json;
-see `python -m mpq export`). An existing run in --out resumes exactly; a run of another recipe
-there is refused.
+see `python -m mpq export`), kept on a rerun unless model.pt changed. An existing run in --out
+resumes exactly; a run of another recipe, model or plan there is refused.
 Under torchrun, QAT and FP32 training use DistributedDataParallel.
 """
 
