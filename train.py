@@ -71,25 +71,21 @@ def run(args) -> None:
 
 
 def export(args) -> None:
-    """Exports the finished QAT run into OUT/export/ (kept if a previous run exported it)."""
-    import hashlib
-    import json
+    """Exports the finished QAT run into OUT/export/ (kept if it already exports this model.pt)."""
     from pathlib import Path
 
     from mpq.cli import print_export
-    from mpq.export.run import export_checkpoint
+    from mpq.export.run import export_checkpoint, export_is_current
 
     out = Path(args.out) / "export"
     checkpoint = Path(args.out) / "model.pt"
-    force = False
-    if (out / "export.json").exists():
-        recorded = json.loads((out / "export.json").read_text()).get("checkpoint_sha256")
-        if recorded == hashlib.sha256(checkpoint.read_bytes()).hexdigest():
-            print(f"{out} already holds this run's export; kept (python -m mpq export --force "
-                  f"redoes it)")
-            return
+    if export_is_current(checkpoint, out):
+        print(f"{out} already holds this run's export; kept (python -m mpq export --force "
+              f"redoes it)")
+        return
+    force = (out / "export.json").exists()  # an export of an earlier model.pt
+    if force:
         print(f"{checkpoint} changed since {out} was exported; exporting it again")
-        force = True
     print_export(export_checkpoint(checkpoint, out, data_root=args.data_root, force=force,
                                    progress=not args.quiet), out)
 

@@ -182,8 +182,10 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                 writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
 
     def on_train_end(model, final: dict) -> dict:
+        if not cfg.bn_reestimate_batches:
+            return {}
         batches = islice(train_loader.epoch(recipe.train.epochs), cfg.bn_reestimate_batches)
-        if not cfg.bn_reestimate_batches or not reestimate_bn_(model, batches):
+        if not reestimate_bn_(model, batches):
             return {}
         result = evaluate(model, test_loader)
         return {"top1": result["top1"], "test_loss": result["loss"],

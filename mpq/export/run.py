@@ -25,7 +25,7 @@ from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
 from .onnx_qdq import export_onnx
 from .torch_int8 import save_torch_int8
 
-__all__ = ["EXPORT_FILES", "ExportCheckFailed", "export_model"]
+__all__ = ["EXPORT_FILES", "ExportCheckFailed", "export_is_current", "export_model"]
 
 EXPORT_FILES = ("model.mpq", "model_int8.onnx", "model_int8.pt", "export.json")
 MIN_AGREEMENT = 99.5   # % of test images where the exported model's top-1 equals fake-quant's
@@ -38,6 +38,15 @@ class ExportCheckFailed(RuntimeError):
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_is_current(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> bool:
+    """Whether `out_dir` holds an export of exactly this checkpoint (by its sha256)."""
+    report = Path(out_dir) / "export.json"
+    if not report.is_file():
+        return False
+    recorded = json.loads(report.read_text()).get("checkpoint_sha256")
+    return recorded == _sha256(Path(checkpoint))
 
 
 @torch.no_grad()

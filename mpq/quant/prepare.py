@@ -208,8 +208,8 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
     Only BN statistics change: weights, weight quantizers (no scale refresh) and activation
     scales stay as they are, and so does the grid each weight falls on (every scale mode is
     per-channel invariant to the fold factor). A BN already frozen into its conv has nothing
-    to re-estimate. `batches` yields inputs or
-    (input, label) pairs; returns the number used (0 when there is no live BN).
+    to re-estimate. `batches` yields inputs or (input, label) pairs; returns the number used
+    (0 when there is no live BN).
     """
     live = [m for m in model.modules() if isinstance(m, QuantConv) and m.bn is not None
             and not bool(m.bn_frozen)]
