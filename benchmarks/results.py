@@ -17,7 +17,10 @@ Each row runs the commands a user would (recorded in its JSON), on the committed
                     (every layer at 2 bits) is recorded as infeasible, with that size.
 
 A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it to redo one);
-the searches and QAT runs under `runs/results/` resume where a killed run stopped. Then every
+the searches and QAT runs under `runs/results/` resume where a killed run stopped. An mpq row
+that no longer stands for its commands (its model.mpq weighs other than its search planned, so
+the file format changed since; or its search, run again, picks other bits) is named on the
+console and marked stale in the table, not silently kept. Then every
 finished row's latency is measured side by side (batch 1 and 256, 2 threads, each row's best
 runtime), and the script writes `benchmarks/results/latency.json`, the README's results table
 (between its `results:begin` / `results:end` markers), the accuracy-vs-size curve to TensorBoard
@@ -177,6 +180,29 @@ def _smallest_plan(budget: str) -> dict | None:
             "smallest_compression": fp32_bytes / floor.bytes}
 
 
+def stale(name: str, row: dict, runs: Path | None = None) -> str | None:
+    """Why a finished mpq row no longer stands for what its commands make now, or None.
+
+    Its search sized the plan in the `model.mpq` format of its day: when the file it exported
+    weighs something else, the format changed since, and the search would now pick another
+    plan at the same budget. When the search under `runs` (default: runs/results) was run again
+    and picked other bits than the row's committed plan, the row is stale too."""
+    if row.get("infeasible") or "plan_size_bytes" not in row:
+        return None
+    if row["file_bytes"] != row["plan_size_bytes"]:
+        return (f"its search sized the plan at {row['plan_size_bytes']} bytes but its model.mpq "
+                f"is {row['file_bytes']} bytes: the file format changed after the search")
+    searched = (runs or RUNS) / name / "search" / "plan.json"
+    committed = ARTIFACTS / name / "plan.json"
+    if searched.is_file() and committed.is_file():
+        bits = [{k: v["w_bits"] for k, v in json.loads(f.read_text())["layers"].items()}
+                for f in (searched, committed)]
+        if bits[0] != bits[1]:
+            return (f"the search in {_rel(searched)} now picks other bits than the committed "
+                    f"{_rel(committed)}")
+    return None
+
+
 def _test_batches(args):
     from mpq.checkpoint import load_checkpoint
     from mpq.export.run import test_batches_for
@@ -314,6 +340,8 @@ def write_table(rows: dict, lat: dict, fp32_bytes: int) -> str:
             best[batch] = (f"{min(options.values()):.2f} ms ({min(options, key=options.get)})"
                            if options else "")
         lost = f"{teacher - row['top1']:.2f}" if teacher is not None else ""
+        if stale(name, row):
+            what += " (stale: rerun benchmarks/results.py)"
         lines.append(f"| {what} | {row['top1']:.2f} | {lost} | {row['file']} | "
                      f"{row['file_bytes'] / 1000:.1f} KB | {fp32_bytes / row['file_bytes']:.2f}x | "
                      f"{best['1']} | {best['256']} | {row['epochs']} |")
@@ -413,6 +441,11 @@ def main() -> None:
                   f"({row['wall_seconds']:.0f} s)", flush=True)
     rows = {name: json.loads((RESULTS / f"{name}.json").read_text())
             for name in ROWS if (RESULTS / f"{name}.json").exists()}
+    for name, row in rows.items():
+        reason = stale(name, row)
+        if reason:
+            print(f"{name}: stale, marked so in the table: {reason}; to redo it, delete "
+                  f"{_rel(RESULTS / f'{name}.json')} and move {_rel(RUNS / name)} aside", flush=True)
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.size import fp32_parameter_bytes
 

@@ -84,3 +84,30 @@ def test_a_budget_below_the_smallest_plan_is_a_row_saying_so_not_a_crash():
     lines = results.write_table(rows, {}, fp32_bytes=1_089_896).splitlines()
     assert lines[-1].startswith("| mpq, 16x budget | infeasible |")
     assert f"max {row20['smallest_compression']:.2f}x" in lines[-1]
+
+
+def _plan(bits: dict) -> str:
+    return json.dumps({"layers": {name: {"w_bits": b, "a_bits": 8} for name, b in bits.items()}})
+
+
+def test_an_mpq_row_sized_in_another_file_format_or_searched_anew_is_stale(tmp_path, monkeypatch):
+    current = {**row(89.4, "model.mpq", 133_305, 10), "plan_size_bytes": 133_305}
+    runs, committed = tmp_path / "runs", tmp_path / "committed"
+    monkeypatch.setattr(results, "ARTIFACTS", committed)
+    assert results.stale("mpq_8x", current, runs) is None
+    assert results.stale("fp32", row(89.57, "fp32.onnx", 1_171_834), runs) is None
+    # the 8x row of session 5: planned at 136,164 bytes by version 1's sizes, stored as version 2
+    old_format = {**current, "plan_size_bytes": 136_164}
+    assert "format changed" in results.stale("mpq_8x", old_format, runs)
+    (committed / "mpq_8x").mkdir(parents=True)
+    (committed / "mpq_8x" / "plan.json").write_text(_plan({"conv1": 8, "fc": 4}))
+    (runs / "mpq_8x" / "search").mkdir(parents=True)
+    searched = runs / "mpq_8x" / "search" / "plan.json"
+    searched.write_text(_plan({"conv1": 8, "fc": 4}))
+    assert results.stale("mpq_8x", current, runs) is None
+    searched.write_text(_plan({"conv1": 7, "fc": 4}))
+    assert "other bits" in results.stale("mpq_8x", current, runs)
+    monkeypatch.setattr(results, "RUNS", runs)
+    lines = results.write_table({"mpq_8x": current}, {}, fp32_bytes=1_089_896).splitlines()
+    assert lines[-1].startswith("| mpq, 8x budget (stale: rerun benchmarks/results.py) | 89.40 |")
+
