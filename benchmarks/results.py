@@ -186,20 +186,23 @@ def stale(name: str, row: dict, runs: Path | None = None) -> str | None:
     Its search sized the plan in the `model.mpq` format of its day: when the file it exported
     weighs something else, the format changed since, and the search would now pick another
     plan at the same budget. When the search under `runs` (default: runs/results) was run again
-    and picked other bits than the row's committed plan, the row is stale too."""
+    and picked other bits than the plan the row was trained on (its export's, or on a fresh
+    clone its committed copy), the row is stale too."""
     if row.get("infeasible") or "plan_size_bytes" not in row:
         return None
     if row["file_bytes"] != row["plan_size_bytes"]:
         return (f"its search sized the plan at {row['plan_size_bytes']} bytes but its model.mpq "
                 f"is {row['file_bytes']} bytes: the file format changed after the search")
     searched = (runs or RUNS) / name / "search" / "plan.json"
-    committed = ARTIFACTS / name / "plan.json"
-    if searched.is_file() and committed.is_file():
+    trained = _in_repo(row["export_dir"]).parent / "plan.json" if "export_dir" in row else None
+    if trained is None or not trained.is_file():
+        trained = ARTIFACTS / name / "plan.json"
+    if searched.is_file() and trained.is_file():
         bits = [{k: v["w_bits"] for k, v in json.loads(f.read_text())["layers"].items()}
-                for f in (searched, committed)]
+                for f in (searched, trained)]
         if bits[0] != bits[1]:
-            return (f"the search in {_rel(searched)} now picks other bits than the committed "
-                    f"{_rel(committed)}")
+            return (f"the search in {_rel(searched)} now picks other bits than the row's plan "
+                    f"{_rel(trained)}")
     return None
 
 

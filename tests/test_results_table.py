@@ -107,7 +107,35 @@ def test_an_mpq_row_sized_in_another_file_format_or_searched_anew_is_stale(tmp_p
     assert results.stale("mpq_8x", current, runs) is None
     searched.write_text(_plan({"conv1": 7, "fc": 4}))
     assert "other bits" in results.stale("mpq_8x", current, runs)
+    # a row just trained on the new plan: its own run's plan counts, not the committed copy
+    # that copy_artifacts has yet to replace
+    (runs / "mpq_8x" / "qat" / "export").mkdir(parents=True)
+    (runs / "mpq_8x" / "qat" / "plan.json").write_text(_plan({"conv1": 7, "fc": 4}))
+    retrained = {**current, "export_dir": str(runs / "mpq_8x" / "qat" / "export")}
+    assert results.stale("mpq_8x", retrained, runs) is None
+    searched.write_text(_plan({"conv1": 8, "fc": 4}))
+    assert "other bits" in results.stale("mpq_8x", retrained, runs)
     monkeypatch.setattr(results, "RUNS", runs)
-    lines = results.write_table({"mpq_8x": current}, {}, fp32_bytes=1_089_896).splitlines()
+    lines = results.write_table({"mpq_8x": retrained}, {}, fp32_bytes=1_089_896).splitlines()
     assert lines[-1].startswith("| mpq, 8x budget (stale: rerun benchmarks/results.py) | 89.40 |")
 
+
+def test_every_committed_mpq_row_is_what_its_plan_and_the_current_format_make(tmp_path):
+    """A committed mpq row stands for its commands only while the file format its search sized
+    the plan in is the one its model.mpq is stored in, and that file holds the plan's bits."""
+    from mpq.export.mpqfile import MPQ_VERSION, read_mpq
+
+    committed = sorted((results.RESULTS).glob("mpq_*.json"))
+    if not committed:
+        pytest.skip("no mpq row committed yet (benchmarks/results.py)")
+    for path in committed:
+        name, record = path.stem, json.loads(path.read_text())
+        if record.get("infeasible"):
+            continue
+        assert results.stale(name, record, tmp_path) is None, name
+        folder = results.ARTIFACTS / name
+        plan = json.loads((folder / "plan.json").read_text())
+        header, _, version = read_mpq(folder / "model.mpq")
+        assert version == MPQ_VERSION, name
+        assert header["w_bits"] == "".join(str(v["w_bits"]) for v in plan["layers"].values())
+        assert (folder / "model.mpq").stat().st_size == plan["size_bytes"] == record["file_bytes"]
