@@ -321,7 +321,7 @@ def latency(rows: dict, threads: int, seconds: float) -> dict:
     return out
 
 
-def write_table(rows: dict, lat: dict, fp32_bytes: int) -> str:
+def write_table(rows: dict, lat: dict, fp32_bytes: int, stale_rows=()) -> str:
     teacher = rows["fp32"]["top1"] if "fp32" in rows else None
     lines = ["| row | top-1 % | lost (points) | stored as | size on disk | compression | "
              "batch 1 | batch 256 | QAT epochs |",
@@ -343,7 +343,7 @@ def write_table(rows: dict, lat: dict, fp32_bytes: int) -> str:
             best[batch] = (f"{min(options.values()):.2f} ms ({min(options, key=options.get)})"
                            if options else "")
         lost = f"{teacher - row['top1']:.2f}" if teacher is not None else ""
-        if stale(name, row):
+        if name in stale_rows:
             what += " (stale: rerun benchmarks/results.py)"
         lines.append(f"| {what} | {row['top1']:.2f} | {lost} | {row['file']} | "
                      f"{row['file_bytes'] / 1000:.1f} KB | {fp32_bytes / row['file_bytes']:.2f}x | "
@@ -444,11 +444,10 @@ def main() -> None:
                   f"({row['wall_seconds']:.0f} s)", flush=True)
     rows = {name: json.loads((RESULTS / f"{name}.json").read_text())
             for name in ROWS if (RESULTS / f"{name}.json").exists()}
-    for name, row in rows.items():
-        reason = stale(name, row)
-        if reason:
-            print(f"{name}: stale, marked so in the table: {reason}; to redo it, delete "
-                  f"{_rel(RESULTS / f'{name}.json')} and move {_rel(RUNS / name)} aside", flush=True)
+    stale_rows = {name: reason for name, row in rows.items() if (reason := stale(name, row))}
+    for name, reason in stale_rows.items():
+        print(f"{name}: stale, marked so in the table: {reason}; to redo it, delete "
+              f"{_rel(RESULTS / f'{name}.json')} and move {_rel(RUNS / name)} aside", flush=True)
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.size import fp32_parameter_bytes
 
@@ -458,7 +457,7 @@ def main() -> None:
     lat = latency(measured, args.threads, args.seconds)
     (RESULTS / "latency.json").write_text(json.dumps(
         {"threads": args.threads, "ms": lat, "torch": torch.__version__}, indent=2) + "\n")
-    table = write_table(rows, lat, fp32_bytes)
+    table = write_table(rows, lat, fp32_bytes, stale_rows)
     if "fp32" in rows:
         log_curve(measured, fp32_bytes)
     if args.scratch is None:
