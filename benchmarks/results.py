@@ -22,7 +22,8 @@ that no longer stands for its commands (its model.mpq weighs other than its sear
 the file format changed since; or its search, run again, picks other bits) is named on the
 console and marked stale in the table, not silently kept. Then every
 finished row's latency is measured side by side (batch 1 and 256, 2 threads, each row's best
-runtime), and the script writes `benchmarks/results/latency.json`, the README's results table
+runtime; on a fresh clone, models whose run folders are gone are rebuilt from the teacher and
+the committed `model.mpq` files first), and the script writes `benchmarks/results/latency.json`, the README's results table
 (between its `results:begin` / `results:end` markers), the accuracy-vs-size curve to TensorBoard
 (`runs/results/tb`) and each exported row's small artifacts to `checkpoints/resnet20_cifar10/`.
 """
@@ -69,6 +70,7 @@ ROWS = {
 }
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30}
+AO_CALIBRATION_BATCHES = 8
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x"]
 
@@ -230,12 +232,7 @@ def _baseline_row(name: str, run: Path, args) -> dict:
     batches = _test_batches(args)
     if name == "fp32":
         path = run / "model_fp32.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), dynamo=True,
-                              input_names=["input"], output_names=["logits"], verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},),
-                              external_data=False)
+        _fp32_onnx(model, path)
         return {"top1": _top1(model, batches), "top1_source": "PyTorch FP32",
                 "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
     if name == "fp16":
@@ -249,68 +246,130 @@ def _baseline_row(name: str, run: Path, args) -> dict:
         return {"top1": _top1(model, batches), "top1_source": "float16 weights, float32 compute",
                 "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
     if name == "ao_int8_ptq":
-        from torch.ao.quantization import get_default_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-        torch.backends.quantized.engine = "x86"
-        from mpq.data import BatchLoader, load_split
-        from mpq.config import DataConfig, recipe_from_dict
-
-        payload = load_checkpoint(TEACHER)
-        cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
-        train = load_split(cfg, "train", root=args.data_root, progress=False)
-        calib = [x for _, (x, _) in zip(range(8), BatchLoader(train, cfg, batch_size=128,
-                                                              train=False).epoch(0))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calib[0],))
-            for x in calib:
-                prepared(x)
-            converted = convert_fx(prepared)
-            path = run / "model_int8.pt"
-            torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(path))
+        path = run / "model_int8.pt"
+        converted = _ao_int8_ptq(model, args.data_root, path)
         return {"top1": _top1(converted, batches), "top1_source": "PyTorch x86 int8",
                 "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0,
-                "calibration_images": 8 * 128}
+                "calibration_images": AO_CALIBRATION_BATCHES * 128}
     raise ValueError(name)
 
 
-def latency(rows: dict, threads: int, seconds: float) -> dict:
-    """Milliseconds at batch 1 and 256 of each row's runtimes, measured side by side."""
+def _fp32_onnx(model: torch.nn.Module, path: Path) -> None:
+    """The teacher as FP32 ONNX with a dynamic batch (the FP32 row's file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), dynamo=True,
+                          input_names=["input"], output_names=["logits"], verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          external_data=False)
+
+
+def _ao_int8_ptq(model: torch.nn.Module, data_root, path: Path) -> torch.nn.Module:
+    """torch.ao FX static int8 PTQ of `model` (x86, fused), calibrated on the first
+    `AO_CALIBRATION_BATCHES` unshuffled training batches (so the same model every time), saved
+    as TorchScript to `path`; returns the converted model."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from mpq.checkpoint import load_checkpoint
+    from mpq.config import DataConfig, recipe_from_dict
+    from mpq.data import BatchLoader, load_split
+
+    torch.backends.quantized.engine = "x86"
+    cfg = recipe_from_dict(load_checkpoint(TEACHER)["recipe"]["data"], DataConfig)
+    train = load_split(cfg, "train", root=data_root, progress=False)
+    calib = [x for _, (x, _) in zip(range(AO_CALIBRATION_BATCHES),
+                                    BatchLoader(train, cfg, batch_size=128, train=False).epoch(0))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calib[0],))
+        for x in calib:
+            prepared(x)
+        converted = convert_fx(prepared)
+        torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(path))
+    return converted
+
+
+def _models_to_time(rows: dict, data_root) -> tuple[dict, list]:
+    """Each row's model files to time, by runtime ("<row>/onnxruntime", "<row>/pytorch"), and
+    the ones rebuilt because their run's folder is gone (a fresh clone keeps only the committed
+    artifacts). Rebuilt: the FP32 ONNX from the teacher, torch.ao's int8 model from the same
+    calibration batches, each exported row's PyTorch int8 model from its committed `model.mpq`
+    (which computes what the exported model computed)."""
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.errors import UsageError
+    from mpq.export.mpqfile import load_mpq
+    from mpq.export.torch_int8 import save_torch_int8
+
+    files, rebuilt = {}, []
+    for name, row in rows.items():
+        if name == "fp16":
+            continue
+        if name == "fp32":
+            path = RUNS / name / "model_fp32.onnx"
+            if not path.exists():
+                _fp32_onnx(model_from_checkpoint(load_checkpoint(TEACHER)).eval(), path)
+                rebuilt.append(f"{name}/onnxruntime")
+            files[f"{name}/onnxruntime"] = path
+        elif name == "ao_int8_ptq":
+            path = RUNS / name / "model_int8.pt"
+            if not path.exists():
+                try:
+                    _ao_int8_ptq(model_from_checkpoint(load_checkpoint(TEACHER)).eval(),
+                                 data_root, path)
+                except UsageError as exc:  # no calibration data on this machine
+                    print(f"  cannot rebuild {name} to time it: {exc}", flush=True)
+                    continue
+                rebuilt.append(f"{name}/pytorch")
+            files[f"{name}/pytorch"] = path
+        else:
+            export = _in_repo(row["export_dir"])
+            if not export.exists():  # a fresh clone: the committed artifacts
+                export = ARTIFACTS / name
+            if (export / "model_int8.onnx").exists():
+                files[f"{name}/onnxruntime"] = export / "model_int8.onnx"
+            path = export / "model_int8.pt"
+            if not path.exists() and (export / "model.mpq").exists():
+                path = RUNS / name / "rebuilt" / "model_int8.pt"
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    qmodel, header = load_mpq(export / "model.mpq")
+                    size = header["input_size"]
+                    save_torch_int8(qmodel, path, input_shape=(3, size, size))
+                    rebuilt.append(f"{name}/pytorch")
+            if path.exists():
+                files[f"{name}/pytorch"] = path
+    return files, rebuilt
+
+
+def latency(rows: dict, threads: int, seconds: float, data_root=None) -> tuple[dict, list]:
+    """Milliseconds at batch 1 and 256 of each row's runtimes, measured side by side, and the
+    runtimes whose model files had to be rebuilt first (see `_models_to_time`)."""
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
 
     torch.set_num_threads(threads)
     torch.backends.quantized.engine = "x86"
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.load's notice
+    files, rebuilt = _models_to_time(rows, data_root)
+    if rebuilt:
+        print(f"  rebuilt to time them (their runs/results/ files are gone): "
+              f"{', '.join(rebuilt)}", flush=True)
     runtimes = {}
-    for name, row in rows.items():
-        if name == "fp32":
-            model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
-            model = model.to(memory_format=torch.channels_last)
-            runtimes["fp32/pytorch"] = lambda x, m=model: m(
-                x.contiguous(memory_format=torch.channels_last))
-            if (RUNS / name / "model_fp32.onnx").exists():
-                runtimes["fp32/onnxruntime"] = ort_runner(RUNS / name / "model_fp32.onnx",
-                                                          threads)
-        elif name == "fp16":
-            continue
-        elif name == "ao_int8_ptq":
-            if (RUNS / name / "model_int8.pt").exists():
-                runtimes["ao_int8_ptq/pytorch"] = torch.jit.load(
-                    str(RUNS / name / "model_int8.pt"))
-        else:
-            export = _in_repo(row["export_dir"])
-            if not export.exists():  # a fresh clone: the committed ONNX model still times
-                export = ARTIFACTS / name
-            if (export / "model_int8.onnx").exists():
-                runtimes[f"{name}/onnxruntime"] = ort_runner(export / "model_int8.onnx", threads)
-            if (export / "model_int8.pt").exists():
-                runtimes[f"{name}/pytorch"] = torch.jit.load(str(export / "model_int8.pt"))
+    if "fp32" in rows:
+        model = model_from_checkpoint(load_checkpoint(TEACHER)).eval()
+        model = model.to(memory_format=torch.channels_last)
+        runtimes["fp32/pytorch"] = lambda x, m=model: m(
+            x.contiguous(memory_format=torch.channels_last))
+    for key, path in files.items():
+        runtimes[key] = (ort_runner(path, threads) if key.endswith("/onnxruntime")
+                         else torch.jit.load(str(path)))
     missing = [name for name in rows if name != "fp16"
                and not any(k.startswith(f"{name}/") for k in runtimes)]
     if missing:
-        print(f"  no model on disk to time for {', '.join(missing)} (their runs/results/ folders "
-              "are gone); their latency cells stay empty", flush=True)
+        print(f"  no model to time for {', '.join(missing)}; their latency cells stay empty",
+              flush=True)
     out = {}
     for batch in (1, 256):
         x = torch.randn(batch, 3, 32, 32)
@@ -318,7 +377,7 @@ def latency(rows: dict, threads: int, seconds: float) -> dict:
             out[str(batch)] = side_by_side(runtimes, x, seconds=seconds)
         print(f"  batch {batch}: " + ", ".join(f"{k} {v:.2f} ms"
                                                for k, v in out[str(batch)].items()), flush=True)
-    return out
+    return out, rebuilt
 
 
 def write_table(rows: dict, lat: dict, fp32_bytes: int, stale_rows=()) -> str:
@@ -454,9 +513,10 @@ def main() -> None:
     fp32_bytes = fp32_parameter_bytes(model_from_checkpoint(load_checkpoint(TEACHER)))
     print("latency, side by side:", flush=True)
     measured = {name: row for name, row in rows.items() if not row.get("infeasible")}
-    lat = latency(measured, args.threads, args.seconds)
+    lat, rebuilt = latency(measured, args.threads, args.seconds, args.data_root)
     (RESULTS / "latency.json").write_text(json.dumps(
-        {"threads": args.threads, "ms": lat, "torch": torch.__version__}, indent=2) + "\n")
+        {"threads": args.threads, "ms": lat, "torch": torch.__version__,
+         "rebuilt": rebuilt}, indent=2) + "\n")
     table = write_table(rows, lat, fp32_bytes, stale_rows)
     if "fp32" in rows:
         log_curve(measured, fp32_bytes)

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -139,3 +140,27 @@ def test_every_committed_mpq_row_is_what_its_plan_and_the_current_format_make(tm
         assert version == MPQ_VERSION, name
         assert header["w_bits"] == "".join(str(v["w_bits"]) for v in plan["layers"].values())
         assert (folder / "model.mpq").stat().st_size == plan["size_bytes"] == record["file_bytes"]
+
+
+def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypatch):
+    """With runs/results/ gone, latency still times FP32 in ONNX Runtime (rebuilt from the
+    teacher) and an exported row in PyTorch int8 (rebuilt from its committed model.mpq, computing
+    what its committed ONNX model computes); nothing is rebuilt twice."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if not (results.TEACHER.exists() and (results.ARTIFACTS / "qat_w4" / "model.mpq").exists()):
+        pytest.skip("needs the committed teacher and qat_w4 artifacts")
+    monkeypatch.setattr(results, "RUNS", tmp_path)
+    rows = {"fp32": {}, "fp16": {}, "qat_w4": {"export_dir": "runs/results/gone/export"}}
+    files, rebuilt = results._models_to_time(rows, data_root=None)
+    assert sorted(rebuilt) == ["fp32/onnxruntime", "qat_w4/pytorch"]
+    assert sorted(files) == ["fp32/onnxruntime", "qat_w4/onnxruntime", "qat_w4/pytorch"]
+    assert files["qat_w4/onnxruntime"] == results.ARTIFACTS / "qat_w4" / "model_int8.onnx"
+    x = torch.randn(64, 3, 32, 32)
+    onnx_logits = ort.InferenceSession(str(files["qat_w4/onnxruntime"])).run(
+        None, {"input": x.numpy()})[0]
+    torch_logits = torch.jit.load(str(files["qat_w4/pytorch"]))(x).numpy()
+    assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 0.95
+    assert np.abs(onnx_logits - torch_logits).max() < 0.1 * np.abs(onnx_logits).max()
+    assert results._models_to_time(rows, data_root=None)[1] == []
