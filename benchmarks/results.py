@@ -426,6 +426,10 @@ def log_curve(rows: dict, fp32_bytes: int) -> None:
     from mpq.report import scatter_chart
 
     teacher = rows["fp32"]["top1"]
+    # The curve is drawn whole each run: an older run's event file would show every point
+    # twice (or a stale one beside its update) in TensorBoard.
+    for old in (RUNS / "tb").glob("events.out.tfevents.*"):
+        old.unlink()
     writer = SummaryWriter(str(RUNS / "tb"))
     points = []
     for name, row in sorted(rows.items(), key=lambda kv: kv[1]["file_bytes"]):

@@ -164,3 +164,19 @@ def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypa
     assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 0.95
     assert np.abs(onnx_logits - torch_logits).max() < 0.1 * np.abs(onnx_logits).max()
     assert results._models_to_time(rows, data_root=None)[1] == []
+
+
+def test_the_accuracy_vs_size_curve_is_drawn_once_however_often_it_runs(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(results, "RUNS", tmp_path)
+    rows = {"fp32": row(89.57, "model_fp32.onnx", 1_171_834),
+            "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60)}
+    results.log_curve(rows, fp32_bytes=1_089_896)
+    rows["mpq_13x"] = row(89.40, "model.mpq", 83_799, epochs=60)
+    results.log_curve(rows, fp32_bytes=1_089_896)
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    top1 = [e.value for e in events.Scalars("accuracy_vs_size/top1")]
+    assert top1 == pytest.approx([89.40, 89.57])
