@@ -20,12 +20,13 @@ A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it 
 the searches and QAT runs under `runs/results/` resume where a killed run stopped. An mpq row
 that no longer stands for its commands (its model.mpq weighs other than its search planned, so
 the file format changed since; or its search, run again, picks other bits) is named on the
-console and marked stale in the table, not silently kept. Then every
-finished row's latency is measured side by side (batch 1 and 256, 2 threads, each row's best
-runtime; on a fresh clone, models whose run folders are gone are rebuilt from the teacher and
-the committed `model.mpq` files first), and the script writes `benchmarks/results/latency.json`, the README's results table
-(between its `results:begin` / `results:end` markers), the accuracy-vs-size curve to TensorBoard
-(`runs/results/tb`) and each exported row's small artifacts to `checkpoints/resnet20_cifar10/`.
+console and marked stale in the table, not silently kept. Then every finished row's latency
+is measured side by side (batch 1 and 256, 2 threads, each row's best runtime; on a fresh
+clone, models whose run folders are gone are rebuilt from the teacher and the committed
+`model.mpq` files first), and the script writes `benchmarks/results/latency.json`, the README's
+results table (between its `results:begin` / `results:end` markers), the accuracy-vs-size curve
+to TensorBoard (`runs/results/tb`) and each exported row's small artifacts to
+`checkpoints/resnet20_cifar10/`.
 """
 
 import argparse
