@@ -331,12 +331,13 @@ def _models_to_time(rows: dict, data_root) -> tuple[dict, list]:
                 export = ARTIFACTS / name
             if (export / "model_int8.onnx").exists():
                 files[f"{name}/onnxruntime"] = export / "model_int8.onnx"
-            path = export / "model_int8.pt"
-            if not path.exists() and (export / "model.mpq").exists():
+            path, mpq_file = export / "model_int8.pt", export / "model.mpq"
+            if not path.exists() and mpq_file.exists():
                 path = RUNS / name / "rebuilt" / "model_int8.pt"
-                if not path.exists():
+                # rebuilt again when the committed model.mpq is newer (a pulled retrained row)
+                if not path.exists() or path.stat().st_mtime < mpq_file.stat().st_mtime:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    qmodel, header = load_mpq(export / "model.mpq")
+                    qmodel, header = load_mpq(mpq_file)
                     size = header["input_size"]
                     save_torch_int8(qmodel, path, input_shape=(3, size, size))
                     rebuilt.append(f"{name}/pytorch")

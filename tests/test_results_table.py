@@ -3,6 +3,8 @@ compression against FP32 parameter bytes, each row's fastest runtime; the README
 the markers replaced and nothing else."""
 
 import json
+import os
+import shutil
 import sys
 
 import pytest
@@ -149,14 +151,18 @@ def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypa
     import numpy as np
     import onnxruntime as ort
 
-    if not (results.TEACHER.exists() and (results.ARTIFACTS / "qat_w4" / "model.mpq").exists()):
+    committed = results.ARTIFACTS / "qat_w4"
+    if not (results.TEACHER.exists() and (committed / "model.mpq").exists()):
         pytest.skip("needs the committed teacher and qat_w4 artifacts")
-    monkeypatch.setattr(results, "RUNS", tmp_path)
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(committed, artifacts / "qat_w4")
+    monkeypatch.setattr(results, "ARTIFACTS", artifacts)
+    monkeypatch.setattr(results, "RUNS", tmp_path / "runs")
     rows = {"fp32": {}, "fp16": {}, "qat_w4": {"export_dir": "runs/results/gone/export"}}
     files, rebuilt = results._models_to_time(rows, data_root=None)
     assert sorted(rebuilt) == ["fp32/onnxruntime", "qat_w4/pytorch"]
     assert sorted(files) == ["fp32/onnxruntime", "qat_w4/onnxruntime", "qat_w4/pytorch"]
-    assert files["qat_w4/onnxruntime"] == results.ARTIFACTS / "qat_w4" / "model_int8.onnx"
+    assert files["qat_w4/onnxruntime"] == artifacts / "qat_w4" / "model_int8.onnx"
     x = torch.randn(64, 3, 32, 32)
     onnx_logits = ort.InferenceSession(str(files["qat_w4/onnxruntime"])).run(
         None, {"input": x.numpy()})[0]
@@ -164,6 +170,9 @@ def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypa
     assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 0.95
     assert np.abs(onnx_logits - torch_logits).max() < 0.1 * np.abs(onnx_logits).max()
     assert results._models_to_time(rows, data_root=None)[1] == []
+    later = files["qat_w4/pytorch"].stat().st_mtime + 10  # a retrained row's file, pulled
+    os.utime(artifacts / "qat_w4" / "model.mpq", (later, later))
+    assert results._models_to_time(rows, data_root=None)[1] == ["qat_w4/pytorch"]
 
 
 def test_the_accuracy_vs_size_curve_is_drawn_once_however_often_it_runs(tmp_path, monkeypatch):
