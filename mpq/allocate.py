@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import UsageError
 from .quant.plan import Plan
-from .quant.primitives import mse_optimal_scale, quant_range
+from .quant.primitives import mse_optimal_scale, weight_range
 from .size import LayerShape, layer_bytes
 
 __all__ = ["Allocation", "parse_budget", "pareto_front", "perturbations", "plan_for_budget",
@@ -64,7 +64,7 @@ def perturbations(model: nn.Module, sensitivity: dict, bit_choices, *,
         weight = s["trace"] / w.numel() if metric == "trace" else s["top_eigenvalue"]
         out[name] = {}
         for b in bit_choices:
-            qmin, qmax = quant_range(b, signed=True)
+            qmin, qmax = weight_range(b)
             scale = mse_optimal_scale(w, qmin, qmax, dim=0)
             q = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
             out[name][b] = weight * (q - w).pow(2).sum().item()

@@ -41,16 +41,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> 
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _is_mpq_file(path) -> bool:
-    from .export.mpqfile import MAGIC
-
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False  # load_checkpoint says what is wrong with the path
-
-
 def _eval(args) -> None:
     import torch
 
@@ -60,7 +50,9 @@ def _eval(args) -> None:
     from .trainer import evaluate, resolve_device
 
     device = resolve_device(args.device)
-    if _is_mpq_file(args.checkpoint):  # a packed model.mpq: the model it rebuilds exactly
+    from .export.mpqfile import is_mpq_file
+
+    if is_mpq_file(args.checkpoint):  # a packed model.mpq: the model it rebuilds exactly
         from .export import load_mpq
 
         model, payload = load_mpq(args.checkpoint)
@@ -87,13 +79,17 @@ def _export(args) -> None:
 
     report = export_checkpoint(args.checkpoint, args.out, data_root=args.data_root,
                                force=args.force, batch_size=args.batch_size,
-                               progress=not args.quiet)
+                               progress=not args.quiet, reencode_int8=args.reencode_int8)
     print_export(report, args.out)
 
 
 def print_export(report: dict, out) -> None:
     """The lines `python -m mpq export` and `train.py` print after an export."""
     files = report["files"]
+    moved = report.get("reencoded_int8")
+    if moved:
+        print(f"re-encoded {len(moved['layers'])} 8-bit layers onto [-64, 64] (fake-quant "
+              f"top-1 before: {moved['fake_quant_top1_before']:.2f})")
     print(f"wrote {out}: model.mpq {files['model.mpq']['bytes']} bytes "
           f"({report['compression']:.2f}x smaller than FP32), model_int8.onnx "
           f"{files['model_int8.onnx']['bytes']} bytes, model_int8.pt, export.json")
@@ -115,8 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--batch-size", type=int, default=500)
     add_common_args(ev, recipe=False)
     ex = sub.add_parser("export", help="int8 ONNX, PyTorch int8 and packed model.mpq from a QAT "
-                                       "checkpoint, checked on the test split")
-    ex.add_argument("--checkpoint", required=True, help="QAT checkpoint (train.py --plan/--bits)")
+                                       "checkpoint or a model.mpq, checked on the test split")
+    ex.add_argument("--checkpoint", required=True,
+                    help="QAT checkpoint (train.py --plan/--bits), or a packed model.mpq")
+    ex.add_argument("--reencode-int8", action="store_true",
+                    help="move 8-bit layers written on the full [-127, 127] grid (model.mpq "
+                         "versions 1-2, older QAT checkpoints) onto [-64, 64], which no CPU's "
+                         "int8 kernels can saturate; export.json records the top-1 before")
     ex.add_argument("--out", required=True, help="folder for the exported files")
     ex.add_argument("--force", action="store_true", help="replace an existing export there")
     ex.add_argument("--batch-size", type=int, default=500)

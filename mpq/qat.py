@@ -23,8 +23,9 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import Recipe, recipe_to_dict
 from .data import BatchLoader
 from .errors import UsageError
-from .quant import (Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
+from .quant import (INT8_WEIGHT_MAX, Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                     reestimate_bn_)
+from .quant.modules import full_range_int8_weights_
 from .size import fp32_parameter_bytes, weight_bytes
 
 __all__ = ["QATConfig", "QATRecipe", "distillation_loss", "load_teacher",
@@ -195,7 +196,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
     meta = {**model_meta(recipe), "kind": "qat", "plan": plan.to_dict(),
             "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
-                    "quantize_joins": cfg.quantize_joins}}
+                    "quantize_joins": cfg.quantize_joins, "int8_weight_max": INT8_WEIGHT_MAX}}
     if ptq:
         freeze_bn_(student)
         result = evaluate(student, test_loader)
@@ -288,5 +289,7 @@ def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
                     quantize_joins=settings.get("quantize_joins", True))
     qmodel = quantized_model(model, Plan.from_dict(payload["plan"]), cfg,
                              input_size=payload.get("input_size", 32))
+    if settings.get("int8_weight_max", 127) != INT8_WEIGHT_MAX:
+        full_range_int8_weights_(qmodel)  # trained before 8-bit weights kept within +-64
     load_state_dict_checked(qmodel, payload["state_dict"], what=f"checkpoint {path}")
     return qmodel

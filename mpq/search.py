@@ -35,7 +35,8 @@ __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivi
 
 @dataclass
 class SearchConfig:
-    """Settings of sensitivity, allocation and search."""
+    """Settings of sensitivity, allocation and search. `bit_choices` are weight widths: an
+    8-bit weight holds the 129 levels of `mpq.quant.weight_range(8)` in 8 bits."""
 
     checkpoint: str = "checkpoints/resnet20_cifar10.pt"
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])

@@ -3,7 +3,7 @@ search, QAT metrics and export (`model.mpq` is laid out by `stored_parts`, and i
 is `weight_bytes(qmodel, meta)` exactly).
 
 Stored per quantized layer: the weight packed at `w_bits` bits (rounded up to whole bytes per
-layer), one float32 scale per output channel, and the float32 bias (a folded BN always makes
+layer; 8-bit weights take 8 bits for their 129 levels, see `mpq.quant.weight_range`), one float32 scale per output channel, and the float32 bias (a folded BN always makes
 one); a layer whose weight stays in float stores it as float32. Per activation quantizer: a
 float32 scale and a byte of signedness. Every other floating tensor the model needs at inference
 (layers left in float, BN that was not folded) is stored as float32. With `meta`, the header of

@@ -74,6 +74,33 @@ def test_committed_onnx_reproduces_its_top1_with_ort_pillow_numpy_only(folder):
         assert abs(json.loads(row.read_text())["top1"] - top1) <= 0.2
 
 
+@pytest.mark.skipif(not ARTIFACTS, reason="no results committed yet under "
+                                          "checkpoints/resnet20_cifar10/ (benchmarks/results.py)")
+@pytest.mark.parametrize("folder", ARTIFACTS, ids=[p.name for p in ARTIFACTS])
+def test_committed_model_in_pytorch_int8_on_this_cpu_reproduces_its_top1(folder, tmp_path):
+    """The PyTorch int8 model built from the committed model.mpq on this machine's kernels
+    scores what the export recorded on the exporting machine's."""
+    import json
+
+    from mpq.data import BatchLoader
+    from mpq.export import load_mpq
+    from mpq.export.torch_int8 import save_torch_int8
+
+    report = json.loads((folder / "export.json").read_text())
+    rebuilt, header = load_mpq(folder / "model.mpq")
+    int8 = save_torch_int8(rebuilt, tmp_path / "int8.pt", input_shape=(3, 32, 32))
+    cfg = DataConfig(image_size=header["input_size"], mean=header["normalization"]["mean"],
+                     std=header["normalization"]["std"])
+    loader = BatchLoader(load_split(cfg, "test", progress=False), cfg, batch_size=500,
+                         train=False)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader.epoch(0):
+            correct += int((int8(x).argmax(1) == y).sum())
+            total += len(y)
+    assert abs(100 * correct / total - report["torch_int8_top1"]) <= 0.2
+
+
 MBV2 = ROOT / "checkpoints" / "mobilenet_v2_cifar10"
 
 

@@ -117,10 +117,10 @@ def test_version_1_files_bit_packed_at_every_width_still_load(tmp_path, tiny_qmo
         assert torch.equal(load_mpq(old)[0](x), tiny_qmodel(x))
         assert torch.equal(load_mpq(current)[0](x), tiny_qmodel(x))
     data = bytearray(current.read_bytes())
-    data[4] = 3  # version 3: refused by name, before the checksum
-    (tmp_path / "v3.mpq").write_bytes(bytes(data))
-    with pytest.raises(UsageError, match="format version 3; this mpq reads versions 1, 2"):
-        load_mpq(tmp_path / "v3.mpq")
+    data[4] = 4  # a later version: refused by name, before the checksum
+    (tmp_path / "v4.mpq").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="format version 4; this mpq reads versions 1, 2, 3"):
+        load_mpq(tmp_path / "v4.mpq")
 
 
 _TINY = {}

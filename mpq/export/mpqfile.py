@@ -3,7 +3,7 @@
 Layout (little-endian):
 
     magic      4 bytes  b"MPQ\\x01"
-    version    uint16   2 (version 1 files, bit-packed at every width, still load)
+    version    uint16   3 (versions 1 and 2 still load: see `_READS`)
     header     uint32   length of the JSON header that follows
     payload    uint64   length of the payload that follows the header
     JSON header         {"format", "model", "input_size", "normalization", "w_bits", "a_bits",
@@ -19,7 +19,8 @@ Layout (little-endian):
 
 `w_bits` / `a_bits` are one character per quantizable layer (in `quantizable_layers` order):
 the bit width, or `-` for float. The header's length thus does not depend on the plan, and the
-file's size is `mpq.size.weight_bytes(qmodel, meta)` exactly. A truncated or altered file fails
+file's size is `mpq.size.weight_bytes(qmodel, meta)` exactly. 8-bit weights lie in [-64, 64]
+(`mpq.quant.weight_range`), stored as 8 bits each. A truncated or altered file fails
 its length or checksum test with a `UsageError`; it never loads as a wrong model.
 """
 
@@ -37,16 +38,20 @@ from torch import nn
 
 from ..errors import UsageError
 from ..pack import pack, packed_size, unpack
-from ..quant import Plan, freeze_bn_, quantizable_layers
-from ..quant.modules import QuantConv, _QuantLayer
+from ..quant import Plan, freeze_bn_, quantizable_layers, weight_range
+from ..quant.modules import QuantConv, _QuantLayer, full_range_int8_weights_
 from ..size import stored_parts
 
-__all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "load_mpq", "read_mpq",
+__all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "is_mpq_file",
+           "load_mpq", "read_mpq",
            "save_mpq"]
 
 MAGIC = b"MPQ\x01"
-MPQ_VERSION = 2
-_READS = (1, 2)  # version 1: weights bit-packed at every width (`mpq.pack`'s dense=False)
+MPQ_VERSION = 3
+# Version 1 bit-packed weights at every width (`mpq.pack`'s dense=False); versions 1 and 2 put
+# 8-bit weights on the full [-127, 127] grid, which saturates int16 on x86 CPUs without VNNI
+# (the export refuses to build int8 models from such a file; see `mpq.export.overflow`).
+_READS = (1, 2, 3)
 _PREFIX = struct.Struct("<4sHIQ")
 _CRC = struct.Struct("<I")
 
@@ -110,6 +115,10 @@ def _payload(qmodel: nn.Module) -> bytes:
     for layer in layers.values():
         if layer.w_bits is not None:
             k, scale = int_weight(layer)
+            lo, hi = weight_range(layer.w_bits)
+            if MPQ_VERSION >= 3 and (int(k.min()) < lo or int(k.max()) > hi):
+                raise ValueError(f"a {layer.w_bits}-bit weight of this file version lies in "
+                                 f"[{lo}, {hi}]; this layer's reach {int(k.min())}..{int(k.max())}")
             chunks += [pack(k.numpy(), layer.w_bits), _f32(scale)]
         else:
             chunks.append(_f32(layer.effective_weight()))
@@ -136,6 +145,15 @@ def save_mpq(path: str | os.PathLike, qmodel: nn.Module, meta: dict) -> int:
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return len(data)
+
+
+def is_mpq_file(path: str | os.PathLike) -> bool:
+    """Whether `path` starts with the model.mpq signature (False where it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes, int]:
@@ -219,6 +237,8 @@ def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, 
                          weight_mode="fixed",
                          quantize_joins=header.get("quantize_joins", True)).eval()
     freeze_bn_(qmodel)
+    if version < 3:
+        full_range_int8_weights_(qmodel)  # the grid those versions wrote 8-bit weights on
     layers, acts, rest = stored_parts(qmodel)
     reader = _Reader(payload, path)
     dense = version >= 2  # version 1 bit-packed every width

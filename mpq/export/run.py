@@ -2,7 +2,8 @@
 `model_int8.pt` and `export.json`, checked against the fake-quantized model on the test set.
 
 The int8 models are built from the model *rebuilt out of `model.mpq`*, so the packed file is
-proven to hold everything they need. Files are written to a temporary folder and moved into
+proven to hold everything they need, and only once `mpq.export.overflow` has proven that no CPU's
+int8 kernels can saturate on them. Files are written to a temporary folder and moved into
 place at the end; an existing export is replaced only with `force`.
 """
 
@@ -23,6 +24,7 @@ from ..models import build_model
 from ..size import fp32_parameter_bytes, weight_bytes
 from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
 from .onnx_qdq import export_onnx
+from .overflow import Int8OverflowRisk, check_int8_overflow, reencode_int8_
 from .torch_int8 import save_torch_int8
 
 __all__ = ["EXPORT_FILES", "ExportCheckFailed", "export_is_current", "export_model"]
@@ -73,8 +75,9 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         threads: ONNX Runtime threads for the check.
         architecture: builds the bare FP32 model, `architecture(num_classes=...)`; by default
             `meta["model"]["name"]` through `mpq.models.build_model`.
-    Returns the content of `export.json`. Raises `ExportCheckFailed` (after writing the files)
-    when an exported model misses the tolerances.
+    Returns the content of `export.json`. Raises `ExportCheckFailed` when an int8 kernel could
+    saturate on some CPU (nothing written), or (after writing the files) when an exported model
+    misses the tolerances.
     """
     import onnxruntime as ort
 
@@ -87,13 +90,22 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
     size = meta["input_size"]
     shape = (3, size, size)
     tmp = out / ".export.tmp"
+    out_existed = out.exists()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        check_int8_overflow(qmodel)
+    except Int8OverflowRisk as exc:
+        shutil.rmtree(tmp)
+        if not out_existed:
+            out.rmdir()
+        raise ExportCheckFailed(f"export refused, nothing written: {exc}") from None
     mpq_bytes = save_mpq(tmp / "model.mpq", qmodel, meta)
     expected = weight_bytes(qmodel, meta)
     if mpq_bytes != expected:  # the size the solver budgets with is the size on disk
         raise AssertionError(f"model.mpq has {mpq_bytes} bytes, mpq.size says {expected}")
     rebuilt, _ = load_mpq(tmp / "model.mpq", architecture=architecture)
+    overflow = check_int8_overflow(rebuilt)  # what the int8 models are built from
     export_onnx(rebuilt, tmp / "model_int8.onnx", input_shape=shape)
     int8 = save_torch_int8(rebuilt, tmp / "model_int8.pt", input_shape=shape)
 
@@ -116,6 +128,7 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         "mpq_bytes": mpq_bytes, "fp32_bytes": fp32_bytes,
         "compression": fp32_bytes / mpq_bytes,
         "plan_size_bytes": (plan.extra or {}).get("size_bytes"),
+        "int8_overflow_proof": overflow,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
         **(extra or {}),
     }
@@ -153,12 +166,14 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
 
 
 def test_batches_for(payload: dict, *, data_root=None, batch_size: int = 500,
-                     progress: bool = True) -> list:
-    """The test split of a checkpoint's data set, as CPU batches normalised its way."""
+                     progress: bool = True, data_cfg=None) -> list:
+    """The test split of a checkpoint's data set (or of `data_cfg`), as CPU batches normalised
+    its way."""
     from ..config import DataConfig, recipe_from_dict
     from ..data import BatchLoader, load_split
 
-    data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
+    if data_cfg is None:
+        data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
     data_cfg.mean = payload["normalization"]["mean"]
     data_cfg.std = payload["normalization"]["std"]
     split = load_split(data_cfg, "test", root=data_root,
@@ -170,18 +185,39 @@ def test_batches_for(payload: dict, *, data_root=None, batch_size: int = 500,
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                       data_root=None, force: bool = False, batch_size: int = 500,
-                      progress: bool = True) -> dict:
-    """`export_model` for a QAT checkpoint (it carries its plan), checked on its test split."""
+                      progress: bool = True, reencode_int8: bool = False) -> dict:
+    """`export_model` for a QAT checkpoint (it carries its plan) or a packed `model.mpq`,
+    checked on its test split. With `reencode_int8`, 8-bit layers on the full [-127, 127] grid
+    are moved onto the portable one first (`reencode_int8_`), and `export.json` records which,
+    with the fake-quantized top-1 before."""
     from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..config import DataConfig
+    from .mpqfile import is_mpq_file
 
-    payload = load_checkpoint(checkpoint)
-    if payload.get("kind") != "qat":
-        raise UsageError(f"{checkpoint} is an FP32 checkpoint; export needs a QAT checkpoint "
-                         f"(train.py --teacher {checkpoint} --bits 8, or --plan PLAN.json)")
-    qmodel = model_from_checkpoint(payload, path=checkpoint)
+    data_cfg = None
+    if is_mpq_file(checkpoint):
+        qmodel, payload = load_mpq(checkpoint)
+        # any ImageFolder or CIFAR-10 root at the file's input size
+        data_cfg = DataConfig(image_size=payload["input_size"])
+        qat_top1 = None
+    else:
+        payload = load_checkpoint(checkpoint)
+        if payload.get("kind") != "qat":
+            raise UsageError(f"{checkpoint} is an FP32 checkpoint; export needs a QAT "
+                             f"checkpoint (train.py --teacher {checkpoint} --bits 8, or --plan "
+                             f"PLAN.json) or a packed model.mpq")
+        qmodel = model_from_checkpoint(payload, path=checkpoint)
+        qat_top1 = (payload.get("metrics") or {}).get("top1")
     meta = {key: payload[key] for key in ("model", "input_size", "normalization")}
     batches = test_batches_for(payload, data_root=data_root, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, data_cfg=data_cfg)
     extra = {"checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(Path(checkpoint)),
-             "qat_top1": (payload.get("metrics") or {}).get("top1")}
+             "qat_top1": qat_top1}
+    if reencode_int8:
+        qmodel = qmodel.cpu().eval()
+        before, labels = _predictions(lambda x: qmodel(x).numpy(), batches)
+        layers = reencode_int8_(qmodel)
+        extra["reencoded_int8"] = {"layers": layers,
+                                   "fake_quant_top1_before": float((before == labels).mean()
+                                                                   * 100)}
     return export_model(qmodel, meta, out_dir, test_batches=batches, force=force, extra=extra)

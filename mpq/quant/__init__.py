@@ -4,9 +4,11 @@ from .modules import ActQuantizer, QuantConv, QuantLinear, WeightQuantizer
 from .plan import LayerQuant, Plan, load_plan, uniform_plan
 from .prepare import (calibrate_, freeze_bn_, prepare_qat, quant_layers, quantizable_layers,
                       reestimate_bn_, trace)
-from .primitives import fake_quantize, mse_optimal_scale, quant_range, round_ste
+from .primitives import (INT8_WEIGHT_MAX, fake_quantize, mse_optimal_scale, quant_range,
+                         round_ste, weight_range)
 
 __all__ = [
+    "INT8_WEIGHT_MAX",
     "ActQuantizer",
     "LayerQuant",
     "Plan",
@@ -26,4 +28,5 @@ __all__ = [
     "round_ste",
     "trace",
     "uniform_plan",
+    "weight_range",
 ]

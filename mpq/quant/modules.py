@@ -1,6 +1,6 @@
 """Fake-quantization modules built from `mpq.quant.primitives`.
 
-- `WeightQuantizer`: per-channel symmetric (narrow range) weights at 2..8 bits.
+- `WeightQuantizer`: per-channel symmetric (narrow range) weights at 2..8 bits (`weight_range`).
 - `ActQuantizer`: per-tensor activations, unsigned when calibration saw no negative value,
   else signed over the full range.
 - `QuantConv` / `QuantLinear`: a layer with its weight quantizer and, for a conv followed by
@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import fake_quantize, grad_scale, mse_optimal_scale, quant_range, round_ste
+from .primitives import (fake_quantize, grad_scale, mse_optimal_scale, quant_range, round_ste,
+                         weight_range)
 
-__all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer"]
+__all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer",
+           "full_range_int8_weights_"]
 
 SCALE_MODES = ("mse", "max", "lsq", "fixed")
 
@@ -45,7 +47,7 @@ class WeightQuantizer(nn.Module):
         if mode not in SCALE_MODES:
             raise ValueError(f"weight scale mode must be one of {SCALE_MODES}, got {mode!r}")
         self.bits, self.mode, self.refresh_every = bits, mode, refresh_every
-        self.qmin, self.qmax = quant_range(bits, signed=True)
+        self.qmin, self.qmax = weight_range(bits)
         self.scale = nn.Parameter(torch.zeros(channels), requires_grad=mode == "lsq")
         self.register_buffer("ratio", torch.ones(channels))
         self.register_buffer("steps", torch.tensor(0))
@@ -95,6 +97,15 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
+
+
+def full_range_int8_weights_(model: nn.Module) -> None:
+    """Puts every 8-bit weight quantizer on the full [-127, 127] grid of files and checkpoints
+    written before 8-bit weights kept within +-INT8_WEIGHT_MAX: they then compute what they were
+    trained to (and the export refuses them, as their int8 kernels can saturate)."""
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer) and m.bits == 8:
+            m.qmin, m.qmax = quant_range(8, signed=True)
 
 
 class ActQuantizer(nn.Module):

@@ -3,7 +3,9 @@ and scale selection. No modules and no state here; `mpq.quant.modules` builds on
 
 Conventions: a `b`-bit symmetric grid is narrow-range, k in [-(2^(b-1) - 1), 2^(b-1) - 1], so
 zero is exact and the grid is symmetric (what int8 kernels and packed sub-8-bit weights expect).
-An unsigned grid is k in [0, 2^b - 1] with zero point 0 (activations after a ReLU).
+An unsigned grid is k in [0, 2^b - 1] with zero point 0 (activations after a ReLU). Weights use
+`weight_range`: the same grids, except 8 bits, whose weights stay in [-64, 64] so that no int8
+kernel can saturate (see `INT8_WEIGHT_MAX`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "INT8_WEIGHT_MAX",
     "fake_quantize",
     "grad_scale",
     "mse_optimal_scale",
     "quant_range",
     "round_ste",
+    "weight_range",
 ]
+
+# x86 u8 x s8 kernels without VNNI (ONNX Runtime's and fbgemm's AVX2 and AVX-512BW paths) add
+# two adjacent products in int16 (VPMADDUBSW), which saturates above 32,767: 255 * (127 + 127)
+# does. With |k| <= 64 no pair can (255 * 128 = 32,640), so every CPU computes the same integers.
+INT8_WEIGHT_MAX = 64
 
 
 def quant_range(bits: int, *, signed: bool) -> tuple[int, int]:
@@ -26,6 +35,14 @@ def quant_range(bits: int, *, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
+
+
+def weight_range(bits: int) -> tuple[int, int]:
+    """Integer range of a `bits`-bit weight: `quant_range(bits, signed=True)`, except that
+    8-bit weights keep within +-INT8_WEIGHT_MAX (129 levels, stored in 8 bits)."""
+    if bits == 8:
+        return -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX
+    return quant_range(bits, signed=True)
 
 
 class _RoundSTE(torch.autograd.Function):
