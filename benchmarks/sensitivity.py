@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpq.config import DataConfig  # noqa: E402
 from mpq.data import BatchLoader, load_split  # noqa: E402
-from mpq.hessian import _gauss_newton_rows, layer_sensitivity  # noqa: E402
+from mpq.hessian import layer_sensitivity  # noqa: E402
+from mpq.hessian.hutchinson import gauss_newton_rows  # noqa: E402
 from mpq.qat import load_teacher  # noqa: E402
 from mpq.quant import quantizable_layers  # noqa: E402
 
@@ -71,7 +72,7 @@ def probe_std(model, name, x) -> float:
     H = R^T R / N (R: the per-sample, per-class gradient rows of the Gauss-Newton form)."""
     weight = model.get_submodule(name).weight
     with torch.no_grad():
-        rows = _gauss_newton_rows(model, f"{name}.weight", weight.detach(), x)
+        rows = gauss_newton_rows(model, f"{name}.weight", weight.detach(), x)
         rows = rows.reshape(-1, rows.shape[-1]).double() / math.sqrt(len(x))   # H = R^T R
         frob2 = (rows @ rows.T).pow(2).sum().item()                           # ||H||_F^2
         diag2 = rows.pow(2).sum(0).pow(2).sum().item()                        # sum H_jj^2

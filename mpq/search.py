@@ -24,7 +24,7 @@ from torch import nn
 from .allocate import Allocation, perturbations, solve
 from .config import Recipe
 from .errors import UsageError
-from .hessian import LayerSensitivity, layer_sensitivity
+from .hessian import ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
 from .report import log_search, log_sensitivity
 from .size import layer_bytes, layer_shapes
@@ -42,6 +42,13 @@ class SearchConfig:
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
     a_bits: int = 8
     estimator: str = "auto"
+    rel_tol: float = 0.05
+    min_probes: int = 30
+    max_probes: int = 500
+    min_draws: int = 8
+    max_draws: int = 256
+    max_exact_classes: int = 16
+    memory_mb: int = 2048
     metric: str = "trace"
     sensitivity_batches: int = 2
     batch_size: int = 128
@@ -58,9 +65,17 @@ class SearchConfig:
         self.bit_choices = sorted(set(self.bit_choices))
         if self.metric not in ("trace", "eigenvalue"):
             raise UsageError(f"search.metric must be trace or eigenvalue, got {self.metric!r}")
-        if self.estimator not in ("auto", "exact", "hutchinson", "hutchinson_ggn"):
-            raise UsageError(f"search.estimator must be auto, exact, hutchinson or "
-                             f"hutchinson_ggn; got {self.estimator!r}")
+        if self.estimator not in ESTIMATORS:
+            raise UsageError(f"search.estimator must be one of {', '.join(ESTIMATORS)}; got "
+                             f"{self.estimator!r}")
+        if not 0 < self.rel_tol < 1:
+            raise UsageError(f"search.rel_tol must be in (0, 1), got {self.rel_tol}")
+        if not 2 <= self.min_probes <= self.max_probes or not 2 <= self.min_draws <= \
+                self.max_draws:
+            raise UsageError("search.min_probes <= max_probes and min_draws <= max_draws, all "
+                             ">= 2")
+        if self.memory_mb < 1 or self.max_exact_classes < 1:
+            raise UsageError("search.memory_mb and search.max_exact_classes must be >= 1")
         if self.trials < 0 or self.holdout_images < 1 or self.sensitivity_batches < 1:
             raise UsageError("search.trials must be >= 0, holdout_images and "
                              "sensitivity_batches >= 1")
@@ -87,15 +102,26 @@ def kl_score(qmodel: nn.Module, teacher_logits: list[torch.Tensor],
     return total / n
 
 
+SENSITIVITY_SETTINGS = ("estimator", "rel_tol", "min_probes", "max_probes", "min_draws",
+                        "max_draws", "max_exact_classes", "memory_mb", "seed")
+
+
 def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
-                       estimator: str, progress: bool) -> dict[str, LayerSensitivity]:
-    """`layer_sensitivity`, cached on disk by checkpoint hash, data and settings."""
+                       cfg: SearchConfig, progress: bool) -> dict[str, LayerSensitivity]:
+    """`layer_sensitivity` with the search's settings, cached on disk by checkpoint hash,
+    data and settings."""
+    key = {**key, "version": 2, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"sensitivity-{digest}.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return {k: LayerSensitivity(**v) for k, v in data["layers"].items()}
-    result = layer_sensitivity(model, batches, estimator=estimator, progress=progress)
+    result = layer_sensitivity(model, batches, estimator=cfg.estimator, rel_tol=cfg.rel_tol,
+                               min_probes=cfg.min_probes, max_probes=cfg.max_probes,
+                               min_draws=cfg.min_draws, max_draws=cfg.max_draws,
+                               max_exact_classes=cfg.max_exact_classes,
+                               memory_bytes=cfg.memory_mb << 20, seed=cfg.seed,
+                               progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "layers": {k: v.to_dict()
@@ -330,10 +356,12 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     data_key = hashlib.sha256(torch.cat([x for x, _ in sens_batches]).numpy().tobytes())
-    key = {"checkpoint": digest, "data": data_key.hexdigest(), "estimator": cfg.estimator,
+    key = {"checkpoint": digest, "data": data_key.hexdigest(),
            "batches": cfg.sensitivity_batches, "batch_size": cfg.batch_size}
-    sensitivity = sensitivity_cached(model, sens_batches, cache_dir=cache_dir() / "sensitivity",
-                                     key=key, estimator=cfg.estimator, progress=progress)
+    sensitivity = sensitivity_cached(model.to(device), sens_batches,
+                                     cache_dir=cache_dir() / "sensitivity", key=key, cfg=cfg,
+                                     progress=progress)
+    model = model.cpu()
     (out / "sensitivity.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint), "checkpoint_sha256": digest,
          "images": sum(len(y) for _, y in sens_batches),

@@ -82,10 +82,11 @@ META = {"model": {"name": "test_any_model:OddNet", "num_classes": 5}, "input_siz
 
 def test_sensitivity_plan_qat_steps_and_export(net_and_data, tmp_path):
     net, x, y = net_and_data
-    assert not is_piecewise_linear(net)[0]  # SiLU: Hutchinson with the GGN control variate
-    sens = layer_sensitivity(net, [(x[:24], y[:24]), (x[24:], y[24:])], rel_tol=0.2,
-                             max_probes=50)
-    assert {s.estimator for s in sens.values()} == {"hutchinson_ggn"}
+    assert not is_piecewise_linear(net)[0]  # SiLU: the exact Gauss-Newton block, so named
+    sens = layer_sensitivity(net, [(x[:24], y[:24]), (x[24:], y[24:])])
+    assert {n: (s.estimator, s.quantity) for n, s in sens.items()} == {
+        **{n: ("exact_ggn", "ggn") for n in ["stem", "depthwise", "grouped", "side", "mix"]},
+        "head": ("exact", "hessian")}  # the logits are linear in the head's weight
     names = quantizable_layers(net)
     q8 = prepare_qat(net, uniform_plan("odd", names, w_bits=8), example_inputs=(x[:1],))
     shapes, fixed = layer_shapes(q8, META)  # sizes of the model.mpq file, header included

@@ -47,6 +47,40 @@ def test_resnet18_teacher_search_qat_and_export(tmp_path):
     assert report["compression"] >= 8
 
 
+def test_search_on_resnet18_with_1000_classes_samples_its_sensitivity(tmp_path):
+    """ImageNet's class count: sensitivity by label draws (its cost does not grow with the
+    classes), every layer at <= 5% relative SE, through to plan.json; bad settings are one
+    line and exit 2."""
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["model"] = {"name": "resnet18", "num_classes": 1000}
+    recipe["data"].update(image_size=16, synthetic_train_size=96, synthetic_test_size=16)
+    recipe["train"].update(epochs=1, batch_size=32)
+    (tmp_path / "fp32.yaml").write_text(yaml.safe_dump(recipe))
+    common = ["--device", "cpu", "--quiet"]
+    result = run_script("train.py", "--recipe", tmp_path / "fp32.yaml", "--out",
+                        tmp_path / "teacher", *common)
+    assert result.returncode == 0, result.stderr
+    search = {k: v for k, v in recipe.items() if k != "train"}
+    search["search"] = {"checkpoint": str(tmp_path / "teacher" / "model.pt"), "trials": 2,
+                        "holdout_images": 16, "batch_size": 16, "sensitivity_batches": 1,
+                        "calibration_batches": 1, "bit_choices": [2, 4, 8]}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    args = ["search.py", "--recipe", tmp_path / "search.yaml", "--budget", "8x", *common]
+    result = run_script(*args, "--out", tmp_path / "search", timeout=600)
+    assert result.returncode == 0, result.stderr
+    sens = json.loads((tmp_path / "search" / "sensitivity.json").read_text())["layers"]
+    assert len(sens) == 21 and {s["estimator"] for s in sens.values()} == {"sampled"}
+    assert all(0 < s["trace_se"] <= 0.05 * s["trace"] for s in sens.values())
+    plan = json.loads((tmp_path / "search" / "plan.json").read_text())
+    assert plan["size_bytes"] <= plan["budget_bytes"]
+    for bad, message in [("search.memory_mb=0", "memory_mb"),
+                         ("search.estimator=exact", "would hold"),
+                         ("search.rel_tol=2", "rel_tol")]:
+        result = run_script(*args, "--out", tmp_path / "bad", "--set", bad)
+        assert result.returncode == 2 and message in result.stderr, (bad, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 USER_NET = '''
 import torch
 from torch import nn
