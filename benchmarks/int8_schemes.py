@@ -23,13 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpq.config import load_recipe  # noqa: E402
-from mpq.export.graph import act_params  # noqa: E402
-from mpq.export.mpqfile import int_weight  # noqa: E402
 from mpq.export.onnx_qdq import export_onnx  # noqa: E402
-from mpq.export.overflow import layer_bounds  # noqa: E402
+from mpq.export.overflow import int8_layer_bounds  # noqa: E402
 from mpq.export.torch_int8 import save_torch_int8  # noqa: E402
 from mpq.qat import QATRecipe, load_teacher, quantized_model  # noqa: E402
-from mpq.quant import calibrate_, freeze_bn_, quant_layers, quantizable_layers, uniform_plan  # noqa: E402,E501
+from mpq.quant import calibrate_, freeze_bn_, quantizable_layers, uniform_plan  # noqa: E402
 from mpq.quant.modules import full_range_int8_weights_  # noqa: E402
 from mpq.trainer import evaluate, make_loaders  # noqa: E402
 from timing import ort_runner  # noqa: E402
@@ -60,13 +58,7 @@ def cpu_name() -> str:
 
 
 def worst_pair(qmodel) -> int:
-    worst = 0
-    for layer in quant_layers(qmodel).values():
-        if layer.w_bits is not None and layer.input_quant is not None:
-            _, _, lo, hi = act_params(layer.input_quant)
-            b = layer_bounds(int_weight(layer)[0], lo, hi)
-            worst = max(worst, b["pair_max"], -b["pair_min"])
-    return worst
+    return max(max(b["pair_max"], -b["pair_min"]) for *_, b in int8_layer_bounds(qmodel))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY_RECIPE, run_script
+from conftest import ROOT, run_script
 from mpq.checkpoint import load_checkpoint, save_checkpoint
 from mpq.export import load_mpq, save_mpq
 from mpq.export.mpqfile import int_weight
@@ -187,7 +187,6 @@ def test_cli_export_of_a_checkpoint_trained_before_is_refused_with_exit_1(tmp_pa
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "export" / "export.json").read_text())[
         "int8_overflow_proof"]["holds"]
-    assert TINY_RECIPE["data"]["image_size"] == payload["input_size"]
 
 
 def test_cli_reencodes_an_old_packed_file_onto_the_portable_grid(tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ from ..quant.modules import _QuantLayer
 from .graph import act_params
 from .mpqfile import int_weight
 
-__all__ = ["INT16", "INT32", "Int8OverflowRisk", "check_int8_overflow", "layer_bounds",
-           "reencode_int8_"]
+__all__ = ["INT16", "INT32", "Int8OverflowRisk", "check_int8_overflow", "int8_layer_bounds",
+           "layer_bounds", "reencode_int8_"]
 
 INT16 = (-2 ** 15, 2 ** 15 - 1)
 INT32 = (-2 ** 31, 2 ** 31 - 1)
@@ -45,19 +45,24 @@ def layer_bounds(k: torch.Tensor, lo: int, hi: int) -> dict:
             "dot_max": int(big.sum(1).max()), "dot_min": int(small.sum(1).min())}
 
 
+def int8_layer_bounds(qmodel: nn.Module):
+    """(name, input range (lo, hi), integer weights, `layer_bounds`) of every layer with a
+    quantized weight and a quantized input: what the exporters turn into int8 kernels."""
+    for name, layer in qmodel.named_modules():
+        if isinstance(layer, _QuantLayer) and layer.w_bits is not None \
+                and layer.input_quant is not None:
+            _, _, lo, hi = act_params(layer.input_quant)
+            k, _ = int_weight(layer)
+            yield name, (lo, hi), k, layer_bounds(k, lo, hi)
+
+
 def check_int8_overflow(qmodel: nn.Module) -> dict:
-    """Proves every layer with a quantized weight and a quantized input (what the exporters turn
-    into int8 kernels) safe from int16 and int32 saturation; returns the record for
-    `export.json`. Raises `Int8OverflowRisk` naming the first layer where the proof fails."""
+    """Proves every int8 layer (`int8_layer_bounds`) safe from int16 and int32 saturation;
+    returns the record for `export.json`. Raises `Int8OverflowRisk` naming the first layer
+    where the proof fails."""
     worst = {"pair_max": 0, "pair_min": 0, "dot_max": 0, "dot_min": 0}
     checked = 0
-    for name, layer in qmodel.named_modules():
-        if not isinstance(layer, _QuantLayer) or layer.w_bits is None \
-                or layer.input_quant is None:
-            continue
-        _, _, lo, hi = act_params(layer.input_quant)
-        k, _ = int_weight(layer)
-        b = layer_bounds(k, lo, hi)
+    for name, (lo, hi), k, b in int8_layer_bounds(qmodel):
         if not (INT16[0] <= b["pair_min"] and b["pair_max"] <= INT16[1]
                 and INT32[0] <= b["dot_min"] and b["dot_max"] <= INT32[1]):
             raise Int8OverflowRisk(

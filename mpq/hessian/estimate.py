@@ -13,8 +13,6 @@ from the model's own predictions (`sampled`: cost independent of C, with standar
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -146,6 +144,4 @@ def _by_hutchinson(model, batches, layers, estimator, rel_tol, min_probes, max_p
         results[name] = hutchinson(model, weight, batches, n_total, rel_tol, min_probes,
                                    max_probes, g, rows=rows, ggn_trace=ggn_trace,
                                    eigen=top_eigenvalue, deflate=deflate)
-        if not top_eigenvalue:
-            results[name].top_eigenvalue = math.nan
     return results
