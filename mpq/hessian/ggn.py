@@ -119,9 +119,9 @@ def _chunks(total: int, size: int):
 
 def exact_ggn_bytes(numel: int, samples: int, classes: int) -> int:
     """What `exact_ggn` keeps for one layer: its float32 rows while they are fewer than its
-    weights, else its float64 n x n matrix."""
+    weights, else its n x n matrix in float64 and one batch's in float32."""
     rows = samples * classes
-    return FLOAT * rows * numel if rows < numel else 2 * FLOAT * numel * numel
+    return FLOAT * rows * numel if rows < numel else 3 * FLOAT * numel * numel
 
 
 def _top_of_symmetric(matrix: torch.Tensor) -> float:
@@ -165,6 +165,7 @@ def exact_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int
         sq = {name: 0.0 for name in group}
         rows_kept: dict[str, list] = {name: [] for name in group}
         normal: dict[str, torch.Tensor] = {}
+        batch_gram: dict[str, torch.Tensor] = {}
         try:
             for x, _ in batches:
                 capture.clear()
@@ -185,9 +186,13 @@ def exact_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int
                             continue
                         if n_total * classes < rows.shape[1]:
                             rows_kept[name].append(rows)
+                        elif name in batch_gram:  # float32 within a batch, float64 across
+                            batch_gram[name].addmm_(rows.T, rows)
                         else:
-                            gram = (rows.T @ rows).double()
-                            normal[name] = normal[name] + gram if name in normal else gram
+                            batch_gram[name] = rows.T @ rows
+                for name, gram in batch_gram.items():
+                    normal[name] = normal[name] + gram.double() if name in normal else gram.double()
+                batch_gram.clear()
                 del logits, centred
         finally:
             capture.remove()
@@ -196,9 +201,9 @@ def exact_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int
             if name in normal:
                 top = _top_of_symmetric(normal.pop(name))
             elif rows_kept[name]:
-                rows = torch.cat(rows_kept.pop(name))
-                top = lanczos_top(lambda v: rows.T @ (rows @ v), rows.shape[1], seed=0,
-                                  tol=1e-6)
+                kept = rows_kept.pop(name)  # R^T R v piece by piece: no concatenated copy
+                top = lanczos_top(lambda v: sum(r.T @ (r @ v) for r in kept), kept[0].shape[1],
+                                  seed=0, tol=1e-6)
             out[name] = (sq[name] / n_total, top / n_total)
     return out
 
