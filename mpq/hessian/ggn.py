@@ -260,8 +260,8 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
     """Trace of G_ii with its standard error, and the top eigenvalue estimate with its own,
     from labels drawn from the model's predictions: draws continue in stages until every
     layer's standard error is at most `rel_tol` of its trace (at least `min_draws`, at most
-    `max_draws`). Returns per layer {trace, trace_se, top_eigenvalue, top_eigenvalue_se,
-    draws}."""
+    `max_draws`); a layer that gets there is drawn for no more. Returns per layer {trace,
+    trace_se, top_eigenvalue, top_eigenvalue_se, draws}."""
     model = _prepared(model)
     device = next(model.parameters()).device
     n_total = sum(len(y) for _, y in batches)
@@ -279,6 +279,7 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
         chunk = {name: max(1, int(memory_bytes // 4 // _sample_bytes(m, capture.inputs[name][0])))
                  for name, m in modules.items()}
         draws, target = 0, max(2, min_draws)
+        active, used, stats = list(layers), {}, {}
         while True:
             while draws < target:
                 # A stage of draws: 1, 1, 2, 4, ... (each a power-iteration step), every slice
@@ -296,7 +297,7 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
                             y = torch.multinomial(p, 1, generator=gen)
                             logp.gather(1, y.to(device)).sum().backward(
                                 retain_graph=d < stage - 1)
-                            for name in layers:
+                            for name in active:
                                 for c0, c1 in _chunks(b - a, chunk[name]):
                                     g = capture.per_sample(name, c0, c1)    # (c, n_i)
                                     norms = torch.einsum("ij,ij->i", g, g).double().cpu()
@@ -308,12 +309,18 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
                         del logp
                     offset += len(x)
                 draws += stage
-                for e in eigen.values():
-                    e.end_of_stage()
-            stats = {n: _trace_stats(s1[n], s2[n], draws) for n in layers}
-            worst = max(se / max(abs(mean), 1e-30) for mean, se in stats.values())
-            if worst <= rel_tol or draws >= max_draws:
+                for name in active if eigen else ():
+                    eigen[name].end_of_stage()
+            rel = {}
+            for name in active:
+                stats[name], used[name] = _trace_stats(s1[name], s2[name], draws), draws
+                mean, se = stats[name]
+                rel[name] = se / max(abs(mean), 1e-30)
+            # a layer there is drawn for no more: later stages cost only the others
+            active = [name for name in active if rel[name] > rel_tol]
+            if not active or draws >= max_draws:
                 break
+            worst = max(rel[name] for name in active)
             need = math.ceil(draws * (worst / rel_tol) ** 2)
             target = min(max_draws, max(need, draws + draws // 2))
     finally:
@@ -322,7 +329,7 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
     for name in layers:
         trace, se = stats[name]
         top, top_se = eigen[name].estimate() if eigen else (math.nan, math.nan)
-        out[name] = {"trace": trace, "trace_se": se, "draws": draws, "top_eigenvalue": top,
+        out[name] = {"trace": trace, "trace_se": se, "draws": used[name], "top_eigenvalue": top,
                      "top_eigenvalue_se": top_se}
     return out
 
