@@ -25,7 +25,7 @@ data:
 	  mkdir -p $(CACHE)/cifar10-jpeg && tar xzf $(SHARED_DATA) -C $(CACHE)/cifar10-jpeg; fi
 
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # The main job: the committed teacher if there is one (else train it, resumably), a search at
 # 13x compression, QAT with distillation on the plan found.

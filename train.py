@@ -20,7 +20,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")
-    parser.add_argument("--teacher", help="FP32 checkpoint to quantize and distil from (QAT)")
+    parser.add_argument("--teacher", help="FP32 model to quantize and distil from (QAT): an mpq "
+                        "checkpoint, a state dict file, or torchvision:<Weights>")
     plan = parser.add_mutually_exclusive_group()
     plan.add_argument("--plan", help="bit plan JSON (from search.py)")
     plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
@@ -34,9 +35,11 @@ def main() -> None:
 
 
 def run(args) -> None:
+    from mpq.cli import check_out_dir
     from mpq.config import load_recipe
     from mpq.errors import UsageError
 
+    check_out_dir(args.out)
     if args.teacher is None:
         if args.plan or args.bits is not None or args.ptq:
             raise UsageError("QAT needs --teacher: the FP32 checkpoint to quantize")

@@ -37,20 +37,28 @@ _UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
 
 
 def parse_budget(text: str, *, fp32_bytes: int) -> int:
-    """Bytes from `120KB`, `0.1MiB`, `250000`, or a compression ratio `13x` of `fp32_bytes`."""
+    """Bytes from `120KB`, `0.1MiB`, `250000`, or a compression ratio `13x` of `fp32_bytes`;
+    anything not positive, not finite, under a byte or a ratio under 1x is a `UsageError`. A
+    budget in bytes at or above FP32 is allowed (the search then gives every layer 8 bits)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m:
         raise UsageError(f"budget {text!r} is not understood; give bytes with a unit "
                          f"(120KB, 0.1MiB, 250000) or a compression ratio (13x)")
     value, unit = float(m.group(1)), m.group(2).lower()
-    if unit == "x":
-        if value <= 0:
-            raise UsageError(f"compression ratio must be positive, got {text!r}")
-        return math.floor(fp32_bytes / value)
-    if unit not in _UNITS and unit != "":
+    if unit not in _UNITS and unit not in ("", "x"):
         raise UsageError(f"budget unit {m.group(2)!r} is not one of B, KB, MB, GB, KiB, MiB, "
                          f"GiB or x")
-    return math.floor(value * _UNITS.get(unit, 1))
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"budget {text!r} must be a positive, finite number of bytes or a "
+                         f"ratio (13x)")
+    bytes_ = fp32_bytes / value if unit == "x" else value * _UNITS.get(unit, 1)
+    if bytes_ < 1:
+        raise UsageError(f"budget {text!r} is under one byte; the FP32 model has {fp32_bytes} "
+                         f"bytes")
+    if unit == "x" and value < 1:
+        raise UsageError(f"budget {text!r} asks for a model larger than FP32 ({fp32_bytes} "
+                         f"bytes); a ratio is FP32 size / budget: ask for 1x or more (13x)")
+    return math.floor(bytes_)
 
 
 @torch.no_grad()

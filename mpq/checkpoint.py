@@ -25,7 +25,8 @@ from torch import nn
 from .errors import UsageError
 from .models import build_model
 
-__all__ = ["CHECKPOINT_VERSION", "load_checkpoint", "model_from_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "data_config", "fp32_payload", "load_checkpoint",
+           "model_from_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "mpq.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -44,18 +45,22 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
-    """Reads an mpq checkpoint safely; a missing, corrupted or foreign file is a `UsageError`."""
-    path = Path(path)
+def _read(path: Path, map_location):
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
             pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"checkpoint {path} is corrupted or not a torch checkpoint ({first})") \
-            from None
+        raise UsageError(f"checkpoint {path} is corrupted or not a torch checkpoint, or one "
+                         f"that only loads by running code ({first[:200]})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Reads an mpq checkpoint safely; a missing, corrupted or foreign file is a `UsageError`."""
+    path = Path(path)
+    payload = _read(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not an mpq checkpoint (no format={CHECKPOINT_FORMAT!r} "
                          f"field); train one with train.py")
@@ -90,3 +95,77 @@ def model_from_checkpoint(payload: dict, *, expect_model: str | None = None,
     model = build_model(name, num_classes=spec.get("num_classes", 10))
     load_state_dict_checked(model, payload["state_dict"], what=f"checkpoint {path}")
     return model
+
+
+TORCHVISION_WEIGHTS = "torchvision:"
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def fp32_payload(source: str | os.PathLike, *, model_name: str, num_classes: int) -> dict:
+    """An FP32 model as a checkpoint payload, from any of the forms users have one in:
+
+    - an mpq checkpoint (from train.py);
+    - a plain state dict of the recipe's model (`torch.save(model.state_dict(), path)`), or a
+      dict holding one under `state_dict` or `model`; its normalisation is then unknown
+      (`normalization` None) and the recipe's is used;
+    - `torchvision:<Weights enum>`, e.g. `torchvision:ResNet18_Weights.IMAGENET1K_V1`:
+      torchvision's pretrained weights, downloaded once into torch's hub cache.
+    """
+    spec = str(source)
+    if spec.startswith(TORCHVISION_WEIGHTS):
+        return _torchvision_payload(spec, model_name)
+    path = Path(source)
+    payload = _read(path, "cpu")
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        return load_checkpoint(path)
+    for state in (payload, *(payload.get(k) for k in ("state_dict", "model")
+                             if isinstance(payload, dict))):
+        if _is_state_dict(state):
+            return {"kind": "fp32", "model": {"name": model_name, "num_classes": num_classes},
+                    "state_dict": state, "normalization": None, "source": "state_dict"}
+    raise UsageError(f"{path} is neither an mpq checkpoint nor a state dict of tensors; save "
+                     f"the model with torch.save(model.state_dict(), path)")
+
+
+def _torchvision_payload(spec: str, model_name: str) -> dict:
+    import torchvision
+
+    name = spec[len(TORCHVISION_WEIGHTS):]
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (KeyError, ValueError, AttributeError):
+        raise UsageError(f"{spec}: torchvision has no weights {name!r}; name them as "
+                         f"Enum.VALUE, e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1") from None
+    builder = torchvision.models.get_model_builder(model_name) \
+        if model_name in torchvision.models.list_models() else None
+    if builder is None or torchvision.models.get_model_weights(builder) is not type(weights):
+        raise UsageError(f"{spec} are weights of another architecture than the recipe's "
+                         f"{model_name!r}")
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # offline, or a damaged download
+        raise UsageError(f"could not fetch {spec} ({str(exc).splitlines()[0][:200]}); offline, "
+                         f"fetch {weights.url} elsewhere and pass the file as the teacher") \
+            from None
+    return {"kind": "fp32", "model": {"name": model_name,
+                                      "num_classes": len(weights.meta["categories"])},
+            "state_dict": state, "normalization": IMAGENET_NORMALIZATION, "source": spec}
+
+
+def data_config(payload: dict):
+    """The data section a checkpoint (or a packed model.mpq's payload) was made with, normalised
+    its way; without a recipe in it, the defaults at its input size (any ImageFolder root)."""
+    from .config import DataConfig, recipe_from_dict
+
+    data = (payload.get("recipe") or {}).get("data")
+    cfg = recipe_from_dict(data, DataConfig) if data else DataConfig(
+        image_size=payload.get("input_size") or DataConfig.image_size)
+    if payload.get("normalization"):
+        cfg.mean = list(payload["normalization"]["mean"])
+        cfg.std = list(payload["normalization"]["std"])
+    return cfg

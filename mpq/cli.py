@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
 
-__all__ = ["add_common_args", "main", "run_cli"]
+__all__ = ["add_common_args", "check_out_dir", "main", "positive_int", "run_cli"]
 
 
-def run_cli(fn: Callable[[], object]) -> None:
-    """Runs a script body; a `UsageError` becomes one line on stderr and exit code 2."""
+def run_cli(fn: Callable[[], object], *,
+            interrupted: str = "the last checkpoint (end of an epoch, or every "
+                               "train.checkpoint_minutes) is kept; run the same command to "
+                               "resume") -> None:
+    """Runs a script body; a `UsageError` becomes one line on stderr and exit code 2, Ctrl-C
+    one line saying what was kept (`interrupted`) and exit code 130."""
     from .export.run import ExportCheckFailed
     from .trainer import TrainingDiverged
 
@@ -21,12 +28,50 @@ def run_cli(fn: Callable[[], object]) -> None:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            FileExistsError) as exc:  # the file system refused: the user's to fix, not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"error: {exc.strerror}: {exc.filename or ''}; free space or write elsewhere",
+              file=sys.stderr)
+        sys.exit(2)
     except (TrainingDiverged, ExportCheckFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
+        print(f"interrupted; {interrupted}", file=sys.stderr)
         sys.exit(130)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def check_out_dir(path) -> None:
+    """Refuses, before any work, an output folder that cannot be one: an existing file, a path
+    under a file, or a place this user cannot write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is an existing file, not a folder; choose a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {path} lies under {parent}, which is a file; choose a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {parent} is not writable by this user; choose a "
+                         f"folder you can write")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> None:
@@ -44,9 +89,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> 
 def _eval(args) -> None:
     import torch
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .config import DataConfig, recipe_from_dict
-    from .data import BatchLoader, load_split
+    from .checkpoint import data_config, load_checkpoint, model_from_checkpoint
+    from .data import load_split, make_loader
     from .trainer import evaluate, resolve_device
 
     device = resolve_device(args.device)
@@ -57,26 +101,45 @@ def _eval(args) -> None:
 
         model, payload = load_mpq(args.checkpoint)
         model = model.to(device)
-        # any ImageFolder or CIFAR-10 root; with no root, CIFAR-10 is downloaded
-        data_cfg = DataConfig(image_size=payload["input_size"])
     else:
         payload = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
-        data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
-    data_cfg.mean = payload["normalization"]["mean"]
-    data_cfg.std = payload["normalization"]["std"]
-    split = load_split(data_cfg, "test", root=args.data_root,
+    data_cfg = data_config(payload)
+    split = load_split(data_cfg, "test", root=args.data_root, classes=payload.get("classes"),
                        num_classes=payload["model"]["num_classes"], progress=not args.quiet)
-    loader = BatchLoader(split, data_cfg, batch_size=args.batch_size, train=False, device=device)
+    loader = make_loader(split, data_cfg, batch_size=args.batch_size, train=False, device=device)
     with torch.inference_mode():
         result = evaluate(model, loader)
     print(f"images={len(split)} loss={result['loss']:.4f}")
     print(f"top1={result['top1']:.2f}")
 
 
+def _wrap(args) -> None:
+    from .checkpoint import fp32_payload, save_checkpoint
+    from .config import load_recipe, recipe_to_dict
+    from .qat import load_teacher
+    from .trainer import model_meta
+
+    if Path(args.out).exists() and not args.force:
+        raise UsageError(f"{args.out} exists; pass --force to replace it")
+    recipe = load_recipe(args.recipe, args.overrides)
+    spec = recipe.model
+    payload = fp32_payload(args.state_dict, model_name=spec.name, num_classes=spec.num_classes)
+    model = load_teacher(args.state_dict, model_name=spec.name, num_classes=spec.num_classes,
+                         normalization={"mean": list(recipe.data.mean),
+                                        "std": list(recipe.data.std)}, payload=payload)
+    save_checkpoint(args.out, {**model_meta(recipe), "kind": "fp32",
+                               "state_dict": model.state_dict(), "epoch": -1, "metrics": {},
+                               "recipe": recipe_to_dict(recipe),
+                               "source": str(payload.get("source", args.state_dict))})
+    print(f"wrote {args.out}: {spec.name} with {spec.num_classes} classes and the recipe's data "
+          f"section (normalization {recipe.data.mean} / {recipe.data.std})")
+
+
 def _export(args) -> None:
     from .export.run import export_checkpoint
 
+    check_out_dir(args.out)
     report = export_checkpoint(args.checkpoint, args.out, data_root=args.data_root,
                                force=args.force, batch_size=args.batch_size,
                                progress=not args.quiet, reencode_int8=args.reencode_int8)
@@ -108,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "the test split")
     ev.add_argument("--checkpoint", required=True,
                     help="FP32 or QAT checkpoint (.pt), or a packed model.mpq")
-    ev.add_argument("--batch-size", type=int, default=500)
+    ev.add_argument("--batch-size", type=positive_int, default=500)
     add_common_args(ev, recipe=False)
     ex = sub.add_parser("export", help="int8 ONNX, PyTorch int8 and packed model.mpq from a QAT "
                                        "checkpoint or a model.mpq, checked on the test split")
@@ -120,7 +183,16 @@ def main(argv: list[str] | None = None) -> None:
                          "int8 kernels can saturate; export.json records the top-1 before")
     ex.add_argument("--out", required=True, help="folder for the exported files")
     ex.add_argument("--force", action="store_true", help="replace an existing export there")
-    ex.add_argument("--batch-size", type=int, default=500)
+    ex.add_argument("--batch-size", type=positive_int, default=500)
     add_common_args(ex, recipe=False)
+    wr = sub.add_parser("wrap", help="an mpq FP32 checkpoint from a plain state dict (or "
+                                     "torchvision:<Weights>) and the recipe it belongs to")
+    wr.add_argument("--state-dict", required=True,
+                    help="torch.save(model.state_dict()) file, or torchvision:<Weights>")
+    wr.add_argument("--recipe", required=True, help="recipe naming the model and its data")
+    wr.add_argument("--out", required=True, help="checkpoint file to write")
+    wr.add_argument("--force", action="store_true", help="replace an existing file")
+    wr.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     args = parser.parse_args(argv)
-    run_cli(lambda: {"eval": _eval, "export": _export}[args.command](args))
+    run_cli(lambda: {"eval": _eval, "export": _export, "wrap": _wrap}[args.command](args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,6 +56,16 @@ class DataConfig:
     `dataset` is `cifar10` (an ImageFolder copy or torchvision's files under the root, downloaded
     when online), `imagefolder` (any root with `train/` and `test/` or `val/`), or `synthetic`
     (random images for tests). `mean` and `std` are in 0..1 pixel units and travel with the model.
+
+    Evaluation images are resized (shorter side to `resize`, default `image_size`) and
+    centre-cropped to `image_size`. Training augmentation is `pad_crop` (pad by `crop_padding`,
+    random crop, flip, `cutout`: CIFAR's) or `random_resized_crop` (a random area in `crop_scale`
+    of the full image and aspect ratio in [3/4, 4/3], resized to `image_size`, and a flip:
+    ImageNet's). `loader`: `memory` decodes a split once into RAM (cached on disk), `stream`
+    decodes each batch in `workers` processes, `auto` streams when the decoded split would
+    exceed `memory_limit_mb` or the augmentation needs the full-size image. `skip_corrupt`
+    skips unreadable images (counted) instead of stopping; `train_images` > 0 trains on that
+    many images of the training split (a fixed random subset), to try a pipeline quickly.
     """
 
     dataset: str = "cifar10"
@@ -67,6 +78,14 @@ class DataConfig:
     cutout: int = 0
     synthetic_train_size: int = 512
     synthetic_test_size: int = 256
+    resize: int | None = None
+    augment: str = "pad_crop"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    loader: str = "auto"
+    memory_limit_mb: int = 4096
+    workers: int = 4
+    skip_corrupt: bool = False
+    train_images: int = 0
 
     def __post_init__(self):
         if self.dataset not in ("cifar10", "imagefolder", "synthetic"):
@@ -77,14 +96,34 @@ class DataConfig:
             raise UsageError("data.mean and data.std need 3 values each (R, G, B), in 0..1 units")
         if any(s <= 0 for s in self.std):
             raise UsageError(f"data.std must be positive, got {self.std}")
-        for name in ("image_size", "crop_padding", "cutout"):
+        for name in ("image_size", "crop_padding", "cutout", "workers", "train_images"):
             if getattr(self, name) < 0:
                 raise UsageError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.augment not in ("pad_crop", "random_resized_crop"):
+            raise UsageError(f"data.augment must be pad_crop or random_resized_crop; got "
+                             f"{self.augment!r}")
+        if self.loader not in ("auto", "memory", "stream"):
+            raise UsageError(f"data.loader must be auto, memory or stream; got {self.loader!r}")
+        if self.resize is not None and self.resize < self.image_size:
+            raise UsageError(f"data.resize ({self.resize}) must be >= data.image_size "
+                             f"({self.image_size}): evaluation crops image_size from it")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                             f"got {self.crop_scale}")
+        if self.memory_limit_mb < 1:
+            raise UsageError(f"data.memory_limit_mb must be >= 1, got {self.memory_limit_mb}")
 
 
 @dataclass
 class TrainConfig:
-    """FP32 training (and the optimiser part of QAT): SGD with momentum and a one-cycle schedule."""
+    """FP32 training (and the optimiser part of QAT): SGD with momentum and a one-cycle schedule.
+
+    `max_steps` > 0 ends training after that many optimiser steps (the schedule is compressed to
+    fit). `precision`: `auto`, `fp32`, `bf16` or `fp16` autocast (see `mpq.precision`);
+    `compile` runs the network through `torch.compile`. Besides every epoch's end, the run is
+    checkpointed every `checkpoint_steps` steps (0: never by count) and every
+    `checkpoint_minutes` minutes (0: never by time), and resumes from the exact batch.
+    """
 
     epochs: int = 200
     batch_size: int = 128
@@ -98,6 +137,11 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = True
     eval_batch_size: int = 500
+    max_steps: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    checkpoint_steps: int = 0
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -108,8 +152,18 @@ class TrainConfig:
             raise UsageError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
         if self.lr <= 0:
             raise UsageError(f"train.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UsageError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise UsageError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps < 0 or self.checkpoint_steps < 0 or self.checkpoint_minutes < 0:
+            raise UsageError("train.max_steps, train.checkpoint_steps and "
+                             "train.checkpoint_minutes must be >= 0 (0: off)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UsageError(f"train.precision must be auto, fp32, bf16 or fp16; got "
+                             f"{self.precision!r}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise UsageError(
                 f"train.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
@@ -177,6 +231,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and
                                               not (tp is int and isinstance(value, bool))):
         raise UsageError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise UsageError(f"{key}: expected a finite number, got {value!r}")
     return value
 
 
@@ -251,9 +307,20 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), cls=Recipe):
         if not path.is_file():
             raise UsageError(f"recipe {path} does not exist; see recipes/ for the shipped ones")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UsageError(f"recipe {path} is not a text file (not UTF-8); give a YAML "
+                             f"recipe, e.g. one of recipes/") from None
         except yaml.YAMLError as exc:
-            raise UsageError(f"recipe {path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UsageError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+        except OSError as exc:
+            raise UsageError(f"recipe {path} cannot be read ({exc.strerror})") from None
+        if data is None:
+            raise UsageError(f"recipe {path} is empty; start from one of recipes/ (an empty "
+                             f"recipe would train on built-in defaults)")
         if not isinstance(data, dict):
             raise UsageError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     return recipe_from_dict(apply_overrides(data, list(overrides)), cls)

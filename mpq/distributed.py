@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_from_env", "is_main", "rank", "shard", "world_size", "wrap"]
+__all__ = ["all_gather", "any_rank", "barrier", "init_from_env", "is_main", "rank", "shard",
+           "world_size", "wrap"]
 
 
 def world_size() -> int:
@@ -73,3 +74,22 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank: a decision every rank takes together (a checkpoint
+    due by the clock of one rank must be written by all, or the barrier inside deadlocks)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather(obj) -> list:
+    """`obj` from every rank, in rank order (plain picklable data)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

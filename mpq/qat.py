@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import fp32_payload, model_from_checkpoint, save_checkpoint
 from .config import Recipe, recipe_to_dict
-from .data import BatchLoader
+from .data import make_loader
 from .errors import UsageError
+from .precision import autocast_dtype
 from .quant import (INT8_WEIGHT_MAX, Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                     reestimate_bn_)
 from .quant.modules import full_range_int8_weights_
@@ -96,21 +97,24 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
-def load_teacher(path: str | os.PathLike, *, model_name: str, num_classes: int,
-                 normalization: dict | None = None) -> nn.Module:
-    """Loads an FP32 teacher checkpoint, refusing one of another architecture (or, when
-    `normalization` is given, one trained on differently normalised inputs)."""
-    payload = load_checkpoint(path)
+def load_teacher(source: str | os.PathLike, *, model_name: str, num_classes: int,
+                 normalization: dict | None = None, payload: dict | None = None) -> nn.Module:
+    """Loads an FP32 teacher (an mpq checkpoint, a plain state dict or torchvision weights: see
+    `mpq.checkpoint.fp32_payload`; or its already loaded `payload`), refusing one of another
+    architecture or class count (or, when `normalization` is given and the teacher records
+    its own, one trained on differently normalised inputs)."""
+    if payload is None:
+        payload = fp32_payload(source, model_name=model_name, num_classes=num_classes)
     if payload.get("kind", "fp32") != "fp32":
-        raise UsageError(f"teacher {path} is a {payload.get('kind')} checkpoint; the teacher "
+        raise UsageError(f"teacher {source} is a {payload.get('kind')} checkpoint; the teacher "
                          f"must be an FP32 model")
-    model = model_from_checkpoint(payload, expect_model=model_name, path=path)
+    model = model_from_checkpoint(payload, expect_model=model_name, path=source)
     if payload["model"].get("num_classes") != num_classes:
-        raise UsageError(f"teacher {path} has {payload['model'].get('num_classes')} classes, "
+        raise UsageError(f"teacher {source} has {payload['model'].get('num_classes')} classes, "
                          f"the recipe {num_classes}")
     theirs = payload.get("normalization")
     if normalization is not None and theirs is not None and theirs != normalization:
-        raise UsageError(f"teacher {path} was trained with normalization {theirs}, the recipe "
+        raise UsageError(f"teacher {source} was trained with normalization {theirs}, the recipe "
                          f"uses {normalization}; set data.mean and data.std to the teacher's")
     return model
 
@@ -141,15 +145,17 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         raise UsageError(f"the plan is for {plan.model!r} but the recipe trains "
                          f"{recipe.model.name!r}")
     device = distributed.init_from_env(resolve_device(device))
+    payload = fp32_payload(teacher, model_name=recipe.model.name,
+                           num_classes=recipe.model.num_classes)
     fp32 = load_teacher(teacher, model_name=recipe.model.name,
                         num_classes=recipe.model.num_classes,
                         normalization={"mean": list(recipe.data.mean),
-                                       "std": list(recipe.data.std)})
+                                       "std": list(recipe.data.std)}, payload=payload)
     cfg = recipe.qat
     student = quantized_model(fp32, plan, cfg, input_size=recipe.data.image_size)
     progress = progress and distributed.is_main()
     train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
-                                             progress=progress)
+                                             progress=progress, classes=payload.get("classes"))
     teacher_model = fp32.to(device).eval()
     for p in teacher_model.parameters():
         p.requires_grad_(False)
@@ -158,7 +164,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     student = student.to(device).to(memory_format=memory_format)
 
     # Calibrate on un-augmented training images, in their fixed order.
-    calib = BatchLoader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
+    calib = make_loader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
                         train=False, device=device, channels_last=recipe.train.channels_last)
     calibrate_(student, (x for i, (x, _) in zip(range(cfg.calibration_batches), calib.epoch(0))))
 
@@ -188,18 +194,20 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         batches = islice(train_loader.epoch(recipe.train.epochs), cfg.bn_reestimate_batches)
         if not reestimate_bn_(model, batches):
             return {}
-        result = evaluate(model, test_loader)
+        result = evaluate(model, test_loader, amp=amp)
         return {"top1": result["top1"], "test_loss": result["loss"],
                 "top1_before_bn_reestimate": final["top1"],
                 "bn_reestimate_batches": cfg.bn_reestimate_batches}
 
-    teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
-    meta = {**model_meta(recipe), "kind": "qat", "plan": plan.to_dict(),
+    amp = autocast_dtype(recipe.train.precision, device)
+    teacher_top1 = evaluate(teacher_model, test_loader, amp=amp)["top1"]
+    meta = {**model_meta(recipe), "kind": "qat", "classes": train_loader.split.classes,
+            "plan": plan.to_dict(),
             "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
                     "quantize_joins": cfg.quantize_joins, "int8_weight_max": INT8_WEIGHT_MAX}}
     if ptq:
         freeze_bn_(student)
-        result = evaluate(student, test_loader)
+        result = evaluate(student, test_loader, amp=amp)
         metrics = {"top1": result["top1"], "test_loss": result["loss"], "epochs": 0,
                    "train_seconds": 0.0}
         if distributed.is_main():

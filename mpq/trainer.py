@@ -21,8 +21,9 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from . import distributed
 from .config import TrainConfig, recipe_to_dict
-from .data import BatchLoader
+from .data import load_split, make_loader
 from .errors import UsageError
+from .precision import autocast, autocast_dtype, grad_scaler
 
 __all__ = ["TrainingDiverged", "evaluate", "fit", "lr_factor", "make_loaders", "model_meta",
            "resolve_device", "train_fp32", "write_metrics"]
@@ -38,7 +39,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` picks CUDA when present, else the CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or "
+                         f"cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
     return device
@@ -60,14 +67,16 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> dict:
-    """Top-1 accuracy (percent) and mean cross-entropy over a whole loader."""
+def evaluate(model: nn.Module, loader, *, amp: torch.dtype | None = None) -> dict:
+    """Top-1 accuracy (percent) and mean cross-entropy over a whole loader, under autocast to
+    `amp` if given."""
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in loader.epoch(0):
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        with autocast(x.device, amp):
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
     model.train(was_training)
@@ -87,7 +96,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: BatchLoader,
+def fit(model: nn.Module, *, recipe, train_loader, test_loader,
         out_dir: str | os.PathLike, meta: dict, train_cfg: TrainConfig | None = None,
         loss_fn: Callable | None = None, progress: bool = True, log: bool = True,
         on_epoch_start: Callable[[int], None] | None = None,
@@ -121,16 +130,25 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
     out.mkdir(parents=True, exist_ok=True)
     recipe_dict = recipe_to_dict(recipe)
     loss_fn = loss_fn or _cross_entropy(cfg.label_smoothing)
+    device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.precision, device)
+    scaler = grad_scaler(device, amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch < 1:
+        raise UsageError(f"the training split has {len(train_loader.split)} images, fewer than "
+                         f"one batch of {train_loader.batch_size}; lower train.batch_size")
     total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    epochs = -(-total // steps_per_epoch)
+    warmup = round(cfg.warmup_epochs / cfg.epochs * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
 
-    start_epoch, history = 0, []
+    start_epoch, history, partial = 0, [], None
     if (out / LAST).is_file():
         state = load_checkpoint(out / LAST)
         diff = _diff_keys(state.get("recipe") or {}, recipe_dict)
@@ -146,37 +164,69 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        _set_rng(ranks[distributed.rank()] if len(ranks) == distributed.world_size()
+                 else state["rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        partial = state.get("partial")
         if log:
-            print(f"resuming {out} after epoch {start_epoch} of {cfg.epochs}")
+            where = (f"at step {partial['batch']} of epoch {partial['epoch'] + 1}" if partial
+                     else f"after epoch {start_epoch}")
+            print(f"resuming {out} {where} of {epochs}")
     elif main:
         (out / "recipe.yaml").write_text(_yaml(recipe_dict))
 
-    net = distributed.wrap(model, next(model.parameters()).device)
-    writer = (SummaryWriter(str(out / "tb"), purge_step=start_epoch * steps_per_epoch or None)
+    net = distributed.wrap(model, device)
+    if cfg.compile:
+        net = torch.compile(net)
+    shard = not getattr(train_loader, "sharded", False)
+    first_step = (partial["epoch"] * steps_per_epoch + partial["batch"] if partial
+                  else start_epoch * steps_per_epoch)
+    writer = (SummaryWriter(str(out / "tb"), purge_step=first_step or None)
               if main else _NullWriter())
+
+    def save_last(epoch: int, extra: dict) -> None:
+        rngs = distributed.all_gather(_get_rng())  # each rank's own: dropout stays exact
+        if main:
+            save_checkpoint(out / LAST, {
+                **meta, "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                "epoch": epoch, "history": history, "recipe": recipe_dict, **extra})
+        distributed.barrier()
+
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, epochs):
             model.train()
             if on_epoch_start:
                 on_epoch_start(epoch)
-            started = time.time()
-            sums: dict[str, float] = {}
-            correct = seen = 0
-            bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, disable=not progress,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
-            for i, (x, y) in enumerate(bar):
-                x, y = distributed.shard(x, y)
-                loss, logits, terms = loss_fn(net, x, y)
+            resumed = partial if partial and partial["epoch"] == epoch else None
+            partial = None
+            started = time.time() - (resumed["seconds"] if resumed else 0.0)
+            sums: dict[str, float] = dict(resumed["sums"]) if resumed else {}
+            correct, seen = (resumed["correct"], resumed["seen"]) if resumed else (0, 0)
+            first = resumed["batch"] if resumed else 0
+            last = min(steps_per_epoch, total - epoch * steps_per_epoch)
+            saved_at = time.time()
+            batches = train_loader.epoch(epoch, start_batch=first)
+            bar = tqdm(batches, total=last, initial=first, disable=not progress,
+                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=2.0)
+            for i, (x, y) in enumerate(bar, start=first):
+                if shard:
+                    x, y = distributed.shard(x, y)
+                with autocast(device, amp):
+                    loss, logits, terms = loss_fn(net, x, y)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
                         f"The last good checkpoint ({out / LAST}, if any) is kept; lower "
                         f"train.lr or check the data")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step = epoch * steps_per_epoch + i
                 for name, value in {"loss": loss, **terms}.items():
@@ -189,46 +239,67 @@ def fit(model: nn.Module, *, recipe, train_loader: BatchLoader, test_loader: Bat
                 bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}",
                                 acc=f"{100 * correct / seen:.1f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.4f}", refresh=False)
+                if i + 1 >= last:
+                    break
+                due = bool(cfg.checkpoint_steps and (i + 1) % cfg.checkpoint_steps == 0)
+                if cfg.checkpoint_minutes:  # by the clock: all ranks must agree
+                    due = distributed.any_rank(
+                        due or time.time() - saved_at >= 60 * cfg.checkpoint_minutes)
+                if due:
+                    save_last(epoch - 1, {"partial": {
+                        "epoch": epoch, "batch": i + 1, "sums": sums, "correct": correct,
+                        "seen": seen, "seconds": time.time() - started}})
+                    saved_at = time.time()
             bar.close()
-            test = evaluate(model, test_loader)
+            batches.close()
+            test = evaluate(model, test_loader, amp=amp)
             row = {"epoch": epoch + 1, "train_top1": 100 * correct / seen,
                    **{f"train_{k}": v / seen for k, v in sums.items()},
                    "test_top1": test["top1"], "test_loss": test["loss"],
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started,
+                   "steps": last}
             history.append(row)
             for key, value in row.items():
-                if key != "epoch":
+                if key not in ("epoch", "steps"):
                     writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
             if epoch_logger:
                 epoch_logger(writer, model, epoch + 1)
             writer.flush()
-            if main:
-                save_checkpoint(out / LAST, {
-                    **meta, "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": {"torch": torch.get_rng_state()}, "epoch": epoch,
-                    "history": history, "recipe": recipe_dict})
-            distributed.barrier()
+            save_last(epoch, {})
             if log:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
+                print(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} "
                       f"train {row['train_top1']:.2f}% test {test['top1']:.2f}% "
                       f"({row['seconds']:.0f} s)", flush=True)
         final = history[-1] if history else {}
         metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
-                   "epochs": cfg.epochs, "train_seconds": sum(r["seconds"] for r in history)}
+                   "epochs": epochs, "steps": total, "precision": str(amp or torch.float32),
+                   "train_seconds": sum(r["seconds"] for r in history)}
         if on_train_end:
             metrics.update(on_train_end(model, dict(metrics)))
             for key in ("top1", "test_loss"):
-                writer.add_scalar(f"final/{key}", metrics[key], cfg.epochs)
+                writer.add_scalar(f"final/{key}", metrics[key], epochs)
     finally:
         writer.close()
 
     if main:
         save_checkpoint(out / "model.pt", {**meta, "state_dict": model.state_dict(),
-                                           "epoch": cfg.epochs - 1, "metrics": metrics,
+                                           "epoch": epochs - 1, "metrics": metrics,
                                            "recipe": recipe_dict})
     distributed.barrier()
     return metrics
+
+
+def _get_rng() -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class _NullWriter:
@@ -270,22 +341,25 @@ def model_meta(recipe) -> dict:
 
 
 def make_loaders(recipe, *, data_root=None, device: torch.device, progress: bool = True,
-                 train_cfg: TrainConfig | None = None) -> tuple[BatchLoader, BatchLoader]:
-    """Training and test loaders for a recipe (decoding and caching images the first time)."""
-    from .data import load_split
-
+                 train_cfg: TrainConfig | None = None, classes: list[str] | None = None):
+    """Training and test loaders for a recipe (in memory, decoded and cached the first time, or
+    streamed from the files; see `mpq.data`). Both splits must have the model's classes
+    (`classes`, default the training split's); `data.train_images` subsets the training split."""
     cfg = train_cfg or recipe.train
+    data = recipe.data
     kwargs = dict(root=data_root, num_classes=recipe.model.num_classes, progress=progress)
-    train = load_split(recipe.data, "train", **kwargs)
-    test = load_split(recipe.data, "test", **kwargs)
+    train = load_split(data, "train", classes=classes, **kwargs)
+    test = load_split(data, "test", classes=train.classes, **kwargs)
     if len(train.classes) != recipe.model.num_classes:
         raise UsageError(f"the data has {len(train.classes)} classes but model.num_classes is "
                          f"{recipe.model.num_classes}; set model.num_classes to match")
-    channels_last = cfg.channels_last
-    return (BatchLoader(train, recipe.data, batch_size=cfg.batch_size, train=True,
-                        seed=cfg.seed, device=device, channels_last=channels_last),
-            BatchLoader(test, recipe.data, batch_size=cfg.eval_batch_size, train=False,
-                        device=device, channels_last=channels_last))
+    if data.train_images and data.train_images < len(train):
+        g = torch.Generator().manual_seed(cfg.seed)
+        train = train.subset(torch.randperm(len(train), generator=g)[:data.train_images])
+    common = dict(device=device, channels_last=cfg.channels_last)
+    return (make_loader(train, data, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                        rank=distributed.rank(), world_size=distributed.world_size(), **common),
+            make_loader(test, data, batch_size=cfg.eval_batch_size, train=False, **common))
 
 
 def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
@@ -305,8 +379,9 @@ def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
     if recipe.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     metrics = fit(model, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
-                  out_dir=out_dir, meta={**model_meta(recipe), "kind": "fp32"}, progress=progress,
-                  log=log)
+                  out_dir=out_dir, meta={**model_meta(recipe), "kind": "fp32",
+                                         "classes": train_loader.split.classes},
+                  progress=progress, log=log)
     if distributed.is_main():
         write_metrics(out_dir, metrics)
     return metrics

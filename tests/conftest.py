@@ -74,30 +74,46 @@ def _wait_for(predicate, timeout):
     return False
 
 
-def kill_mid_epoch_and_resume(args, tmp_path):
+def _has_partial(path: Path) -> bool:
+    from mpq.checkpoint import load_checkpoint
+    from mpq.errors import UsageError
+
+    try:
+        return path.is_file() and "partial" in load_checkpoint(path)
+    except UsageError:  # caught between its write and its rename: not there yet
+        return False
+
+
+def kill_mid_epoch_and_resume(args, tmp_path, *, from_partial=False, timeout=300):
     """Runs `args` (a train.py command without --out) straight, and again killed with SIGKILL
-    half-way through its second epoch and then resumed; asserts both end with equal weights."""
+    half-way through its second epoch (or, with `from_partial`, right after its first
+    mid-epoch checkpoint) and then resumed; asserts both end with equal weights. Returns the
+    resumed run's stdout."""
     from mpq.checkpoint import load_checkpoint
 
     cmd = [sys.executable, *map(str, args), "--device", "cpu", "--quiet", "--out"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([*cmd, str(tmp_path / "straight")], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=timeout)
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, str(killed_dir)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed_dir / "checkpoint_last.pt"
-    assert _wait_for(last.is_file, 120), "the first epoch's checkpoint never appeared"
-    # Kill half-way through epoch 2: the first epoch's own duration says when that is.
-    time.sleep(load_checkpoint(last)["history"][0]["seconds"] / 2)
+    if from_partial:
+        assert _wait_for(lambda: _has_partial(last), timeout), "no mid-epoch checkpoint appeared"
+    else:
+        assert _wait_for(last.is_file, 120), "the first epoch's checkpoint never appeared"
+        # Kill half-way through epoch 2: the first epoch's own duration says when that is.
+        time.sleep(load_checkpoint(last)["history"][0]["seconds"] / 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed_dir / "model.pt").exists(), "the run finished before it was killed"
     resumed = subprocess.run([*cmd, str(killed_dir)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=timeout)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     a = load_checkpoint(tmp_path / "straight" / "model.pt")["state_dict"]
     b = load_checkpoint(killed_dir / "model.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return resumed.stdout

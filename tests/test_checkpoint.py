@@ -44,3 +44,51 @@ def test_other_architecture_is_refused(tmp_path):
     loaded["model"]["name"] = "resnet20"  # a mislabelled file: the weights do not fit
     with pytest.raises(UsageError, match="does not fit the model"):
         model_from_checkpoint(loaded)
+
+
+def test_a_teacher_comes_as_a_state_dict_a_wrapped_one_or_torchvision_weights(tmp_path,
+                                                                              monkeypatch):
+    import torchvision
+
+    from mpq.models import build_model
+    from mpq.qat import load_teacher
+
+    torch.manual_seed(0)
+    net = build_model("resnet20", num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
+    for name in ("plain.pt", "wrapped.pt"):
+        got = load_teacher(tmp_path / name, model_name="resnet20", num_classes=10)
+        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(),
+                                                      net.state_dict().values()))
+    with pytest.raises(UsageError, match="does not fit the model"):
+        load_teacher(tmp_path / "plain.pt", model_name="resnet20", num_classes=100)
+    torch.save(net, tmp_path / "module.pt")  # a pickled module only loads by running code
+    with pytest.raises(UsageError, match="only loads by running code"):
+        load_teacher(tmp_path / "module.pt", model_name="resnet20", num_classes=10)
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
+    with pytest.raises(UsageError, match="neither an mpq checkpoint nor a state dict"):
+        load_teacher(tmp_path / "other.pt", model_name="resnet20", num_classes=10)
+
+    # torchvision's enum, with its download stood in for (none can be fetched here)
+    reference = build_model("resnet18", num_classes=1000).state_dict()
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", lambda self, **kw: reference)
+    got = load_teacher("torchvision:ResNet18_Weights.IMAGENET1K_V1", model_name="resnet18",
+                       num_classes=1000)
+    assert torch.equal(got.state_dict()["fc.weight"], reference["fc.weight"])
+    with pytest.raises(UsageError, match="another architecture"):
+        load_teacher("torchvision:ResNet18_Weights.IMAGENET1K_V1", model_name="resnet50",
+                     num_classes=1000)
+    with pytest.raises(UsageError, match="has no weights"):
+        load_teacher("torchvision:ResNet18_Weights.NOPE", model_name="resnet18",
+                     num_classes=1000)
+
+    def offline(self, **kw):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", offline)
+    with pytest.raises(UsageError, match="could not fetch.*offline, fetch https://"):
+        load_teacher("torchvision:ResNet18_Weights.IMAGENET1K_V1", model_name="resnet18",
+                     num_classes=1000)

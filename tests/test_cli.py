@@ -80,3 +80,35 @@ def test_eval_bad_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "wrong.pt", wrong)
     assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "wrong.pt"),
                        "does not fit the model")
+
+
+def test_wrap_turns_a_state_dict_into_a_checkpoint_and_eval_reads_one_without_recipe(
+        tmp_path, tiny_recipe_dict, write_recipe):
+    from imagenet_layout import make_imagenet_layout
+    from mpq.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("resnet20", num_classes=4)
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    recipe = write_recipe(tiny_recipe_dict)
+    args = ["-m", "mpq", "wrap", "--state-dict", tmp_path / "sd.pt", "--recipe", recipe,
+            "--out", tmp_path / "wrapped.pt"]
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    wrapped = load_checkpoint(tmp_path / "wrapped.pt")
+    assert wrapped["kind"] == "fp32" and wrapped["recipe"]["data"]["dataset"] == "synthetic"
+    assert torch.equal(wrapped["state_dict"]["fc.weight"], net.state_dict()["fc.weight"])
+    again = run_script(*args)
+    assert again.returncode == 2 and "--force" in again.stderr
+    result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "wrapped.pt")
+    assert result.returncode == 0 and "top1=" in result.stdout, result.stderr
+
+    # Wrapped by hand with no recipe: the defaults at its input size, on any ImageFolder root.
+    root = make_imagenet_layout(tmp_path / "data", classes=4, train_per_class=1,
+                                val_per_class=3, sizes=(12, 16), name="class{}")
+    save_checkpoint(tmp_path / "bare.pt", {"kind": "fp32",
+                                           "model": {"name": "resnet20", "num_classes": 4},
+                                           "input_size": 12, "state_dict": net.state_dict()})
+    result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "bare.pt",
+                        "--data-root", root)
+    assert result.returncode == 0 and "images=12" in result.stdout, result.stderr

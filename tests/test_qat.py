@@ -269,3 +269,26 @@ def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(
     result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "ptq" / "model.pt",
                         "--quiet")
     assert result.stdout.strip().splitlines()[-1] == f"top1={metrics['top1']:.2f}"
+
+
+def test_activation_quantizer_rounds_in_float32_under_bf16_autocast():
+    from mpq.quant.modules import ActQuantizer
+
+    q = ActQuantizer(8)
+    x = torch.linspace(0, 6, 1001)
+    q.start_calibration()
+    q(x)
+    q.finish_calibration()
+    with torch.no_grad():
+        grid = q(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = q(x.to(torch.bfloat16))
+    def on_grid(t):
+        return ((t / q.scale) - (t / q.scale).round()).abs().max() < 1e-4
+
+    assert on_grid(grid)
+    # bf16 input values are the float32 ones rounded to 8 significant bits: the output lies on
+    # the same float32 grid, one level at most from where float32 input put it
+    assert under.dtype == torch.float32
+    assert on_grid(under)
+    assert (under - grid).abs().max() <= q.scale * 1.0001

@@ -79,3 +79,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_recipe_dic
     kept = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")
     assert kept["epoch"] == 0 and all(torch.isfinite(v).all()
                                       for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_sigkill_after_a_mid_epoch_checkpoint_resumes_on_the_same_batch(tmp_path,
+                                                                        tiny_recipe_dict,
+                                                                        write_recipe):
+    tiny_recipe_dict["train"].update(epochs=2, checkpoint_steps=4)
+    tiny_recipe_dict["data"]["synthetic_train_size"] = 960
+    out = kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict)],
+                                    tmp_path, from_partial=True)
+    assert "at step" in out
+
+
+def test_max_steps_ends_training_mid_epoch_with_the_schedule_compressed(tmp_path,
+                                                                        tiny_recipe_dict):
+    tiny_recipe_dict["train"].update(epochs=50, max_steps=15)   # 12 steps per epoch
+    metrics = train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "run",
+                         device="cpu", progress=False, log=False)
+    assert metrics["steps"] == 15 and metrics["epochs"] == 2
+    history = load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["history"]
+    assert [row["steps"] for row in history] == [12, 3]
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine reached its end
+
+
+def test_train_images_trains_on_a_fixed_subset(tmp_path, tiny_recipe_dict):
+    from mpq.trainer import make_loaders
+
+    tiny_recipe_dict["data"]["train_images"] = 100
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    a, _ = make_loaders(recipe, device=torch.device("cpu"), progress=False)
+    b, _ = make_loaders(recipe, device=torch.device("cpu"), progress=False)
+    assert len(a.split) == 100 and len(a) == 3
+    assert torch.equal(a.split.images, b.split.images)
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_there_is_refused(tmp_path, tiny_recipe_dict):
+    tiny_recipe_dict["train"].update(epochs=1, precision="bf16", max_steps=3)
+    metrics = train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "bf16",
+                         device="cpu", progress=False, log=False)
+    assert metrics["precision"] == "torch.bfloat16" and math.isfinite(metrics["test_loss"])
+    tiny_recipe_dict["train"]["precision"] = "fp16"
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "fp16", device="cpu",
+                   progress=False, log=False)

@@ -5,8 +5,9 @@ NumPy only: no torch, no mpq. It checks that an export stands on its own.
 
 DIR is an export folder (model_int8.onnx and export.json, from `python -m mpq export` or
 train.py); ROOT holds test/ (or val/) with one folder per class, sorted by name as the model's
-class indices. Preprocessing follows export.json: RGB, resize the shorter side and centre-crop
-when the image is not already the input size, x / 255, (x - mean) / std, NCHW float32.
+class indices. Preprocessing follows export.json: RGB, resize the shorter side to its `resize`
+and centre-crop the input size when the image is not already that size, x / 255,
+(x - mean) / std, NCHW float32.
 """
 
 import argparse
@@ -21,13 +22,13 @@ from PIL import Image
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, resize: int) -> np.ndarray:
     with Image.open(path) as img:
         img = img.convert("RGB")
-        if img.size != (size, size):
+        if img.size != (size, size) or resize != size:
             w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+            scale = resize / min(w, h)
+            img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
                              Image.BILINEAR)
             w, h = img.size
             left, top = (w - size) // 2, (h - size) // 2
@@ -43,25 +44,62 @@ def main() -> int:
     parser.add_argument("--model", default="model_int8.onnx")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
+    try:
+        return evaluate(args)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+class BadInput(Exception):
+    """What the user passed cannot be used: one line on stderr, exit code 2."""
+
+
+def evaluate(args) -> int:
+    if args.batch_size < 1:
+        raise BadInput(f"--batch-size must be >= 1, got {args.batch_size}")
     export = Path(args.export)
-    meta = json.loads((export / "export.json").read_text())
-    size = meta["input"]["shape"][-1]
-    mean = np.array(meta["normalization"]["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.array(meta["normalization"]["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    if not export.is_dir():
+        raise BadInput(f"--export {export} is not a folder; pass an export folder (holding "
+                       f"export.json and {args.model})")
+    try:
+        meta = json.loads((export / "export.json").read_text())
+        size = meta["input"]["shape"][-1]
+        resize = meta["input"].get("resize", size)  # exports before it was recorded: the size
+        mean = np.array(meta["normalization"]["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+        std = np.array(meta["normalization"]["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    except FileNotFoundError:
+        raise BadInput(f"{export} has no export.json; export with python -m mpq export") \
+            from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise BadInput(f"{export / 'export.json'} is damaged or not an mpq export ({exc!r}); "
+                       f"export again") from None
     root = Path(args.data_root)
     split = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
     if split is None:
-        print(f"error: {root} has no test/ or val/ folder", file=sys.stderr)
-        return 2
+        raise BadInput(f"{root} has no test/ or val/ folder")
     classes = sorted(p.name for p in split.iterdir() if p.is_dir())
     files = [(f, label) for label, c in enumerate(classes)
              for f in sorted((split / c).iterdir()) if f.suffix.lower() in SUFFIXES]
-    session = ort.InferenceSession(str(export / args.model), providers=["CPUExecutionProvider"])
+    if not files:
+        raise BadInput(f"{split} holds no images in class folders")
+    try:
+        session = ort.InferenceSession(str(export / args.model),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types for missing and malformed files
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{export / args.model} cannot be loaded by ONNX Runtime ({first}); "
+                       f"export again") from None
     correct = 0
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        images = np.stack([load_image(f, size) for f, _ in chunk]).transpose(0, 3, 1, 2)
+        images = []
+        for f, _ in chunk:
+            try:
+                images.append(load_image(f, size, resize))
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise BadInput(f"cannot decode image {f}: {exc}; fix or remove it") from None
+        images = np.stack(images).transpose(0, 3, 1, 2)
         x = ((images.astype(np.float32) / 255 - mean) / std).astype(np.float32)
         logits = session.run(None, {meta["input"]["name"]: x})[0]
         correct += int((logits.argmax(1) == np.array([label for _, label in chunk])).sum())

@@ -62,14 +62,18 @@ def _predictions(fn, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
                  test_batches=None, force: bool = False, extra: dict | None = None,
-                 threads: int | None = None, architecture=None) -> dict:
+                 threads: int | None = None, architecture=None,
+                 resize: int | None = None) -> dict:
     """Exports a fake-quantized model and checks the exports on `test_batches`.
 
     Args:
         qmodel: a prepared model (from `prepare_qat`, QAT-trained), on the CPU.
         meta: `model` ({"name", "num_classes"}), `input_size`, `normalization` (0..1 units).
+        resize: the shorter side evaluation images are resized to before the centre crop
+            (default the input size), recorded in `export.json` for other runtimes.
         out_dir: where the files go (created).
-        test_batches: a list of (input, label) CPU batches; None skips the accuracy check.
+        test_batches: (input, label) CPU batches, iterable more than once (a list or a
+            loader); None skips the accuracy check.
         force: replace an existing export.
         extra: more fields for `export.json` (e.g. the plan's budget).
         threads: ONNX Runtime threads for the check.
@@ -117,9 +121,10 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         "format": "mpq.export", "version": 1, "mpq_file_version": MPQ_VERSION,
         "model": meta["model"],
         "input": {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": "RGB",
-                  "shape": list(shape),
-                  "preprocess": "RGB; if not size x size: resize the shorter side to size "
-                                "(bilinear) and centre-crop; x / 255; (x - mean) / std"},
+                  "shape": list(shape), "resize": resize or shape[-1],
+                  "preprocess": "RGB; if not size x size: resize the shorter side to resize "
+                                "(bilinear) and centre-crop size x size; x / 255; "
+                                "(x - mean) / std"},
         "normalization": meta["normalization"],
         "output": {"name": "logits", "shape": ["batch", meta["model"]["num_classes"]]},
         "plan": plan.to_dict(),
@@ -166,21 +171,19 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
 
 
 def test_batches_for(payload: dict, *, data_root=None, batch_size: int = 500,
-                     progress: bool = True, data_cfg=None) -> list:
-    """The test split of a checkpoint's data set (or of `data_cfg`), as CPU batches normalised
-    its way."""
-    from ..config import DataConfig, recipe_from_dict
-    from ..data import BatchLoader, load_split
+                     progress: bool = True):
+    """A loader of the test split of a checkpoint's (or a model.mpq's) data set: CPU batches
+    normalised its way, again on every pass."""
+    from ..checkpoint import data_config
+    from ..data import load_split, make_loader
 
-    if data_cfg is None:
-        data_cfg = recipe_from_dict(payload["recipe"]["data"], DataConfig)
-    data_cfg.mean = payload["normalization"]["mean"]
-    data_cfg.std = payload["normalization"]["std"]
-    split = load_split(data_cfg, "test", root=data_root,
+    data_cfg = data_config(payload)
+    split = load_split(data_cfg, "test", root=data_root, classes=payload.get("classes"),
                        num_classes=payload["model"]["num_classes"], progress=progress)
-    loader = BatchLoader(split, data_cfg, batch_size=batch_size, train=False,
-                         device=torch.device("cpu"))
-    return list(loader.epoch(0))
+    # the loader, not its batches: each pass decodes or normalises again, so a test split the
+    # size of ImageNet's never sits in memory as float32
+    return make_loader(split, data_cfg, batch_size=batch_size, train=False,
+                       device=torch.device("cpu"))
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -190,15 +193,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     checked on its test split. With `reencode_int8`, 8-bit layers on the full [-127, 127] grid
     are moved onto the portable one first (`reencode_int8_`), and `export.json` records which,
     with the fake-quantized top-1 before."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..config import DataConfig
+    from ..checkpoint import data_config, load_checkpoint, model_from_checkpoint
     from .mpqfile import is_mpq_file
 
-    data_cfg = None
-    if is_mpq_file(checkpoint):
+    if is_mpq_file(checkpoint):  # any ImageFolder or CIFAR-10 root at the file's input size
         qmodel, payload = load_mpq(checkpoint)
-        # any ImageFolder or CIFAR-10 root at the file's input size
-        data_cfg = DataConfig(image_size=payload["input_size"])
         qat_top1 = None
     else:
         payload = load_checkpoint(checkpoint)
@@ -210,7 +209,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         qat_top1 = (payload.get("metrics") or {}).get("top1")
     meta = {key: payload[key] for key in ("model", "input_size", "normalization")}
     batches = test_batches_for(payload, data_root=data_root, batch_size=batch_size,
-                               progress=progress, data_cfg=data_cfg)
+                               progress=progress)
     extra = {"checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(Path(checkpoint)),
              "qat_top1": qat_top1}
     if reencode_int8:
@@ -220,4 +219,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         extra["reencoded_int8"] = {"layers": layers,
                                    "fake_quant_top1_before": float((before == labels).mean()
                                                                    * 100)}
-    return export_model(qmodel, meta, out_dir, test_batches=batches, force=force, extra=extra)
+    return export_model(qmodel, meta, out_dir, test_batches=batches, force=force, extra=extra,
+                        resize=data_config(payload).resize)

@@ -163,6 +163,7 @@ class ActQuantizer(nn.Module):
         if not bool(self.calibrated):
             raise RuntimeError("ActQuantizer used before calibration; call mpq.quant.calibrate_")
         qmin, qmax = self.qrange
+        x = x.float()  # under autocast, activations arrive in bf16/fp16: round in float32
         if self.learn_scale:
             scale = grad_scale(self.scale.abs().clamp_min(1e-8),
                                1.0 / math.sqrt(x[0].numel() * qmax))

@@ -1,0 +1,142 @@
+"""Bad input through the scripts, as a user would give it: each case exits with code 2 and one
+line on stderr naming what was wrong and what to do, before any file is written or changed."""
+
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_script
+from imagenet_layout import make_imagenet_layout
+
+
+def refused(args, match, *, watch=()):
+    before = {p: p.read_bytes() for p in watch if p.is_file()}
+    result = run_script(*args, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    assert len(lines) == 1 and match in lines[0], (args, result.stderr[-2000:])
+    assert {p: p.read_bytes() for p in watch if p.is_file()} == before
+    return lines[0]
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_recipe_dict):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict))
+    return path
+
+
+@pytest.fixture
+def out(tmp_path):
+    """A run folder with a file in it that no refused command may touch."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("precious")
+    return folder
+
+
+def test_bad_recipes_and_values_are_one_line(tmp_path, recipe, out):
+    train = ["train.py", "--device", "cpu", "--quiet", "--out", out]
+    watch = [out / "keep.txt"]
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(bytes(range(256)) * 4)
+    refused([*train, "--recipe", junk], "not a text file", watch=watch)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: [1, 2\n")
+    refused([*train, "--recipe", broken], "not valid YAML at line", watch=watch)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n# nothing\n")
+    refused([*train, "--recipe", empty], "is empty", watch=watch)
+    for setting, message in [("train.lr=.nan", "train.lr: expected a finite number"),
+                             ("train.lr=.inf", "train.lr: expected a finite number"),
+                             ("train.weight_decay=-1", "train.weight_decay must be >= 0"),
+                             ("train.momentum=1.5", "train.momentum must be in [0, 1)"),
+                             ("train.precision=fp8", "train.precision must be"),
+                             ("data.loader=disk", "data.loader must be"),
+                             ("train.max_steps=-1", "train.max_steps")]:
+        refused([*train, "--recipe", recipe, "--set", setting], message, watch=watch)
+    refused([*train, "--recipe", recipe, "--device", "tpu"], "--device 'tpu'", watch=watch)
+
+
+def test_output_folders_that_cannot_be_one_are_refused_before_any_work(tmp_path, recipe):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("precious")
+    train = ["train.py", "--recipe", recipe, "--device", "cpu", "--quiet", "--out"]
+    refused([*train, a_file], "is an existing file", watch=[a_file])
+    refused([*train, a_file / "run"], "which is a file", watch=[a_file])
+    refused(["search.py", "--recipe", ROOT / "recipes" / "resnet20_cifar10.yaml", "--budget",
+             "13x", "--out", a_file], "is an existing file", watch=[a_file])
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("0", "must be a positive, finite number"), ("-3", "is not understood"),
+    ("1e400", "must be a positive, finite number"), ("1e400x", "must be a positive"),
+    ("0.5x", "larger than FP32"), ("13y", "budget unit 'y'"), ("0.1B", "under one byte")])
+def test_budgets_that_mean_nothing_are_refused(tmp_path, tiny_teacher, tiny_recipe_dict, budget,
+                                               message):
+    recipe = {**tiny_recipe_dict, "search": {"checkpoint": str(tiny_teacher)}}
+    recipe.pop("train")
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    refused(["search.py", "--recipe", path, "--budget", budget, "--out", tmp_path / "s",
+             "--device", "cpu", "--quiet"], message)
+    assert not (tmp_path / "s").exists()
+
+
+def test_eval_and_export_arguments(tmp_path, tiny_teacher):
+    for cmd in ("eval", "export"):
+        for size in ("0", "-5", "many"):
+            extra = ["--out", tmp_path / "x"] if cmd == "export" else []
+            result = run_script("-m", "mpq", cmd, "--checkpoint", tiny_teacher, "--batch-size",
+                                size, *extra)
+            assert result.returncode == 2 and "--batch-size" in result.stderr
+    refused(["-m", "mpq", "eval", "--checkpoint", tmp_path / "none.pt"], "does not exist")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("precious")
+    refused(["-m", "mpq", "export", "--checkpoint", tiny_teacher, "--out", a_file],
+            "is an existing file", watch=[a_file])
+
+
+def test_splits_whose_classes_differ_are_refused_naming_them(tmp_path, tiny_recipe_dict, out):
+    root = make_imagenet_layout(tmp_path / "data", classes=4, train_per_class=8,
+                                val_per_class=2, sizes=(12, 20), name="class{}")
+    (root / "val" / "class3").rename(root / "val" / "class9")
+    tiny_recipe_dict["data"].update(dataset="imagefolder")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict))
+    train = ["train.py", "--recipe", path, "--data-root", root, "--device", "cpu", "--quiet",
+             "--out", out]
+    refused(train, "missing class3; extra class9", watch=[out / "keep.txt"])
+    refused([*train, "--set", "data.loader=stream"], "missing class3; extra class9")
+
+
+def test_eval_onnx_on_bad_folders_files_and_images(tmp_path, tiny_recipe_dict):
+    tool = ["tools/eval_onnx.py", "--data-root", tmp_path / "data", "--export"]
+    refused([*tool, tmp_path / "missing"], "is not a folder")
+    (tmp_path / "empty").mkdir()
+    refused([*tool, tmp_path / "empty"], "has no export.json")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "export.json").write_text('{"input": {"shape": [1, 3, 12, 12], "name": "input"},'
+                                        ' "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}}')
+    (export / "model_int8.onnx").write_bytes(b"\x08\x07 not an onnx model")
+    make_imagenet_layout(tmp_path / "data", classes=2, train_per_class=1, val_per_class=2,
+                         sizes=(12, 14))
+    refused([*tool, export], "cannot be loaded by ONNX Runtime")
+    (export / "export.json").write_text("{not json")
+    refused([*tool, export], "is damaged or not an mpq export")
+    committed = ROOT / "checkpoints" / "resnet20_cifar10" / "qat_w8"
+    (tmp_path / "data" / "val" / "n00000001" / "zero.JPEG").write_bytes(b"")
+    refused([*tool, committed], "cannot decode image")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: no folder is read-only")
+def test_an_output_folder_this_user_cannot_write_is_refused(tmp_path, recipe):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        refused(["train.py", "--recipe", recipe, "--out", locked / "run"], "is not writable")
+    finally:
+        locked.chmod(0o700)
