@@ -19,19 +19,23 @@ def main() -> None:
     parser.add_argument("--budget", required=True,
                         help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x)")
     parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--checkpoint", help="FP32 checkpoint (default: the recipe's)")
+    parser.add_argument("--checkpoint", help="FP32 model: an mpq checkpoint, a state dict file or "
+                        "torchvision:<Weights> (default: the recipe's)")
     parser.add_argument("--storage", help="Optuna RDB URL (default: SQLite in --out)")
     parser.add_argument("--trials", type=int, help="trials in all (default: the recipe's)")
     parser.add_argument("--timeout", type=float, help="seconds for the study")
     add_common_args(parser)
     args = parser.parse_args()
-    run_cli(lambda: run(args))
+    run_cli(lambda: run(args), interrupted="completed trials stay in the study; run the same "
+                                           "command to resume")
 
 
 def run(args) -> None:
+    from mpq.cli import check_out_dir
     from mpq.config import load_recipe
     from mpq.search import SearchRecipe, run_search
 
+    check_out_dir(args.out)
     overrides = list(args.overrides)
     if args.trials is not None:
         overrides.append(f"search.trials={args.trials}")

@@ -28,6 +28,7 @@ from .hessian import ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
 from .report import log_search, log_sensitivity
 from .size import layer_bytes, layer_shapes
+from .study import METRIC, check_storage, open_study, run_trials
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
            "PlanFloor", "check_budget", "plan_floor"]
@@ -110,7 +111,7 @@ def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
                        cfg: SearchConfig, progress: bool) -> dict[str, LayerSensitivity]:
     """`layer_sensitivity` with the search's settings, cached on disk by checkpoint hash,
     data and settings."""
-    key = {**key, "version": 2, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
+    key = {**key, "version": 3, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"sensitivity-{digest}.json"
     if path.is_file():
@@ -158,7 +159,8 @@ def _repair(bits: dict[str, int], omega, shapes, choices, budget: int,
 def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_bytes: int,
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
-                meta: dict | None = None, progress: bool = True) -> tuple[Plan, dict]:
+                meta: dict | None = None, progress: bool = True,
+                on_trial=None) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -170,13 +172,15 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         calibration: inputs for calibrating activation scales.
         cfg: the recipe's search section.
         storage: an Optuna RDB URL (SQLite file by default in the run folder); a study there
-            resumes.
+            resumes, and several processes may share one (see `mpq.study`).
         example_inputs: for tracing.
         meta: the model's `model`, `input_size` and `normalization` (as in its checkpoint):
             with it, sizes are those of the `model.mpq` file, header included.
-        progress: show Optuna's progress bar.
+        progress: show progress bars.
+        on_trial: called with each completed trial (an `optuna.trial.FrozenTrial`).
     """
     import optuna
+    from tqdm import tqdm
 
     names = quantizable_layers(model)
     q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
@@ -208,23 +212,22 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", size_of(bits))
+        for n, b in bits.items():  # one attribute per layer: readable in optuna-dashboard
+            trial.set_user_attr(f"bits.{n}", b)
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Trials only mean something relative to the solver's plan they move from, so the study's
     # name pins the budget and that plan: another budget or teacher in the same storage starts
-    # its own study instead of mixing trials.
+    # its own study instead of mixing trials. Its parameters are each layer's step (-1, 0, +1)
+    # from that plan; the bits they give are the trial's `bits.<layer>` attributes.
     basis = hashlib.sha256(json.dumps([budget_bytes, choices, solver.bits, cfg.seed],
                                       sort_keys=True).encode()).hexdigest()[:12]
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=5)
-    try:
-        study = optuna.create_study(study_name=f"mpq-{model_name}-{budget_bytes}B-{basis}",
-                                    storage=storage, sampler=sampler,
-                                    direction="minimize", load_if_exists=True)
-    except Exception as exc:  # sqlalchemy/optuna raise many kinds for a bad URL
-        raise UsageError(f"cannot open the Optuna storage {storage!r}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
+    study = open_study(name, storage, {
+        "model": model_name, "budget_bytes": budget_bytes, "bit_choices": list(choices),
+        "a_bits": cfg.a_bits, "solver_bits": solver.bits, "solver_size_bytes": solver.size_bytes,
+        "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"})
+    print(f"study {name} in {storage}", flush=True)
     if not study.trials:
         # The solver's plan at the budget, then at budgets a little below it: the search
         # starts from the exact optimum of the Hessian model.
@@ -236,10 +239,15 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             study.enqueue_trial({n: max(-1, min(1, choices.index(alloc.bits[n])
                                                 - choices.index(solver.bits[n])))
                                  for n in names})
-    remaining = max(0, cfg.trials - len(done))
-    if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout,
-                       show_progress_bar=progress)
+
+    def finished(trial) -> None:
+        if trial.number == 0 and "solver_score" not in study.user_attrs:
+            study.set_user_attr("solver_score", trial.value)
+        if on_trial is not None:
+            on_trial(trial)
+
+    run_trials(study, objective, trials=cfg.trials, seed=cfg.seed, timeout=cfg.timeout,
+               on_trial=finished, progress=progress)
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         bits, value = solver.bits, score(solver.bits)
@@ -250,7 +258,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     # Uniform plans, scored the same way: what mixed precision must beat (those over the
     # budget too: uniform 4-bit is just over an 8x budget once scales and biases count).
     uniform = {}
-    for b in choices:
+    for b in tqdm(choices, desc="scoring uniform plans", disable=not progress, leave=False):
         flat = {n: b for n in names}
         uniform[b] = {"size_bytes": size_of(flat), "within_budget": size_of(flat) <= budget_bytes,
                       "score": score(flat)}
@@ -259,13 +267,21 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
                "solver_score": solver_score, "solver_bits": solver.bits})
     assert plan.extra["size_bytes"] <= budget_bytes
-    summary = {"trials": [{"number": t.number, "score": t.value,
+    summary = {"study": {"name": name, "storage": storage, "metric": METRIC},
+               "trials": [{"number": t.number, "score": t.value,
                            "size_bytes": t.user_attrs.get("size_bytes"),
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
                           "objective": solver.objective},
                "uniform": uniform, "omega": omega}
     return plan, summary
+
+
+def _log_trial(writer, trial) -> None:
+    """Each trial in TensorBoard as it finishes, not only when the search ends."""
+    writer.add_scalar("search/trial_score", trial.value, trial.number)
+    writer.add_scalar("search/trial_size_bytes", trial.user_attrs["size_bytes"], trial.number)
+    writer.flush()
 
 
 def _smallest(shapes, choices, fixed) -> int:
@@ -319,8 +335,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     from torch.utils.tensorboard import SummaryWriter
 
     from .allocate import parse_budget
-    from .checkpoint import load_checkpoint
-    from .data import BatchLoader, cache_dir, load_split
+    from .checkpoint import TORCHVISION_WEIGHTS
+    from .data import cache_dir, load_split, make_loader
     from .qat import load_teacher
     from .size import fp32_parameter_bytes
     from .trainer import model_meta, resolve_device
@@ -338,6 +354,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     train = load_split(recipe.data, "train", root=data_root, progress=progress,
                        num_classes=recipe.model.num_classes)
     out = Path(out_dir)
+    if storage:  # a user's URL is checked before any work; the default is made below
+        check_storage(storage)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     # Held-out images: the tail of a fixed permutation of the training split; sensitivity and
     # calibration batches come from its head. The test split is never looked at.
@@ -347,14 +365,15 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                                     cfg.calibration_batches)])
 
     def batches(split, n=None):
-        loader = BatchLoader(split, recipe.data, batch_size=cfg.batch_size, train=False)
+        loader = make_loader(split, recipe.data, batch_size=cfg.batch_size, train=False)
         return [xy for _, xy in zip(range(n or len(loader)), loader.epoch(0))]
 
     sens_batches = batches(head, cfg.sensitivity_batches)
     calibration = [x for x, _ in batches(head, cfg.calibration_batches)]
     holdout = [x for x, _ in batches(holdout_split)]
     out.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    digest = hashlib.sha256(str(checkpoint).encode() if str(checkpoint).startswith(
+        TORCHVISION_WEIGHTS) else Path(checkpoint).read_bytes()).hexdigest()
     data_key = hashlib.sha256(torch.cat([x for x, _ in sens_batches]).numpy().tobytes())
     key = {"checkpoint": digest, "data": data_key.hexdigest(),
            "batches": cfg.sensitivity_batches, "batch_size": cfg.batch_size}
@@ -387,7 +406,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     sensitivity=sensitivity, budget_bytes=budget_bytes,
                                     holdout=holdout, calibration=calibration, cfg=cfg,
                                     storage=storage, example_inputs=example,
-                                    meta=model_meta(recipe), progress=progress)
+                                    meta=model_meta(recipe), progress=progress,
+                                    on_trial=lambda t: _log_trial(writer, t))
     log_search(writer, plan.layers, summary.get("trials", []))
     writer.close()
     plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,

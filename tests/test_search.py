@@ -92,3 +92,102 @@ def test_interrupted_study_resumes_and_another_budget_starts_its_own(search_args
                                                        storage=storage).trials)
         for s in optuna.get_all_study_summaries(storage))
     assert completed == [2, 5]  # 3 then 2 more at 8x; its own 2 at 6x
+
+
+def _study(storage):
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def _completed(study):
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return [(t.user_attrs["bits"], t.value) for t in done]
+
+
+def test_a_search_killed_mid_study_resumes_to_the_same_trials_and_plan(search_args, tmp_path,
+                                                                      tiny_recipe_dict):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from conftest import ROOT
+
+    args = [*search_args("8x", "straight"), "--trials", "10", "--set",
+            "search.holdout_images=192"]
+    straight = run_script(*args)
+    assert straight.returncode == 0, straight.stderr
+    summary = json.loads((tmp_path / "straight" / "search.json").read_text())
+    assert summary["study"]["name"].startswith("mpq-resnet20-") and \
+        summary["study"]["name"] in straight.stdout
+    storage = f"sqlite:///{tmp_path / 'straight' / 'study.db'}"
+    reference = _study(storage)
+    attrs = reference.user_attrs
+    assert attrs["model"] == "resnet20" and attrs["budget_bytes"] == _plan(
+        tmp_path, "straight")["budget_bytes"] and "solver_score" in attrs
+    assert reference.metric_names == ["kl_to_fp32_on_holdout"]
+    first = reference.trials[0]
+    assert first.user_attrs["bits.conv1"] == first.user_attrs["bits"]["conv1"]
+
+    killed = [str(a) for a in search_args("8x", "killed")] + ["--trials", "10", "--set",
+                                                                "search.holdout_images=192"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, *killed], cwd=ROOT, env=env, stdout=log,
+                            stderr=log)
+    db = tmp_path / "killed" / "study.db"
+    kill_storage = f"sqlite:///{db}"
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = len(_completed(_study(kill_storage))) if db.is_file() else 0
+        except Exception:  # the study not created yet, or the database busy
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert 4 <= done < 10, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed = run_script(*killed)
+    assert resumed.returncode == 0, resumed.stderr
+    study = _study(kill_storage)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert _completed(study) == _completed(reference)
+    assert _plan(tmp_path, "killed") == _plan(tmp_path, "straight")
+
+
+def test_two_workers_on_one_storage_share_the_trials(search_args, tmp_path):
+    import subprocess
+    import sys
+    import os
+
+    import optuna
+
+    from conftest import ROOT
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *map(str, search_args("8x", f"w{i}")),
+                               "--trials", "8", "--storage", storage], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    study = _study(storage)
+    numbers = [t.number for t in study.trials]
+    assert len(set(numbers)) == len(numbers)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 8 <= len(complete) <= 9  # two workers may each start the 8th
+    workers = {t.user_attrs["worker"]["pid"] for t in complete}
+    assert len(workers) == 2  # both did some of the work

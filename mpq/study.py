@@ -1,0 +1,222 @@
+"""The Optuna study behind the search: resumable, shareable, and the same however it is run.
+
+- **Same trials after any interruption.** One TPE sampler seeded by the recipe drives the
+  study; after each trial its random state is stored with the trial (a system attribute), and a
+  resumed run restores the state of the last completed trial. The sampler's proposals depend
+  only on that state and the completed trials, so N trials in one run, or in several runs with
+  kills between them, propose the same plans: the trial a kill cut short is proposed again.
+- **No orphans.** A trial left RUNNING by a process that died (same host, pid gone) is marked
+  failed on the next start (an enqueued plan, such as the solver's, is enqueued again); on
+  shared storage, heartbeats (`HEARTBEAT_S`) let any worker fail a stale trial of another host
+  and retry it (`RetryHeartbeatStaleTrialCallback`). Workers sharing one storage URL each take new
+  trial numbers under their own seeds, and stop once the study holds the trials asked for.
+- **Readable from outside** (optuna-dashboard): the study's user attributes hold the model,
+  budget, bit choices and the solver's plan and score; each trial holds its bits per layer
+  (`bits.<layer>`) and size; the objective is named.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+import warnings
+from typing import Callable
+
+from .errors import UsageError
+
+__all__ = ["HEARTBEAT_S", "METRIC", "check_storage", "open_study", "run_trials"]
+
+HEARTBEAT_S = 30
+METRIC = "kl_to_fp32_on_holdout"
+
+
+def _storage(url: str):
+    import optuna
+
+    # SQLite serialises writers: several workers on one file wait for the lock, not fail
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    storages = optuna.storages
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+                retry = {"heartbeat_stale_trial_callback":
+                         storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+            else:
+                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+            return storages.RDBStorage(url, engine_kwargs=engine,
+                                       heartbeat_interval=HEARTBEAT_S,
+                                       grace_period=4 * HEARTBEAT_S, **retry)
+    except Exception as exc:  # sqlalchemy and optuna raise many kinds for a bad URL
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UsageError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
+                         f"{first}; give an RDB URL such as sqlite:///study.db or "
+                         f"postgresql://user@host/db") from None
+
+
+def check_storage(url: str) -> None:
+    """Refuses, before any work, a storage URL that does not open."""
+    _storage(url)
+
+
+def open_study(name: str, url: str, attrs: dict):
+    """The study `name` in `url` (created with `attrs` as user attributes if new), with trials
+    of dead processes on this host taken back."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = _storage(url)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                load_if_exists=True)
+    if not study.user_attrs:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        study.set_metric_names([METRIC])
+    _reclaim(study)
+    return study
+
+
+_TOKEN = os.urandom(8).hex()  # this process, even where a dead one had the same pid
+
+
+def _alive(worker: dict) -> bool:
+    if worker.get("token") == _TOKEN:
+        return True
+    pid = worker.get("pid", -1)
+    if pid == os.getpid() or pid <= 0:  # our pid, but not our token: a process before us
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _reclaim(study) -> None:
+    """Fails trials left RUNNING by dead processes of this host (others' by heartbeat); an
+    enqueued plan among them is enqueued once more (a sampled one is proposed again anyway)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    with warnings.catch_warnings():  # "experimental" since optuna 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")) for t in trials}
+    for t in trials:
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("host") != host or _alive(worker) or t.number in retried:
+            continue
+        if t.state == state.RUNNING:
+            study.tell(t.number, state=state.FAIL)
+        elif t.state != state.FAIL:
+            continue
+        if "fixed_params" in t.system_attrs:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+
+
+def _live(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+              optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+_STATE = "mpq:sampler_state"
+
+
+def _rngs(sampler):
+    return sampler._rng.rng, sampler._random_sampler._rng.rng  # TPE's own and its startup's
+
+
+def _save_state(sampler) -> list:
+    return [[name, base64.b64encode(keys.astype("<u4").tobytes()).decode(), pos, gauss, cached]
+            for name, keys, pos, gauss, cached in (r.get_state() for r in _rngs(sampler))]
+
+
+def _load_state(sampler, saved: list) -> None:
+    import numpy as np
+
+    for rng, (name, keys, pos, gauss, cached) in zip(_rngs(sampler), saved):
+        rng.set_state((name, np.frombuffer(base64.b64decode(keys), dtype="<u4").copy(), pos,
+                       gauss, cached))
+
+
+def _others_running(study) -> bool:
+    import optuna
+
+    return any(_alive(t.user_attrs.get("worker") or {}) and
+               (t.user_attrs.get("worker") or {}).get("token") != _TOKEN
+               for t in study.get_trials(deepcopy=False,
+                                         states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def _own_sampler(seed: int):
+    """A worker's sampler beside other live workers: a seed of its own, or all would propose
+    the same plans."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed * 1_000_003 + int(_TOKEN, 16) % 1_000_003,
+                                      n_startup_trials=5)
+
+
+def _sampler(study, seed: int):
+    """The study's TPE sampler, seeded by `seed` and moved on to where the last completed trial
+    left it."""
+    import optuna
+
+    if _others_running(study):
+        return _own_sampler(seed)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    saved = [t for t in study.get_trials(deepcopy=False,
+                                         states=(optuna.trial.TrialState.COMPLETE,))
+             if _STATE in t.system_attrs]
+    if saved:
+        _load_state(sampler, max(saved, key=lambda t: t.number).system_attrs[_STATE])
+    return sampler
+
+
+def run_trials(study, objective: Callable, *, trials: int, seed: int,
+               timeout: float | None = None, on_trial: Callable | None = None,
+               progress: bool = True) -> None:
+    """Runs trials until the study holds `trials` that did not fail (or `timeout` seconds
+    pass), proposing as one uninterrupted run under `seed` would."""
+    import optuna
+    from tqdm import tqdm
+
+    start = time.time()
+    study.sampler = _sampler(study, seed)
+    bar = tqdm(total=trials, initial=min(trials, _live(study)), desc="search", unit="trial",
+               disable=not progress)
+
+    def worker_objective(trial):
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "token": _TOKEN})
+        value = objective(trial)
+        # stored before the trial completes, so a completed trial always has it
+        study._storage.set_trial_system_attr(trial._trial_id, _STATE,
+                                             _save_state(study.sampler))
+        return value
+
+    def finished(study, trial):
+        if on_trial is not None and trial.state == optuna.trial.TrialState.COMPLETE:
+            on_trial(trial)
+
+    shared = False
+    try:
+        while _live(study) < trials:
+            if timeout is not None and time.time() - start >= timeout:
+                break
+            if not shared and _others_running(study):
+                study.sampler, shared = _own_sampler(seed), True
+            study.optimize(worker_objective, n_trials=1, catch=(), callbacks=[finished])
+            bar.n = min(trials, _live(study))
+            bar.refresh()
+    finally:
+        bar.close()
