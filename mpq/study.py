@@ -73,7 +73,9 @@ def open_study(name: str, url: str, attrs: dict):
     if not study.user_attrs:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-        study.set_metric_names([METRIC])
+        with warnings.catch_warnings():  # "experimental" since optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC])
     _reclaim(study)
     return study
 

@@ -27,6 +27,7 @@ def _plan(tmp_path, out):
 def test_search_keeps_the_budget_beats_uniform_and_reproduces(search_args, tmp_path):
     first = run_script(*search_args("8x", "a"))
     assert first.returncode == 0, first.stderr
+    assert "Warning" not in first.stderr, first.stderr  # nothing but progress on stderr
     plan = _plan(tmp_path, "a")
     assert plan["size_bytes"] <= plan["budget_bytes"]
     assert plan["score"] <= plan["solver_score"]  # the solver's plan is trial 0
