@@ -3,11 +3,12 @@ training step with and without autocast, side by side in one run.
 
     python benchmarks/train_speed.py --data-root ~/.cache/mpq/cifar10-jpeg \
         [--images 4096] [--workers 0,2] [--steps 3] [--threads 2] [--device cpu]
+        [--models resnet20,resnet18,resnet50] [--skip loaders|steps]
 
 Loaders: images per second of one training epoch over the first `--images` training images of
 the CIFAR-10 copy at 32 px (pad-and-crop, flip), in memory (decoded once; the decode is timed
 apart) and streamed from the JPEG files with each worker count. Steps: the median of `--steps`
-(after one warm-up) of a forward, backward and SGD update in float32 and under bf16 autocast
+(after two warm-up steps) of a forward, backward and SGD update in float32 and under bf16 autocast
 (fp16 too on CUDA), for ResNet20 at 32 px (batch 128) and torchvision resnet18 and resnet50
 with 1000 classes at 224 px (batch 32 on the CPU, 256 on CUDA), FP32 and QAT (W4A8), and
 with `torch.compile` on CUDA.
@@ -59,7 +60,7 @@ def step_time(model, x, y, *, dtype, steps, device) -> float:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                           momentum=0.9)
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + 2):  # two warm-up steps: the first model's first steps set up oneDNN
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -70,7 +71,7 @@ def step_time(model, x, y, *, dtype, steps, device) -> float:
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i:
+        if i >= 2:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -86,6 +87,8 @@ def steps(args) -> None:
     configs = [("resnet20", 10, 32, 128), ("resnet18", 1000, 224, 256 if cuda else 32),
                ("resnet50", 1000, 224, 256 if cuda else 32)]
     for name, classes, size, batch in configs:
+        if name not in args.models:
+            continue
         torch.manual_seed(0)
         x = torch.randn(batch, 3, size, size, device=device).contiguous(
             memory_format=torch.channels_last)
@@ -116,8 +119,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", default="", help="loaders or steps")
+    parser.add_argument("--models", default="resnet20,resnet18,resnet50",
+                        help="of resnet20, resnet18, resnet50 (bf16 emulated on a CPU without "
+                             "native bf16 takes minutes a step for resnet50)")
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.models = args.models.split(",")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "

@@ -122,3 +122,25 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_there_is_refused(tmp_path, tin
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "fp16", device="cpu",
                    progress=False, log=False)
+
+
+def test_compile_runs_the_network_through_torch_compile(tmp_path, tiny_recipe_dict,
+                                                        monkeypatch):
+    calls = []
+    original = torch.compile
+
+    def eager_compile(model, **kwargs):  # dynamo's graph capture without inductor's codegen
+        calls.append(model)
+        return original(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    tiny_recipe_dict["train"].update(epochs=1, compile=True, max_steps=3)
+    plain = dict(tiny_recipe_dict, train={**tiny_recipe_dict["train"], "compile": False})
+    a = train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "compiled",
+                   device="cpu", progress=False, log=False)
+    b = train_fp32(recipe_from_dict(plain), out_dir=tmp_path / "plain", device="cpu",
+                   progress=False, log=False)
+    assert len(calls) == 1 and a["steps"] == b["steps"] == 3
+    sa = load_checkpoint(tmp_path / "compiled" / "model.pt")["state_dict"]
+    sb = load_checkpoint(tmp_path / "plain" / "model.pt")["state_dict"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-4) for k in sa)
