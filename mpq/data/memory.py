@@ -24,6 +24,7 @@ from .folder import LAYOUT_HELP, decode, list_imagefolder
 __all__ = ["BatchLoader", "Loader", "Split", "augment_batch", "cache_dir", "load_memory_split",
            "load_torchvision_cifar10", "normalize", "synthetic_split"]
 
+
 @dataclass
 class Split:
     """One split in memory: `images` uint8 (N, 3, H, W), `labels` int64 (N,), class names."""
@@ -74,11 +75,11 @@ def load_memory_split(folder: Path, cfg: DataConfig, *, progress: bool,
                                unit="img", mininterval=1.0)):
         try:
             images[i] = decode(f, size, cfg.resize)
-        except UsageError as exc:
+        except UsageError:
             if not cfg.skip_corrupt:
                 raise
             keep[i] = False
-            print(f"skipped: {exc}".split("; fix or remove")[0])
+            print(f"skipped unreadable image {f}")
     if not keep.all():
         print(f"{folder}: skipped {int((~keep).sum())} unreadable images of {len(files)}")
     images = np.ascontiguousarray(images[keep].transpose(0, 3, 1, 2))  # -> (N, 3, H, W)
