@@ -11,7 +11,7 @@ CACHE := $(HOME)/.cache/mpq
 MPQ_DATA ?= $(shell [ -f $(SHARED_DATA) ] && echo $(CACHE)/cifar10-jpeg)
 export MPQ_DATA
 
-.PHONY: setup test run data results
+.PHONY: setup test test-slow run data results
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,13 @@ data:
 	@if [ -f $(SHARED_DATA) ] && [ ! -d $(CACHE)/cifar10-jpeg/test ]; then \
 	  mkdir -p $(CACHE)/cifar10-jpeg && tar xzf $(SHARED_DATA) -C $(CACHE)/cifar10-jpeg; fi
 
+# The default suite (under 10 minutes on 2 cores); test-slow adds the minutes-long real-data and
+# ImageNet-size runs. CI runs both.
 test: setup data
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
+
+test-slow: setup data
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 # The main job: the committed teacher if there is one (else train it, resumably), a search at
 # 13x compression, QAT with distillation on the plan found.

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import os
 import socket
 import time
@@ -29,31 +30,50 @@ from .errors import UsageError
 __all__ = ["HEARTBEAT_S", "METRIC", "check_storage", "open_study", "run_trials"]
 
 HEARTBEAT_S = 30
+# A worker names itself in a trial (its `worker` attribute) within milliseconds of creating it;
+# a RUNNING trial still unnamed after this long lost its process in between (the margin covers
+# clocks of other hosts).
+UNNAMED_S = 30
 METRIC = "kl_to_fp32_on_holdout"
 
 
 def _storage(url: str):
-    import optuna
-
     # SQLite serialises writers: several workers on one file wait for the lock, not fail
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    for attempt in range(8):
+        try:
+            return _open_rdb(url, engine)
+        except Exception as exc:  # sqlalchemy and optuna raise many kinds for a bad URL
+            if attempt < 7 and _creation_race(exc):
+                time.sleep(0.2 + 0.3 * attempt)  # another worker is creating the schema
+                continue
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise UsageError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
+                             f"{first}; give an RDB URL such as sqlite:///study.db or "
+                             f"postgresql://user@host/db") from None
+
+
+def _creation_race(exc: Exception) -> bool:
+    """Workers starting together on a new storage race to create its tables: the losers see
+    a duplicate alembic version or a table that already exists, and the next try opens it."""
+    text = str(exc)
+    return ("alembic_version" in text or "already exists" in text
+            or "database is locked" in text)
+
+
+def _open_rdb(url: str, engine):
+    import optuna
+
     storages = optuna.storages
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
-                retry = {"heartbeat_stale_trial_callback":
-                         storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
-            else:
-                retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
-            return storages.RDBStorage(url, engine_kwargs=engine,
-                                       heartbeat_interval=HEARTBEAT_S,
-                                       grace_period=4 * HEARTBEAT_S, **retry)
-    except Exception as exc:  # sqlalchemy and optuna raise many kinds for a bad URL
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise UsageError(f"cannot open the Optuna storage {url!r}: {type(exc).__name__}: "
-                         f"{first}; give an RDB URL such as sqlite:///study.db or "
-                         f"postgresql://user@host/db") from None
+    with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+            retry = {"heartbeat_stale_trial_callback":
+                     storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        else:
+            retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=2)}
+        return storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                   grace_period=4 * HEARTBEAT_S, **retry)
 
 
 def check_storage(url: str) -> None:
@@ -110,8 +130,13 @@ def _reclaim(study) -> None:
     host = socket.gethostname()
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial")) for t in trials}
+    now = datetime.datetime.now()
     for t in trials:
-        worker = t.user_attrs.get("worker") or {}
+        worker = t.user_attrs.get("worker")
+        if worker is None:  # killed between creating the trial and naming itself in it
+            if t.datetime_start is None or (now - t.datetime_start).total_seconds() < UNNAMED_S:
+                continue
+            worker = {"host": host, "pid": -1}
         if worker.get("host") != host or _alive(worker) or t.number in retried:
             continue
         if t.state == state.RUNNING:

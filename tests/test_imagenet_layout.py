@@ -5,6 +5,8 @@ on torchvision's resnet18 at a reduced resolution, with the peak memory of each 
 import json
 import resource
 
+import pytest
+
 from conftest import ROOT, kill_mid_epoch_and_resume, run_script
 from imagenet_layout import make_imagenet_layout
 
@@ -21,6 +23,7 @@ SMALL = sets("data.image_size=32", "data.resize=36", "data.workers=2", "train.ba
              "train.eval_batch_size=250")
 
 
+@pytest.mark.slow
 def test_resnet18_on_imagenet_layout_trains_resumes_searches_quantizes_and_exports(tmp_path):
     root = make_imagenet_layout(tmp_path / "imagenet", classes=1000, train_per_class=2,
                                 val_per_class=1)

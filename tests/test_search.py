@@ -109,6 +109,47 @@ def _completed(study):
     return [(t.user_attrs["bits"], t.value) for t in done]
 
 
+def _progress_read_only(db) -> tuple[int, int]:
+    """(completed trials, running trials a worker has named itself in) in `db`, read without
+    creating or migrating its tables."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0, 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            done = conn.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'"
+                                ).fetchone()[0]
+            named = conn.execute(
+                "SELECT COUNT(*) FROM trials JOIN trial_user_attributes USING (trial_id) "
+                "WHERE state = 'RUNNING' AND key = 'worker'").fetchone()[0]
+            return done, named
+    except sqlite3.Error:  # the tables not created yet, or the database busy
+        return 0, 0
+
+
+def test_workers_starting_together_on_a_new_storage_all_open_it(tmp_path):
+    """Several workers given one new storage URL race to create its tables; none may fail."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    code = ("import sys, time, optuna; from mpq.study import check_storage\n"
+            "start = float(sys.argv[2])\n"
+            "while time.time() < start: time.sleep(0.001)\n"
+            "check_storage(sys.argv[1])")
+    for round_ in range(2):
+        url = f"sqlite:///{tmp_path / f'new{round_}.db'}"
+        start = time.time() + 6  # after every worker has imported optuna
+        procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+
+
 def test_a_search_killed_mid_study_resumes_to_the_same_trials_and_plan(search_args, tmp_path,
                                                                       tiny_recipe_dict):
     import os
@@ -148,11 +189,8 @@ def test_a_search_killed_mid_study_resumes_to_the_same_trials_and_plan(search_ar
     deadline = time.time() + 240
     done = 0
     while time.time() < deadline and proc.poll() is None:
-        try:
-            done = len(_completed(_study(kill_storage))) if db.is_file() else 0
-        except Exception:  # the study not created yet, or the database busy
-            done = 0
-        if done >= 4:
+        done, named = _progress_read_only(db)
+        if done >= 4 and named:  # mid-trial (a kill before a trial is named: next test)
             break
         time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
@@ -165,6 +203,25 @@ def test_a_search_killed_mid_study_resumes_to_the_same_trials_and_plan(search_ar
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert _completed(study) == _completed(reference)
     assert _plan(tmp_path, "killed") == _plan(tmp_path, "straight")
+
+
+def test_a_trial_whose_process_died_before_naming_itself_is_taken_back(tmp_path):
+    import datetime
+
+    import optuna
+
+    from mpq.study import UNNAMED_S, open_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study("s", url, {"model": "m"})
+    started = datetime.datetime.now() - datetime.timedelta(seconds=UNNAMED_S + 5)
+    for start in (started, datetime.datetime.now()):  # an orphan, and one just created
+        study._storage.create_new_trial(study._study_id, template_trial=optuna.trial.FrozenTrial(
+            number=-1, state=optuna.trial.TrialState.RUNNING, value=None, datetime_start=start,
+            datetime_complete=None, params={}, distributions={}, user_attrs={},
+            system_attrs={}, intermediate_values={}, trial_id=-1))
+    states = [t.state for t in open_study("s", url, {"model": "m"}).trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
 
 
 def test_two_workers_on_one_storage_share_the_trials(search_args, tmp_path):

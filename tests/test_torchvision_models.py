@@ -5,11 +5,13 @@ user's model that torch.fx cannot trace, refused with one clear line."""
 import json
 import os
 
+import pytest
 import yaml
 
 from conftest import ROOT, TINY_RECIPE, run_script
 
 
+@pytest.mark.slow
 def test_resnet18_teacher_search_qat_and_export(tmp_path):
     recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
     recipe["model"] = {"name": "resnet18", "num_classes": 4}
@@ -47,6 +49,7 @@ def test_resnet18_teacher_search_qat_and_export(tmp_path):
     assert report["compression"] >= 8
 
 
+@pytest.mark.slow
 def test_search_on_resnet18_with_1000_classes_samples_its_sensitivity(tmp_path):
     """ImageNet's class count: sensitivity by label draws (its cost does not grow with the
     classes), every layer at <= 5% relative SE, through to plan.json; bad settings are one
