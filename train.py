@@ -50,7 +50,8 @@ def run(args) -> None:
                              device=args.device, progress=not args.quiet)
     else:
         from mpq.distributed import is_main
-        from mpq.qat import QATRecipe, load_teacher, train_qat
+        from mpq.checkpoint import load_teacher
+        from mpq.qat import QATRecipe, train_qat
         from mpq.quant import load_plan, quantizable_layers, uniform_plan
 
         recipe = load_recipe(args.recipe, args.overrides, cls=QATRecipe)

@@ -26,7 +26,8 @@ from mpq.config import load_recipe  # noqa: E402
 from mpq.export.onnx_qdq import export_onnx  # noqa: E402
 from mpq.export.overflow import int8_layer_bounds  # noqa: E402
 from mpq.export.torch_int8 import save_torch_int8  # noqa: E402
-from mpq.qat import QATRecipe, load_teacher, quantized_model  # noqa: E402
+from mpq.checkpoint import load_teacher  # noqa: E402
+from mpq.qat import QATRecipe, quantized_model  # noqa: E402
 from mpq.quant import calibrate_, freeze_bn_, quantizable_layers, uniform_plan  # noqa: E402
 from mpq.quant.modules import full_range_int8_weights_  # noqa: E402
 from mpq.trainer import evaluate, make_loaders  # noqa: E402

@@ -35,7 +35,7 @@ from mpq.config import DataConfig  # noqa: E402
 from mpq.data import BatchLoader, load_split  # noqa: E402
 from mpq.hessian import layer_sensitivity  # noqa: E402
 from mpq.hessian.hutchinson import gauss_newton_rows  # noqa: E402
-from mpq.qat import load_teacher  # noqa: E402
+from mpq.checkpoint import load_teacher  # noqa: E402
 from mpq.quant import quantizable_layers  # noqa: E402
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpq.allocate import solve  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
-from mpq.size import LayerShape, layer_bytes, layer_shapes  # noqa: E402
+from mpq.size import Footprint, LayerShape  # noqa: E402
 
 BITS = [2, 3, 4, 5, 6, 7, 8]
 
@@ -30,12 +30,12 @@ def omega_for(shapes, rng):
                                      reverse=True))) for n in shapes}
 
 
-def timed(omega, shapes, fixed, repeats):
-    budget = fixed + sum(layer_bytes(s, 4) for s in shapes.values())
+def timed(omega, footprint, repeats):
+    budget = footprint.smallest([4])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        solve(omega, shapes, budget_bytes=budget, fixed_bytes=fixed)
+        solve(omega, footprint, budget_bytes=budget)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -48,14 +48,15 @@ def main():
     model = build_model("resnet20").eval()
     q = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=8),
                     example_inputs=(torch.zeros(1, 3, 32, 32),))
-    shapes, fixed = layer_shapes(q)
+    resnet20 = Footprint.of(q)
     big = {f"l{i}": LayerShape(rng.randint(1000, 2_400_000), rng.choice([64, 256, 1024]), True)
            for i in range(54)}
     print(f"{'problem':28s} {'layers':>6s} {'choices':>8s} {'median ms':>10s}")
-    for name, (om, sh, fx) in {"ResNet20": (omega_for(shapes, rng), shapes, fixed),
-                               "54 layers (ResNet50-sized)": (omega_for(big, rng), big, 0)}.items():
-        ms = timed(om, sh, fx, args.repeats) * 1e3
-        print(f"{name:28s} {len(sh):6d} {len(BITS):8d} {ms:10.1f}")
+    for name, (om, fp) in {"ResNet20": (omega_for(resnet20.shapes, rng), resnet20),
+                           "54 layers (ResNet50-sized)": (omega_for(big, rng),
+                                                          Footprint(big))}.items():
+        ms = timed(om, fp, args.repeats) * 1e3
+        print(f"{name:28s} {len(fp.shapes):6d} {len(BITS):8d} {ms:10.1f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bit allocation: the plan of least Hessian-weighted perturbation under a size budget, exactly.
 
-Each quantizable layer i at weight bits b costs `layer_bytes` and perturbs the loss by about
+Each quantizable layer i at weight bits b costs its `Footprint` bytes and perturbs the loss by about
 
     Omega_i(b) = s_i / n_i * ||Q_b(W_i) - W_i||^2        (HAWQ-V2/V3)
 
@@ -27,7 +27,7 @@ from torch import nn
 from .errors import UsageError
 from .quant.plan import Plan
 from .quant.primitives import mse_optimal_scale, weight_range
-from .size import LayerShape, layer_bytes
+from .size import Footprint
 
 __all__ = ["Allocation", "parse_budget", "pareto_front", "perturbations", "plan_for_budget",
            "solve"]
@@ -114,17 +114,14 @@ def _native_stdout_silenced():
         os.close(saved)
 
 
-def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
-          budget_bytes: int, fixed_bytes: int = 0,
+def solve(omega: dict[str, dict[int, float]], footprint: Footprint, *, budget_bytes: int,
           extra_constraints: list | None = None) -> Allocation:
     """Minimises sum Omega_i(b_i) subject to the stored size <= `budget_bytes`, exactly.
 
     Args:
         omega: per layer, the perturbation at each allowed bit width.
-        shapes: per layer, what its size depends on.
-        budget_bytes: the whole model's budget, `fixed_bytes` included.
-        fixed_bytes: bytes that do not depend on the bits (activation quantizers, float
-            layers, the file header): `mpq.size.layer_shapes` gives them.
+        footprint: the model's sizes (`mpq.size.Footprint`).
+        budget_bytes: the whole model's budget, the footprint's fixed bytes included.
         extra_constraints: `(costs, upper)` pairs, `costs[name][b]` summed over the choice
             must be <= `upper` (e.g. bit operations).
     """
@@ -132,9 +129,8 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
 
     names = list(omega)
     choices = [(name, b) for name in names for b in sorted(omega[name])]
-    sizes = np.array([layer_bytes(shapes[n], b) for n, b in choices], dtype=float)
-    smallest = fixed_bytes + sum(min(layer_bytes(shapes[n], b) for b in omega[n])
-                                 for n in names)
+    sizes = np.array([footprint.layer(n, b) for n, b in choices], dtype=float)
+    smallest = footprint.smallest(omega)
     if budget_bytes < smallest:
         raise UsageError(f"budget {budget_bytes} bytes ({budget_bytes / 1000:.1f}KB) is below "
                          f"the smallest possible size {smallest} bytes ({smallest / 1000:.1f}KB,"
@@ -144,7 +140,7 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
     for j, (n, _) in enumerate(choices):
         one_per_layer[names.index(n), j] = 1
     constraints = [LinearConstraint(one_per_layer, 1, 1),
-                   LinearConstraint(sizes[None, :], -np.inf, budget_bytes - fixed_bytes)]
+                   LinearConstraint(sizes[None, :], -np.inf, budget_bytes - footprint.fixed)]
     for costs, upper in extra_constraints or []:
         constraints.append(LinearConstraint(
             np.array([[costs[n][b] for n, b in choices]], dtype=float), -np.inf, upper))
@@ -156,20 +152,16 @@ def solve(omega: dict[str, dict[int, float]], shapes: dict[str, LayerShape], *,
     picked = [choices[j] for j in np.flatnonzero(result.x > 0.5)]
     bits = {n: b for n, b in picked}
     bits = {n: bits[n] for n in names}
-    size = fixed_bytes + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
-    return Allocation(bits, size, float(sum(omega[n][b] for n, b in bits.items())))
+    return Allocation(bits, footprint.bytes(bits),
+                      float(sum(omega[n][b] for n, b in bits.items())))
 
 
-def pareto_front(omega, shapes, *, fixed_bytes: int = 0,
-                 points: int = 25) -> list[Allocation]:
+def pareto_front(omega, footprint: Footprint, *, points: int = 25) -> list[Allocation]:
     """Optimal allocations at `points` budgets from the smallest to the largest size."""
-    lo = fixed_bytes + sum(min(layer_bytes(shapes[n], b) for b in omega[n])
-                           for n in omega)
-    hi = fixed_bytes + sum(max(layer_bytes(shapes[n], b) for b in omega[n])
-                           for n in omega)
+    lo, hi = footprint.smallest(omega), footprint.largest(omega)
     front, seen = [], set()
     for budget in np.linspace(lo, hi, points):
-        alloc = solve(omega, shapes, budget_bytes=int(budget), fixed_bytes=fixed_bytes)
+        alloc = solve(omega, footprint, budget_bytes=int(budget))
         key = tuple(alloc.bits.values())
         if key not in seen:
             seen.add(key)
@@ -197,12 +189,11 @@ def plan_for_budget(model: nn.Module, sensitivity: dict, budget: str | int, *,
     """
     from .quant.plan import uniform_plan
     from .quant.prepare import prepare_qat
-    from .size import fp32_parameter_bytes, layer_shapes
+    from .size import fp32_parameter_bytes
 
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_parameter_bytes(model))
     q8 = prepare_qat(model, uniform_plan(model_name, list(sensitivity), w_bits=8,
                                          a_bits=a_bits), example_inputs=example_inputs)
-    shapes, fixed = layer_shapes(q8, meta)
     omega = perturbations(model, sensitivity, list(bit_choices), metric=metric)
-    alloc = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed)
+    alloc = solve(omega, Footprint.of(q8, meta), budget_bytes=budget_bytes)
     return alloc.plan(model_name, a_bits=a_bits, budget_bytes=budget_bytes)

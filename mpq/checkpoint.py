@@ -23,10 +23,13 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .files import atomic_path
 from .models import build_model
+from .quant import INT8_WEIGHT_MAX, Plan, prepare_qat
+from .quant.modules import full_range_int8_weights_
 
-__all__ = ["CHECKPOINT_VERSION", "data_config", "fp32_payload", "load_checkpoint",
-           "model_from_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "data_config", "fp32_payload", "load_checkpoint", "load_teacher",
+           "model_from_checkpoint", "model_meta", "qat_model_from_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "mpq.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -34,15 +37,9 @@ CHECKPOINT_VERSION = 1
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     """Writes `payload` to `path` atomically: a crash leaves the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)  # to a handle: a path's name would go into the archive
 
 
 def _read(path: Path, map_location):
@@ -80,6 +77,23 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict, *, what: str) ->
         raise UsageError(f"{what} does not fit the model ({detail[:300]})") from None
 
 
+def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
+    """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings)."""
+    spec = payload["model"]
+    model = build_model(spec["name"], num_classes=spec["num_classes"])
+    settings = payload.get("qat", {})
+    size = payload.get("input_size", 32)
+    qmodel = prepare_qat(model, Plan.from_dict(payload["plan"]),
+                         example_inputs=(torch.zeros(2, 3, size, size),),
+                         weight_mode=settings.get("weight_scale", "mse"),
+                         learn_act_scale=settings.get("learn_act_scale", False),
+                         quantize_joins=settings.get("quantize_joins", True))
+    if settings.get("int8_weight_max", 127) != INT8_WEIGHT_MAX:
+        full_range_int8_weights_(qmodel)  # trained before 8-bit weights kept within +-64
+    load_state_dict_checked(qmodel, payload["state_dict"], what=f"checkpoint {path}")
+    return qmodel
+
+
 def model_from_checkpoint(payload: dict, *, expect_model: str | None = None,
                           path: str | os.PathLike = "checkpoint") -> nn.Module:
     """Rebuilds the model a checkpoint holds (FP32, or fake-quantized for QAT) with its weights."""
@@ -89,8 +103,6 @@ def model_from_checkpoint(payload: dict, *, expect_model: str | None = None,
         raise UsageError(f"checkpoint {path} holds a {name!r} model, but {expect_model!r} was "
                          f"expected; pass a checkpoint of that architecture")
     if payload.get("kind") == "qat":
-        from .qat import qat_model_from_checkpoint
-
         return qat_model_from_checkpoint(payload, path=path)
     model = build_model(name, num_classes=spec.get("num_classes", 10))
     load_state_dict_checked(model, payload["state_dict"], what=f"checkpoint {path}")
@@ -169,3 +181,32 @@ def data_config(payload: dict):
         cfg.mean = list(payload["normalization"]["mean"])
         cfg.std = list(payload["normalization"]["std"])
     return cfg
+
+
+def model_meta(recipe) -> dict:
+    """What a checkpoint needs to rebuild and feed its model without the recipe."""
+    return {"model": {"name": recipe.model.name, "num_classes": recipe.model.num_classes},
+            "normalization": {"mean": list(recipe.data.mean), "std": list(recipe.data.std)},
+            "input_size": recipe.data.image_size}
+
+
+def load_teacher(source: str | os.PathLike, *, model_name: str, num_classes: int,
+                 normalization: dict | None = None, payload: dict | None = None) -> nn.Module:
+    """Loads an FP32 teacher (an mpq checkpoint, a plain state dict or torchvision weights: see
+    `mpq.checkpoint.fp32_payload`; or its already loaded `payload`), refusing one of another
+    architecture or class count (or, when `normalization` is given and the teacher records
+    its own, one trained on differently normalised inputs)."""
+    if payload is None:
+        payload = fp32_payload(source, model_name=model_name, num_classes=num_classes)
+    if payload.get("kind", "fp32") != "fp32":
+        raise UsageError(f"teacher {source} is a {payload.get('kind')} checkpoint; the teacher "
+                         f"must be an FP32 model")
+    model = model_from_checkpoint(payload, expect_model=model_name, path=source)
+    if payload["model"].get("num_classes") != num_classes:
+        raise UsageError(f"teacher {source} has {payload['model'].get('num_classes')} classes, "
+                         f"the recipe {num_classes}")
+    theirs = payload.get("normalization")
+    if normalization is not None and theirs is not None and theirs != normalization:
+        raise UsageError(f"teacher {source} was trained with normalization {theirs}, the recipe "
+                         f"uses {normalization}; set data.mean and data.std to the teacher's")
+    return model

@@ -91,7 +91,8 @@ def _eval(args) -> None:
 
     from .checkpoint import data_config, load_checkpoint, model_from_checkpoint
     from .data import load_split, make_loader
-    from .trainer import evaluate, resolve_device
+    from .device import resolve_device
+    from .trainer import evaluate
 
     device = resolve_device(args.device)
     from .export.mpqfile import is_mpq_file
@@ -115,10 +116,8 @@ def _eval(args) -> None:
 
 
 def _wrap(args) -> None:
-    from .checkpoint import fp32_payload, save_checkpoint
+    from .checkpoint import fp32_payload, load_teacher, model_meta, save_checkpoint
     from .config import load_recipe, recipe_to_dict
-    from .qat import load_teacher
-    from .trainer import model_meta
 
     if Path(args.out).exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to replace it")

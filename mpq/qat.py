@@ -10,7 +10,7 @@ without gradients.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -19,18 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import fp32_payload, model_from_checkpoint, save_checkpoint
-from .config import Recipe, recipe_to_dict
+from .checkpoint import fp32_payload, load_teacher, model_meta, save_checkpoint
+from .config import Recipe, TrainConfig, recipe_to_dict
 from .data import make_loader
 from .errors import UsageError
-from .precision import autocast_dtype
+from .precision import autocast_dtype, grad_scaler
 from .quant import (INT8_WEIGHT_MAX, Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                     reestimate_bn_)
-from .quant.modules import full_range_int8_weights_
 from .size import fp32_parameter_bytes, weight_bytes
+from .trainer import (evaluate, fit, make_loaders, make_optimizer, schedule_length, train_step,
+                      write_metrics)
 
-__all__ = ["QATConfig", "QATRecipe", "distillation_loss", "load_teacher",
-           "qat_model_from_checkpoint", "quantized_model", "train_qat"]
+__all__ = ["QATConfig", "QATRecipe", "distillation_loss", "distillation_step_loss",
+           "fine_tune_qat", "quantized_model", "train_qat"]
 
 
 @dataclass
@@ -97,32 +98,24 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
-def load_teacher(source: str | os.PathLike, *, model_name: str, num_classes: int,
-                 normalization: dict | None = None, payload: dict | None = None) -> nn.Module:
-    """Loads an FP32 teacher (an mpq checkpoint, a plain state dict or torchvision weights: see
-    `mpq.checkpoint.fp32_payload`; or its already loaded `payload`), refusing one of another
-    architecture or class count (or, when `normalization` is given and the teacher records
-    its own, one trained on differently normalised inputs)."""
-    if payload is None:
-        payload = fp32_payload(source, model_name=model_name, num_classes=num_classes)
-    if payload.get("kind", "fp32") != "fp32":
-        raise UsageError(f"teacher {source} is a {payload.get('kind')} checkpoint; the teacher "
-                         f"must be an FP32 model")
-    model = model_from_checkpoint(payload, expect_model=model_name, path=source)
-    if payload["model"].get("num_classes") != num_classes:
-        raise UsageError(f"teacher {source} has {payload['model'].get('num_classes')} classes, "
-                         f"the recipe {num_classes}")
-    theirs = payload.get("normalization")
-    if normalization is not None and theirs is not None and theirs != normalization:
-        raise UsageError(f"teacher {source} was trained with normalization {theirs}, the recipe "
-                         f"uses {normalization}; set data.mean and data.std to the teacher's")
-    return model
+def distillation_step_loss(teacher: nn.Module, cfg: QATConfig):
+    """The loss of one QAT step, `(student, x, y) -> (loss, logits, terms)`: distillation from
+    `teacher` (eval mode, no gradients) with the settings of `cfg`."""
+    def loss_fn(student, x, y):
+        with torch.no_grad():
+            t_logits = teacher(x)
+        logits = student(x)
+        loss, terms = distillation_loss(logits, t_logits, y, alpha=cfg.alpha,
+                                        temperature=cfg.temperature)
+        return loss, logits, terms
+    return loss_fn
 
 
-def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *,
-                    input_size: int) -> nn.Module:
-    """`prepare_qat` with the recipe's settings and a dummy input of the right size."""
-    example = (torch.zeros(2, 3, input_size, input_size),)
+def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size: int = 32,
+                    example_inputs: tuple | None = None) -> nn.Module:
+    """`prepare_qat` with the QAT settings, traced on `example_inputs` (default: a dummy input
+    of `input_size`)."""
+    example = example_inputs or (torch.zeros(2, 3, input_size, input_size),)
     return prepare_qat(model, plan, example_inputs=example, weight_mode=cfg.weight_scale,
                        learn_act_scale=cfg.learn_act_scale, quantize_joins=cfg.quantize_joins)
 
@@ -139,7 +132,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     `plan.json`, `metrics.json` and `tb/` (each loss term, accuracy, learning rate and the
     per-layer weight quantization error).
     """
-    from .trainer import evaluate, fit, make_loaders, model_meta, resolve_device, write_metrics
+    from .device import resolve_device
 
     if plan.model != recipe.model.name:
         raise UsageError(f"the plan is for {plan.model!r} but the recipe trains "
@@ -175,14 +168,6 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         if epoch >= freeze_at:
             freeze_bn_(student)
 
-    def loss_fn(model, x, y):
-        with torch.no_grad():
-            t_logits = teacher_model(x)
-        logits = model(x)
-        loss, terms = distillation_loss(logits, t_logits, y, alpha=cfg.alpha,
-                                        temperature=cfg.temperature)
-        return loss, logits, terms
-
     def epoch_logger(writer, model, epoch):
         for name, layer in quant_layers(model).items():
             if layer.w_bits is not None:
@@ -216,7 +201,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                 "recipe": recipe_to_dict(recipe)})
     else:
         metrics = fit(student, recipe=recipe, train_loader=train_loader,
-                      test_loader=test_loader, out_dir=out_dir, meta=meta, loss_fn=loss_fn,
+                      test_loader=test_loader, out_dir=out_dir, meta=meta,
+                      loss_fn=distillation_step_loss(teacher_model, cfg),
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
                       epoch_logger=epoch_logger, on_train_end=on_train_end)
     metrics.update(teacher_top1=teacher_top1,
@@ -230,74 +216,68 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
 
 
 def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tuple,
-                  epochs: int = 1, lr: float = 0.01, cfg: QATConfig | None = None,
-                  device: str | torch.device = "cpu") -> nn.Module:
+                  epochs: int | None = None, lr: float | None = None,
+                  cfg: QATConfig | None = None, train: TrainConfig | None = None,
+                  calibration=None, device: str | torch.device = "cpu") -> nn.Module:
     """QAT with distillation on any model and any data, in one call; returns the fake-quantized
-    student in eval mode (ready for `mpq.export.export_model`).
+    student in eval mode, BN folded (ready for `mpq.export.export_model`).
 
-    The recipe-driven `train_qat` adds checkpoints, exact resume, TensorBoard and DDP; this is
-    the same training for a user's own loop-free use.
+    The same training as the recipe-driven `train_qat` (the same optimiser, per-step schedule,
+    distillation step and BN handling; `train_qat` adds data loading, checkpoints and exact
+    resume, evaluation, TensorBoard and DDP): the same batches give the same weights.
 
     Args:
         teacher: the FP32 model (not changed).
         plan: bits per layer (e.g. from `mpq.allocate.plan_for_budget`).
-        batches: re-iterable (input, label) batches, e.g. a DataLoader: one pass per epoch; its
-            first `cfg.calibration_batches` batches calibrate the activation scales.
+        batches: re-iterable (input, label) batches with a length, e.g. a DataLoader: one pass
+            per epoch.
         example_inputs: inputs for tracing.
-        epochs: passes over `batches`; BN is folded for good when they end.
-        lr: peak learning rate of SGD (Nesterov momentum 0.9, weight decay 1e-4), cosine decay.
+        epochs, lr: shorthands that override `train.epochs` and `train.lr`.
         cfg: distillation and quantizer settings (`QATConfig`).
+        train: optimiser and schedule (`TrainConfig`); by default the QAT recipes' (one epoch,
+            lr 0.01, SGD with Nesterov momentum 0.9, weight decay 1e-4, cosine per step).
+        calibration: inputs calibrating the activation scales (default: the inputs of the
+            first `cfg.calibration_batches` batches).
         device: where to train.
     """
-    import itertools
-
     cfg = cfg or QATConfig()
+    train = train or TrainConfig(epochs=1, lr=0.01, weight_decay=1e-4, schedule="cosine",
+                                 warmup_epochs=0)
+    train = replace(train, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     device = torch.device(device)
-    student = prepare_qat(teacher, plan, example_inputs=example_inputs,
-                          weight_mode=cfg.weight_scale, learn_act_scale=cfg.learn_act_scale,
-                          quantize_joins=cfg.quantize_joins).to(device)
-    teacher = teacher.to(device).eval()
-    calibrate_(student, (x.to(device) for x, _ in
-                         itertools.islice(iter(batches), cfg.calibration_batches)))
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else epochs
+    try:
+        steps_per_epoch = len(batches)
+    except TypeError:
+        raise UsageError("fine_tune_qat needs batches with a length (a DataLoader or a list), "
+                         "to lay out its learning-rate schedule") from None
+    memory_format = torch.channels_last if train.channels_last else torch.preserve_format
+    student = quantized_model(teacher, plan, cfg, example_inputs=example_inputs)
+    student = student.to(device).to(memory_format=memory_format)
+    teacher = teacher.to(device).eval().to(memory_format=memory_format)
+
+    def moved(x):
+        return x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device)
+
+    if calibration is None:
+        calibration = (x for x, _ in islice(iter(batches), cfg.calibration_batches))
+    calibrate_(student, (moved(x) for x in calibration))
+    total, epochs = schedule_length(train, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(student, train, total)
+    amp = autocast_dtype(train.precision, device)
+    scaler = grad_scaler(device, amp)
+    loss_fn = distillation_step_loss(teacher, cfg)
+    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
+    step = 0
     for epoch in range(epochs):
+        student.train()
         if epoch >= freeze_at:
             freeze_bn_(student)
-        student.train()
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                t_logits = teacher(x)
-            loss, _ = distillation_loss(student(x), t_logits, y, alpha=cfg.alpha,
-                                        temperature=cfg.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"QAT loss became {loss.item()} in epoch {epoch + 1}; "
-                                         f"lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+        for i, (x, y) in enumerate(batches):
+            if step >= total:
+                break
+            train_step(student, moved(x), y.to(device), loss_fn=loss_fn, optimizer=optimizer,
+                       scheduler=scheduler, scaler=scaler, amp=amp,
+                       where=f"epoch {epoch + 1}, step {i + 1}")
+            step += 1
     freeze_bn_(student)
     return student.eval()
-
-
-def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
-    """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings)."""
-    from .checkpoint import load_state_dict_checked
-    from .models import build_model
-
-    spec = payload["model"]
-    model = build_model(spec["name"], num_classes=spec["num_classes"])
-    settings = payload.get("qat", {})
-    cfg = QATConfig(weight_scale=settings.get("weight_scale", "mse"),
-                    learn_act_scale=settings.get("learn_act_scale", False),
-                    quantize_joins=settings.get("quantize_joins", True))
-    qmodel = quantized_model(model, Plan.from_dict(payload["plan"]), cfg,
-                             input_size=payload.get("input_size", 32))
-    if settings.get("int8_weight_max", 127) != INT8_WEIGHT_MAX:
-        full_range_int8_weights_(qmodel)  # trained before 8-bit weights kept within +-64
-    load_state_dict_checked(qmodel, payload["state_dict"], what=f"checkpoint {path}")
-    return qmodel

@@ -24,10 +24,11 @@ from torch import nn
 from .allocate import Allocation, perturbations, solve
 from .config import Recipe
 from .errors import UsageError
-from .hessian import ESTIMATORS, LayerSensitivity, layer_sensitivity
+from .files import write_atomic
+from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
 from .report import log_search, log_sensitivity
-from .size import layer_bytes, layer_shapes
+from .size import Footprint
 from .study import METRIC, check_storage, open_study, run_trials
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
@@ -48,6 +49,7 @@ class SearchConfig:
     max_probes: int = 500
     min_draws: int = 8
     max_draws: int = 256
+    draws: str = "signs"
     max_exact_classes: int = 16
     memory_mb: int = 2048
     metric: str = "trace"
@@ -69,6 +71,9 @@ class SearchConfig:
         if self.estimator not in ESTIMATORS:
             raise UsageError(f"search.estimator must be one of {', '.join(ESTIMATORS)}; got "
                              f"{self.estimator!r}")
+        if self.draws not in DRAWS:
+            raise UsageError(f"search.draws must be one of {', '.join(DRAWS)}; got "
+                             f"{self.draws!r}")
         if not 0 < self.rel_tol < 1:
             raise UsageError(f"search.rel_tol must be in (0, 1), got {self.rel_tol}")
         if not 2 <= self.min_probes <= self.max_probes or not 2 <= self.min_draws <= \
@@ -104,14 +109,14 @@ def kl_score(qmodel: nn.Module, teacher_logits: list[torch.Tensor],
 
 
 SENSITIVITY_SETTINGS = ("estimator", "rel_tol", "min_probes", "max_probes", "min_draws",
-                        "max_draws", "max_exact_classes", "memory_mb", "seed")
+                        "max_draws", "draws", "max_exact_classes", "memory_mb", "seed")
 
 
 def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
                        cfg: SearchConfig, progress: bool) -> dict[str, LayerSensitivity]:
     """`layer_sensitivity` with the search's settings, cached on disk by checkpoint hash,
     data and settings."""
-    key = {**key, "version": 3, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
+    key = {**key, "version": 4, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"sensitivity-{digest}.json"
     if path.is_file():
@@ -120,33 +125,27 @@ def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
     result = layer_sensitivity(model, batches, estimator=cfg.estimator, rel_tol=cfg.rel_tol,
                                min_probes=cfg.min_probes, max_probes=cfg.max_probes,
                                min_draws=cfg.min_draws, max_draws=cfg.max_draws,
-                               max_exact_classes=cfg.max_exact_classes,
+                               draws=cfg.draws, max_exact_classes=cfg.max_exact_classes,
                                memory_bytes=cfg.memory_mb << 20, seed=cfg.seed,
                                progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "layers": {k: v.to_dict()
-                                                      for k, v in result.items()}}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"key": key, "layers": {k: v.to_dict()
+                                                          for k, v in result.items()}}))
     return result
 
 
-def _repair(bits: dict[str, int], omega, shapes, choices, budget: int,
-            fixed: int) -> dict[str, int]:
+def _repair(bits: dict[str, int], omega, footprint: Footprint, choices,
+            budget: int) -> dict[str, int]:
     """Lowers bits, cheapest perturbation per byte saved first, until the plan fits."""
     bits = dict(bits)
 
-    def size():
-        return fixed + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
-
-    while size() > budget:
+    while footprint.bytes(bits) > budget:
         best, best_cost = None, float("inf")
         for n, b in bits.items():
             i = choices.index(b)
             if i == 0:
                 continue
             lower = choices[i - 1]
-            saved = layer_bytes(shapes[n], b) - layer_bytes(shapes[n], lower)
+            saved = footprint.layer(n, b) - footprint.layer(n, lower)
             cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
             if cost < best_cost:
                 best, best_cost = (n, lower), cost
@@ -185,10 +184,10 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     names = quantizable_layers(model)
     q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
                      example_inputs=example_inputs)
-    shapes, fixed = layer_shapes(q8, meta)
+    footprint = Footprint.of(q8, meta)
     choices = cfg.bit_choices
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
-    solver = solve(omega, shapes, budget_bytes=budget_bytes, fixed_bytes=fixed)
+    solver = solve(omega, footprint, budget_bytes=budget_bytes)
     with torch.no_grad():
         teacher_logits = [model(x) for x in holdout]
 
@@ -199,19 +198,16 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         calibrate_(q, calibration)
         return kl_score(q, teacher_logits, holdout)
 
-    def size_of(bits):
-        return fixed + sum(layer_bytes(shapes[n], b) for n, b in bits.items())
-
     def objective(trial: "optuna.Trial") -> float:
         proposal = {}
         for n in names:
             i = choices.index(solver.bits[n])
             step = trial.suggest_categorical(n, [-1, 0, 1])
             proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
-        bits = _repair(proposal, omega, shapes, choices, budget_bytes, fixed)
+        bits = _repair(proposal, omega, footprint, choices, budget_bytes)
         value = score(bits)
         trial.set_user_attr("bits", bits)
-        trial.set_user_attr("size_bytes", size_of(bits))
+        trial.set_user_attr("size_bytes", footprint.bytes(bits))
         for n, b in bits.items():  # one attribute per layer: readable in optuna-dashboard
             trial.set_user_attr(f"bits.{n}", b)
         return value
@@ -231,10 +227,9 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     if not study.trials:
         # The solver's plan at the budget, then at budgets a little below it: the search
         # starts from the exact optimum of the Hessian model.
-        seeds = [solver] + [solve(omega, shapes, budget_bytes=int(budget_bytes * f),
-                                  fixed_bytes=fixed)
-                            for f in (0.97, 0.94) if budget_bytes * f >= _smallest(
-                                shapes, choices, fixed)]
+        seeds = [solver] + [solve(omega, footprint, budget_bytes=int(budget_bytes * f))
+                            for f in (0.97, 0.94)
+                            if budget_bytes * f >= footprint.smallest(choices)]
         for alloc in seeds:
             study.enqueue_trial({n: max(-1, min(1, choices.index(alloc.bits[n])
                                                 - choices.index(solver.bits[n])))
@@ -260,9 +255,11 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     uniform = {}
     for b in tqdm(choices, desc="scoring uniform plans", disable=not progress, leave=False):
         flat = {n: b for n in names}
-        uniform[b] = {"size_bytes": size_of(flat), "within_budget": size_of(flat) <= budget_bytes,
+        size = footprint.bytes(flat)
+        uniform[b] = {"size_bytes": size, "within_budget": size <= budget_bytes,
                       "score": score(flat)}
-    plan = Allocation(bits, size_of(bits), float(sum(omega[n][b] for n, b in bits.items()))).plan(
+    plan = Allocation(bits, footprint.bytes(bits),
+                      float(sum(omega[n][b] for n, b in bits.items()))).plan(
         model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
         extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
                "solver_score": solver_score, "solver_bits": solver.bits})
@@ -284,10 +281,6 @@ def _log_trial(writer, trial) -> None:
     writer.flush()
 
 
-def _smallest(shapes, choices, fixed) -> int:
-    return fixed + sum(layer_bytes(s, choices[0]) for s in shapes.values())
-
-
 @dataclass(frozen=True)
 class PlanFloor:
     """The smallest `model.mpq` any plan of a search recipe can make: every layer at the fewest
@@ -302,16 +295,17 @@ class PlanFloor:
 def plan_floor(model: nn.Module, recipe: Recipe) -> PlanFloor:
     """The `PlanFloor` of `recipe`'s search on `model` (an FP32 model in eval mode)."""
     from .pack import packed_size
-    from .trainer import model_meta
+    from .checkpoint import model_meta
 
     cfg, size = recipe.search, recipe.data.image_size
     bits = min(cfg.bit_choices)
     q = prepare_qat(model, uniform_plan(recipe.model.name, quantizable_layers(model),
                                         w_bits=bits, a_bits=cfg.a_bits),
                     example_inputs=(torch.zeros(1, 3, size, size),))
-    shapes, fixed = layer_shapes(q, model_meta(recipe))
-    return PlanFloor(bytes=_smallest(shapes, [bits], fixed), bits=bits,
-                     weight_bytes=sum(packed_size(s.numel, bits) for s in shapes.values()))
+    footprint = Footprint.of(q, model_meta(recipe))
+    return PlanFloor(bytes=footprint.smallest([bits]), bits=bits,
+                     weight_bytes=sum(packed_size(s.numel, bits)
+                                      for s in footprint.shapes.values()))
 
 
 def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes: int) -> None:
@@ -335,11 +329,10 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     from torch.utils.tensorboard import SummaryWriter
 
     from .allocate import parse_budget
-    from .checkpoint import TORCHVISION_WEIGHTS
+    from .checkpoint import TORCHVISION_WEIGHTS, load_teacher, model_meta
     from .data import cache_dir, load_split, make_loader
-    from .qat import load_teacher
     from .size import fp32_parameter_bytes
-    from .trainer import model_meta, resolve_device
+    from .device import resolve_device
 
     cfg = recipe.search
     checkpoint = checkpoint or cfg.checkpoint

@@ -18,37 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_meta, save_checkpoint
 from . import distributed
 from .config import TrainConfig, recipe_to_dict
 from .data import load_split, make_loader
+from .device import resolve_device
 from .errors import UsageError
+from .files import write_atomic
 from .precision import autocast, autocast_dtype, grad_scaler
 
-__all__ = ["TrainingDiverged", "evaluate", "fit", "lr_factor", "make_loaders", "model_meta",
-           "resolve_device", "train_fp32", "write_metrics"]
+__all__ = ["TrainingDiverged", "evaluate", "fit", "lr_factor", "make_loaders", "make_optimizer",
+           "schedule_length", "train_fp32", "train_step", "write_metrics"]
 
 LAST = "checkpoint_last.pt"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or "
-                         f"cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -91,9 +77,44 @@ def _cross_entropy(label_smoothing: float):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def schedule_length(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(optimiser steps, epochs) of a run: `cfg.epochs` passes, or fewer under `max_steps`."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return total, -(-total // steps_per_epoch)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """SGD and its per-step learning-rate schedule over `total_steps`, as every training here
+    (FP32, QAT by recipe, `fine_tune_qat`) uses them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_epochs / cfg.epochs * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.schedule))
+    return optimizer, scheduler
+
+
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: Callable,
+               optimizer, scheduler, scaler, amp: torch.dtype | None, where: str = ""):
+    """One optimiser step (autocast, scaled backward, schedule); returns `loss_fn`'s
+    (loss, logits, terms). A loss that is not finite stops training (`where` says where)."""
+    with autocast(x.device, amp):
+        loss, logits, terms = loss_fn(net, x, y)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss became {loss.item()} at {where or 'a training step'}; "
+                               f"lower train.lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss, logits, terms
 
 
 def fit(model: nn.Module, *, recipe, train_loader, test_loader,
@@ -133,20 +154,12 @@ def fit(model: nn.Module, *, recipe, train_loader, test_loader,
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.precision, device)
     scaler = grad_scaler(device, amp)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise UsageError(f"the training split has {len(train_loader.split)} images, fewer than "
                          f"one batch of {train_loader.batch_size}; lower train.batch_size")
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    epochs = -(-total // steps_per_epoch)
-    warmup = round(cfg.warmup_epochs / cfg.epochs * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_steps=total, warmup_steps=warmup, schedule=cfg.schedule))
+    total, epochs = schedule_length(cfg, steps_per_epoch)
+    optimizer, scheduler = make_optimizer(model, cfg, total)
 
     start_epoch, history, partial = 0, [], None
     if (out / LAST).is_file():
@@ -216,18 +229,11 @@ def fit(model: nn.Module, *, recipe, train_loader, test_loader,
             for i, (x, y) in enumerate(bar, start=first):
                 if shard:
                     x, y = distributed.shard(x, y)
-                with autocast(device, amp):
-                    loss, logits, terms = loss_fn(net, x, y)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
-                        f"The last good checkpoint ({out / LAST}, if any) is kept; lower "
-                        f"train.lr or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                loss, logits, terms = train_step(
+                    net, x, y, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, amp=amp,
+                    where=f"epoch {epoch + 1}, step {i + 1}; stopped. The last good checkpoint "
+                          f"({out / LAST}, if any) is kept")
                 step = epoch * steps_per_epoch + i
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(y)
@@ -331,13 +337,6 @@ def _yaml(data: dict) -> str:
 def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> None:
     """Writes `metrics.json` atomically."""
     _write_json(Path(out_dir) / "metrics.json", metrics)
-
-
-def model_meta(recipe) -> dict:
-    """What a checkpoint needs to rebuild and feed its model without the recipe."""
-    return {"model": {"name": recipe.model.name, "num_classes": recipe.model.num_classes},
-            "normalization": {"mean": list(recipe.data.mean), "std": list(recipe.data.std)},
-            "input_size": recipe.data.image_size}
 
 
 def make_loaders(recipe, *, data_root=None, device: torch.device, progress: bool = True,

@@ -10,7 +10,7 @@ from mpq.errors import UsageError
 from mpq.hessian import LayerSensitivity
 from mpq.models import build_model
 from mpq.quant import prepare_qat, quantizable_layers, uniform_plan
-from mpq.size import LayerShape, layer_bytes, layer_shapes, weight_bytes
+from mpq.size import Footprint, LayerShape, weight_bytes
 
 
 def random_instance(rng, layers, bits):
@@ -28,15 +28,14 @@ def test_solver_equals_brute_force(seed):
     rng = random.Random(seed)
     bits = rng.sample([2, 3, 4, 5, 6, 8], 3)
     omega, shapes = random_instance(rng, 5, bits)
-    fixed = rng.randint(0, 500)
-    sizes = lambda combo: fixed + sum(layer_bytes(shapes[n], b)  # noqa: E731
-                                      for n, b in zip(shapes, combo))
+    footprint = Footprint(shapes, rng.randint(0, 500))
+    sizes = lambda combo: footprint.bytes(dict(zip(shapes, combo)))  # noqa: E731
     all_combos = list(itertools.product(*(sorted(omega[n]) for n in shapes)))
     lo, hi = min(map(sizes, all_combos)), max(map(sizes, all_combos))
     budget = rng.randint(lo, hi)
     best = min((c for c in all_combos if sizes(c) <= budget),
                key=lambda c: sum(omega[n][b] for n, b in zip(shapes, c)))
-    got = solve(omega, shapes, budget_bytes=budget, fixed_bytes=fixed)
+    got = solve(omega, footprint, budget_bytes=budget)
     assert got.size_bytes <= budget
     assert got.objective == pytest.approx(sum(omega[n][b] for n, b in zip(shapes, best)),
                                           rel=1e-9)
@@ -45,12 +44,12 @@ def test_solver_equals_brute_force(seed):
 def test_budget_below_smallest_names_it():
     omega, shapes = random_instance(random.Random(0), 3, [2, 4])
     with pytest.raises(UsageError, match="below the smallest possible size"):
-        solve(omega, shapes, budget_bytes=10)
+        solve(omega, Footprint(shapes), budget_bytes=10)
 
 
 def test_pareto_front_is_monotone():
     omega, shapes = random_instance(random.Random(1), 6, [2, 4, 8])
-    front = pareto_front(omega, shapes, points=15)
+    front = pareto_front(omega, Footprint(shapes), points=15)
     sizes = [a.size_bytes for a in front]
     objectives = [a.objective for a in front]
     assert sizes == sorted(sizes) and objectives == sorted(objectives, reverse=True)
@@ -74,12 +73,12 @@ def test_plan_size_equals_the_size_of_the_prepared_model():
     names = quantizable_layers(model)
     q8 = prepare_qat(model, uniform_plan("resnet20", names, w_bits=8),
                      example_inputs=(torch.zeros(1, 3, 32, 32),))
-    shapes, fixed = layer_shapes(q8)
+    footprint = Footprint.of(q8)
     sens = {n: LayerSensitivity(1.0 + i, 0, 1.0, 0, "exact", 0,
                                 model.get_submodule(n).weight.numel())
             for i, n in enumerate(names)}
     omega = perturbations(model, sens, [2, 4, 8])
-    alloc = solve(omega, shapes, budget_bytes=int(weight_bytes(q8) / 1.8), fixed_bytes=fixed)
+    alloc = solve(omega, footprint, budget_bytes=int(weight_bytes(q8) / 1.8))
     plan = alloc.plan("resnet20", budget_bytes=int(weight_bytes(q8) / 1.8))
     qplan = prepare_qat(model, plan, example_inputs=(torch.zeros(1, 3, 32, 32),))
     assert weight_bytes(qplan) == alloc.size_bytes == plan.extra["size_bytes"]

@@ -14,7 +14,7 @@ from mpq.hessian import is_piecewise_linear, layer_sensitivity
 from mpq.qat import distillation_loss
 from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                        quantizable_layers, uniform_plan)
-from mpq.size import layer_shapes, weight_bytes
+from mpq.size import Footprint, weight_bytes
 
 
 class OddNet(nn.Module):
@@ -89,10 +89,10 @@ def test_sensitivity_plan_qat_steps_and_export(net_and_data, tmp_path):
         "head": ("exact", "hessian")}  # the logits are linear in the head's weight
     names = quantizable_layers(net)
     q8 = prepare_qat(net, uniform_plan("odd", names, w_bits=8), example_inputs=(x[:1],))
-    shapes, fixed = layer_shapes(q8, META)  # sizes of the model.mpq file, header included
+    footprint = Footprint.of(q8, META)  # sizes of the model.mpq file, header included
     omega = perturbations(net, sens, [2, 4, 8])
     budget = int(weight_bytes(q8, META) * 0.7)
-    alloc = solve(omega, shapes, budget_bytes=budget, fixed_bytes=fixed)
+    alloc = solve(omega, footprint, budget_bytes=budget)
     plan = alloc.plan("odd", budget_bytes=budget)
     student = prepare_qat(net, plan, example_inputs=(x[:1],))
     assert weight_bytes(student, META) == alloc.size_bytes <= budget

@@ -51,7 +51,7 @@ def test_a_teacher_comes_as_a_state_dict_a_wrapped_one_or_torchvision_weights(tm
     import torchvision
 
     from mpq.models import build_model
-    from mpq.qat import load_teacher
+    from mpq.checkpoint import load_teacher
 
     torch.manual_seed(0)
     net = build_model("resnet20", num_classes=10)

@@ -292,3 +292,37 @@ def test_activation_quantizer_rounds_in_float32_under_bf16_autocast():
     assert under.dtype == torch.float32
     assert on_grid(under)
     assert (under - grid).abs().max() <= q.scale * 1.0001
+
+
+def test_fine_tune_qat_and_train_qat_take_the_same_steps(tmp_path, tiny_teacher,
+                                                         tiny_recipe_dict):
+    """The Python API and the recipe-driven stage share one distillation step, optimiser and
+    schedule: the same batches give the same weights."""
+    from mpq.data import make_loader
+    from mpq.qat import fine_tune_qat
+    from mpq.trainer import make_loaders
+
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "weight_scale": "lsq"}
+    tiny_recipe_dict["train"].update(lr=0.01, max_steps=5, schedule="onecycle", weight_decay=3e-4)
+    recipe = recipe_from_dict(tiny_recipe_dict, QATRecipe)
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher))
+    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=4)
+    train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat", device="cpu",
+              progress=False, log=False)
+    by_recipe = model_from_checkpoint(load_checkpoint(tmp_path / "qat" / "model.pt"))
+    freeze_bn_(by_recipe)
+
+    train_loader, _ = make_loaders(recipe, device=torch.device("cpu"), progress=False)
+    batches = list(train_loader.epoch(0))[:5]  # what train_qat's 5 steps saw
+    calib = make_loader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
+                        train=False, device=torch.device("cpu"))
+    calibration = [x for _, (x, _) in zip(range(2), calib.epoch(0))]
+    by_api = fine_tune_qat(teacher, plan, batches, example_inputs=(batches[0][0][:1],),
+                           cfg=recipe.qat, train=recipe.train, calibration=calibration)
+    got, want = by_api.state_dict(), by_recipe.state_dict()
+    assert got.keys() == want.keys()
+    moved = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not moved, moved[:5]
+    first = quant_layers(by_api)["conv1"]
+    assert not torch.equal(first.layer.weight, quant_layers(
+        prepare_qat(teacher, plan, example_inputs=(batches[0][0][:1],)))["conv1"].layer.weight)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UsageError
+from ..files import atomic_path
 from .folder import LAYOUT_HELP, decode, list_imagefolder
 
 __all__ = ["BatchLoader", "Loader", "Split", "augment_batch", "cache_dir", "load_memory_split",
@@ -84,10 +85,8 @@ def load_memory_split(folder: Path, cfg: DataConfig, *, progress: bool,
         print(f"{folder}: skipped {int((~keep).sum())} unreadable images of {len(files)}")
     images = np.ascontiguousarray(images[keep].transpose(0, 3, 1, 2))  # -> (N, 3, H, W)
     labels_np = np.asarray(labels, dtype=np.int64)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, labels=labels_np, keep=keep)
-    os.replace(tmp, cache)
+    with atomic_path(cache, suffix=".npz") as tmp:
+        np.savez(tmp, images=images, labels=labels_np, keep=keep)
     return Split(torch.from_numpy(images), torch.from_numpy(labels_np[keep]), classes)
 
 

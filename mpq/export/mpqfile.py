@@ -1,34 +1,13 @@
-"""`model.mpq`: the packed model file, where a b-bit weight takes at most b bits.
-
-Layout (little-endian):
-
-    magic      4 bytes  b"MPQ\\x01"
-    version    uint16   3 (versions 1 and 2 still load: see `_READS`)
-    header     uint32   length of the JSON header that follows
-    payload    uint64   length of the payload that follows the header
-    JSON header         {"format", "model", "input_size", "normalization", "w_bits", "a_bits",
-                         "quantize_joins"}: enough to rebuild the model's graph
-    payload             the parts of `mpq.size.stored_parts`, in order:
-                        per quantized layer: its weight as `w_bits`-bit integers packed by
-                        `mpq.pack` (1.6 bits each at 2 bits, 2.82 at 3; float32 if the weight
-                        stays float), float32 scales (one per
-                        output channel), float32 bias;
-                        per activation quantizer: float32 scale, one byte of signedness;
-                        every other floating tensor as float32
-    crc32      uint32   of everything before it
-
-`w_bits` / `a_bits` are one character per quantizable layer (in `quantizable_layers` order):
-the bit width, or `-` for float. The header's length thus does not depend on the plan, and the
-file's size is `mpq.size.weight_bytes(qmodel, meta)` exactly. 8-bit weights lie in [-64, 64]
-(`mpq.quant.weight_range`), stored as 8 bits each. A truncated or altered file fails
-its length or checksum test with a `UsageError`; it never loads as a wrong model.
+"""`model.mpq`: writing, checking and reading the packed model file, where a b-bit weight takes
+at most b bits. Its layout is `mpq.mpqformat`'s; the file's size is
+`mpq.size.Footprint.of(qmodel, meta).bytes(...)` exactly. A truncated or altered file fails its
+length or checksum test with a `UsageError`; it never loads as a wrong model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import zlib
 from pathlib import Path
 
@@ -37,47 +16,17 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..files import write_atomic
+from ..mpqformat import (CRC, MAGIC, MPQ_VERSION, PREFIX, READS, header_bytes, header_of,
+                         stored_parts)
 from ..pack import pack, packed_size, unpack
 from ..quant import Plan, freeze_bn_, quantizable_layers, weight_range
 from ..quant.modules import QuantConv, _QuantLayer, full_range_int8_weights_
-from ..size import stored_parts
 
-__all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "is_mpq_file",
-           "load_mpq", "read_mpq",
-           "save_mpq"]
-
-MAGIC = b"MPQ\x01"
-MPQ_VERSION = 3
-# Version 1 bit-packed weights at every width (`mpq.pack`'s dense=False); versions 1 and 2 put
-# 8-bit weights on the full [-127, 127] grid, which saturates int16 on x86 CPUs without VNNI
-# (the export refuses to build int8 models from such a file; see `mpq.export.overflow`).
-_READS = (1, 2, 3)
-_PREFIX = struct.Struct("<4sHIQ")
-_CRC = struct.Struct("<I")
+__all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "is_mpq_file", "load_mpq",
+           "read_mpq", "save_mpq"]
 
 
-def _bits_string(bits) -> str:
-    return "".join("-" if b is None else str(b) for b in bits)
-
-
-def _header(meta: dict, qmodel: nn.Module) -> bytes:
-    plan: Plan = qmodel.mpq_plan
-    names = list(qmodel.mpq_layer_names)
-    settings = plan.resolve(names)
-    header = {"format": "mpq.model", "model": meta["model"], "input_size": meta["input_size"],
-              "normalization": meta["normalization"],
-              "w_bits": _bits_string(settings[n].w_bits for n in names),
-              "a_bits": _bits_string(settings[n].a_bits for n in names),
-              "quantize_joins": bool(qmodel.mpq_quantize_joins)}
-    return json.dumps(header, separators=(",", ":")).encode()
-
-
-def header_bytes(meta: dict, qmodel: nn.Module) -> int:
-    """Bytes of a `model.mpq` file that are not payload (prefix, header, checksum)."""
-    return _PREFIX.size + len(_header(meta, qmodel)) + _CRC.size
-
-
-@torch.no_grad()
 def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer weight (int8 tensor) and per-channel float32 scale the layer computes with."""
     w = layer.effective_weight().detach().float()
@@ -137,13 +86,10 @@ def save_mpq(path: str | os.PathLike, qmodel: nn.Module, meta: dict) -> int:
     `meta` holds `model` ({"name", "num_classes"}), `input_size` and `normalization`.
     """
     qmodel.eval()
-    header, payload = _header(meta, qmodel), _payload(qmodel)
-    body = _PREFIX.pack(MAGIC, MPQ_VERSION, len(header), len(payload)) + header + payload
-    data = body + _CRC.pack(zlib.crc32(body))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    head, payload = header_of(meta, qmodel), _payload(qmodel)
+    body = PREFIX.pack(MAGIC, MPQ_VERSION, len(head), len(payload)) + head + payload
+    data = body + CRC.pack(zlib.crc32(body))
+    write_atomic(path, data)
     return len(data)
 
 
@@ -164,25 +110,25 @@ def read_mpq(path: str | os.PathLike) -> tuple[dict, bytes, int]:
         raise UsageError(f"{path} does not exist")
     data = path.read_bytes()
     what = f"{path} is not a valid mpq model file"
-    if len(data) < _PREFIX.size + _CRC.size or data[:4] != MAGIC:
+    if len(data) < PREFIX.size + CRC.size or data[:4] != MAGIC:
         raise UsageError(f"{what} (no MPQ signature); export one with `python -m mpq export`")
-    _, version, n_header, n_payload = _PREFIX.unpack_from(data)
-    if version not in _READS:
+    _, version, n_header, n_payload = PREFIX.unpack_from(data)
+    if version not in READS:
         raise UsageError(f"{path} is mpq model format version {version}; this mpq reads "
-                         f"versions {', '.join(map(str, _READS))}")
-    expected = _PREFIX.size + n_header + n_payload + _CRC.size
+                         f"versions {', '.join(map(str, READS))}")
+    expected = PREFIX.size + n_header + n_payload + CRC.size
     if len(data) != expected:
         raise UsageError(f"{what}: it has {len(data)} bytes where its header announces "
                          f"{expected} (truncated or appended to); export it again")
-    (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
-    if zlib.crc32(data[:expected - _CRC.size]) != crc:
+    (crc,) = CRC.unpack_from(data, expected - CRC.size)
+    if zlib.crc32(data[:expected - CRC.size]) != crc:
         raise UsageError(f"{what}: checksum mismatch (the file is corrupted); export it again")
-    start = _PREFIX.size
+    start = PREFIX.size
     try:
         header = json.loads(data[start:start + n_header])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{what}: unreadable header ({exc})") from None
-    return header, data[start + n_header:expected - _CRC.size], version
+    return header, data[start + n_header:expected - CRC.size], version
 
 
 class _Reader:

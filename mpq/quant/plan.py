@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import write_atomic
 
 __all__ = ["LayerQuant", "Plan", "load_plan", "uniform_plan"]
 
@@ -86,10 +87,7 @@ class Plan:
         return cls(model=data["model"], layers=dict(data["layers"]), extra=extra or None)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def resolve(self, layer_names: list[str]) -> dict[str, LayerQuant]:
         """Settings for each of `layer_names`, checking that the plan fits them exactly."""
