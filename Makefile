@@ -44,4 +44,4 @@ run: setup data
 
 # The README's results table: every row (searches, QAT, PTQ, baselines), resumably.
 results: setup data
-	$(BIN)/python benchmarks/results.py
+	$(BIN)/python benchmarks/results.py --publish

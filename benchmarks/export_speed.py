@@ -26,7 +26,7 @@ from mpq.export.onnx_qdq import export_onnx  # noqa: E402
 from mpq.export.torch_int8 import save_torch_int8  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
-from timing import ort_runner, side_by_side  # noqa: E402
+from mpq.timing import ort_runner, side_by_side  # noqa: E402
 
 
 def main():

@@ -31,7 +31,7 @@ from mpq.qat import QATRecipe, quantized_model  # noqa: E402
 from mpq.quant import calibrate_, freeze_bn_, quantizable_layers, uniform_plan  # noqa: E402
 from mpq.quant.modules import full_range_int8_weights_  # noqa: E402
 from mpq.trainer import evaluate, make_loaders  # noqa: E402
-from timing import ort_runner  # noqa: E402
+from mpq.timing import ort_runner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (weight bits, activation bits, 8-bit weights on the full [-127, 127] grid)

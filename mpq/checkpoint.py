@@ -25,7 +25,7 @@ from torch import nn
 from .errors import UsageError
 from .files import atomic_path
 from .models import build_model
-from .quant import INT8_WEIGHT_MAX, Plan, prepare_qat
+from .quant import INT8_WEIGHT_MAX, Plan, QuantConfig, prepare_qat
 from .quant.modules import full_range_int8_weights_
 
 __all__ = ["CHECKPOINT_VERSION", "data_config", "fp32_payload", "load_checkpoint", "load_teacher",
@@ -51,7 +51,22 @@ def _read(path: Path, map_location):
             pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"checkpoint {path} is corrupted or not a torch checkpoint, or one "
-                         f"that only loads by running code ({first[:200]})") from None
+                         f"that only loads by running code ({first[:200]}); a pickled "
+                         f"nn.Module you trust converts once with `python -m mpq wrap "
+                         f"--allow-pickle`") from None
+
+
+def _read_trusted(path: Path):
+    """`torch.load` with code execution allowed (the user opted in); falls back to the safe
+    reader's messages for what is not a torch file at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:  # the pickled class is not importable
+        raise UsageError(f"{path} holds a pickled object whose code is not importable here "
+                         f"({exc}); put its module on PYTHONPATH, or save a state dict "
+                         f"instead") from None
+    except Exception:  # noqa: BLE001  (corrupt or foreign: the safe reader says which)
+        return _read(path, "cpu")
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
@@ -85,9 +100,7 @@ def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
     size = payload.get("input_size", 32)
     qmodel = prepare_qat(model, Plan.from_dict(payload["plan"]),
                          example_inputs=(torch.zeros(2, 3, size, size),),
-                         weight_mode=settings.get("weight_scale", "mse"),
-                         learn_act_scale=settings.get("learn_act_scale", False),
-                         quantize_joins=settings.get("quantize_joins", True))
+                         config=QuantConfig.from_dict(settings))
     if settings.get("int8_weight_max", 127) != INT8_WEIGHT_MAX:
         full_range_int8_weights_(qmodel)  # trained before 8-bit weights kept within +-64
     load_state_dict_checked(qmodel, payload["state_dict"], what=f"checkpoint {path}")
@@ -118,7 +131,8 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def fp32_payload(source: str | os.PathLike, *, model_name: str, num_classes: int) -> dict:
+def fp32_payload(source: str | os.PathLike, *, model_name: str, num_classes: int,
+                 allow_pickle: bool = False) -> dict:
     """An FP32 model as a checkpoint payload, from any of the forms users have one in:
 
     - an mpq checkpoint (from train.py);
@@ -126,13 +140,17 @@ def fp32_payload(source: str | os.PathLike, *, model_name: str, num_classes: int
       dict holding one under `state_dict` or `model`; its normalisation is then unknown
       (`normalization` None) and the recipe's is used;
     - `torchvision:<Weights enum>`, e.g. `torchvision:ResNet18_Weights.IMAGENET1K_V1`:
-      torchvision's pretrained weights, downloaded once into torch's hub cache.
+      torchvision's pretrained weights, downloaded once into torch's hub cache;
+    - with `allow_pickle` only, a whole pickled `nn.Module` (`torch.save(model)`): loading it
+      runs code from the file, so only for files the user trusts.
     """
     spec = str(source)
     if spec.startswith(TORCHVISION_WEIGHTS):
         return _torchvision_payload(spec, model_name)
     path = Path(source)
-    payload = _read(path, "cpu")
+    payload = _read_trusted(path) if allow_pickle else _read(path, "cpu")
+    if isinstance(payload, nn.Module):
+        payload = {k: v for k, v in payload.state_dict().items()}
     if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
         return load_checkpoint(path)
     for state in (payload, *(payload.get(k) for k in ("state_dict", "model")

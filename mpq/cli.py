@@ -123,7 +123,8 @@ def _wrap(args) -> None:
         raise UsageError(f"{args.out} exists; pass --force to replace it")
     recipe = load_recipe(args.recipe, args.overrides)
     spec = recipe.model
-    payload = fp32_payload(args.state_dict, model_name=spec.name, num_classes=spec.num_classes)
+    payload = fp32_payload(args.state_dict, model_name=spec.name, num_classes=spec.num_classes,
+                           allow_pickle=args.allow_pickle)
     model = load_teacher(args.state_dict, model_name=spec.name, num_classes=spec.num_classes,
                          normalization={"mean": list(recipe.data.mean),
                                         "std": list(recipe.data.std)}, payload=payload)
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     wr.add_argument("--recipe", required=True, help="recipe naming the model and its data")
     wr.add_argument("--out", required=True, help="checkpoint file to write")
     wr.add_argument("--force", action="store_true", help="replace an existing file")
+    wr.add_argument("--allow-pickle", action="store_true",
+                    help="also read a whole pickled nn.Module (torch.save(model)): this runs "
+                         "code from the file, so only for files you trust")
     wr.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     args = parser.parse_args(argv)

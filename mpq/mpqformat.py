@@ -36,6 +36,7 @@ from torch import nn
 
 from .pack import packed_size
 from .quant.modules import ActQuantizer, QuantConv, _QuantLayer
+from .quant.prepare import quantization_of
 
 __all__ = ["ACT_QUANT_BYTES", "CRC", "FLOAT_BYTES", "LayerShape", "MAGIC", "MPQ_VERSION",
            "PREFIX", "READS", "header_bytes", "header_of", "layer_bytes", "shape_of",
@@ -104,13 +105,14 @@ def _bits_string(bits) -> str:
 def header_of(meta: dict, qmodel: nn.Module) -> bytes:
     """The JSON header of a prepared model's file; `meta` holds `model`, `input_size` and
     `normalization`."""
-    names = list(qmodel.mpq_layer_names)
-    settings = qmodel.mpq_plan.resolve(names)
+    quantization = quantization_of(qmodel)
+    names = list(quantization.layers)
+    settings = quantization.plan.resolve(names)
     fields = {"format": "mpq.model", "model": meta["model"], "input_size": meta["input_size"],
               "normalization": meta["normalization"],
               "w_bits": _bits_string(settings[n].w_bits for n in names),
               "a_bits": _bits_string(settings[n].a_bits for n in names),
-              "quantize_joins": bool(qmodel.mpq_quantize_joins)}
+              "quantize_joins": quantization.config.quantize_joins}
     return json.dumps(fields, separators=(",", ":")).encode()
 
 

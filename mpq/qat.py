@@ -24,8 +24,9 @@ from .config import Recipe, TrainConfig, recipe_to_dict
 from .data import make_loader
 from .errors import UsageError
 from .precision import autocast_dtype, grad_scaler
-from .quant import (INT8_WEIGHT_MAX, Plan, calibrate_, freeze_bn_, prepare_qat, quant_layers,
-                    reestimate_bn_)
+from .report import log_qat_layout
+from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
+                    quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
 from .trainer import (evaluate, fit, make_loaders, make_optimizer, schedule_length, train_step,
                       write_metrics)
@@ -39,19 +40,13 @@ class QATConfig:
     """Quantization-aware training settings.
 
     `freeze_bn_epoch`: from this epoch (0-based) on, BN is folded into the weights for good and
-    its statistics stay fixed; None (the default) folds only when training ends. Every epoch's
-    test figure is taken in eval mode, which computes the folded, exported layer, so what is
-    measured is what is exported either way. Folding for good mid-run is a worse
-    parametrisation: a channel's relative step grows by (sigma / gamma)^2, and measured on
-    ResNet20 W4A8 (10 epochs) it took test top-1 from 89.49 to 39.55 in the one epoch after
-    folding, at a learning rate of 2.4e-4; with BN live to the end the run ends where it was.
+    its statistics stay fixed; None (the default) folds only when training ends, the better
+    parametrisation (docs/design_notes.md). Every epoch's test figure is taken in eval mode,
+    which computes the folded, exported layer, so what is measured is what is exported.
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
-    exact average over this many augmented training batches (`mpq.quant.reestimate_bn_`),
-    for the weights training ended with; 0 (the default) keeps the running averages of
-    training. Measured with 200 batches on four finished ResNet20 QAT runs (W8, W4, W2 and the
-    13x plan), top-1 moved by -0.10 to +0.12 points and test loss by -0.002 to +0.001: noise,
-    so it is off by default; Nagel et al. 2022 report real gains on depthwise networks.
+    exact average over this many augmented training batches (`mpq.quant.reestimate_bn_`);
+    0 (the default) keeps the running averages of training.
     """
 
     alpha: float = 0.9
@@ -63,6 +58,11 @@ class QATConfig:
     act_bits: int = 8
     quantize_joins: bool = True
     bn_reestimate_batches: int = 0
+
+    def quant_config(self) -> QuantConfig:
+        """The settings `prepare_qat` takes."""
+        return QuantConfig(weight_scale=self.weight_scale, learn_act_scale=self.learn_act_scale,
+                           quantize_joins=self.quantize_joins)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -116,8 +116,7 @@ def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size:
     """`prepare_qat` with the QAT settings, traced on `example_inputs` (default: a dummy input
     of `input_size`)."""
     example = example_inputs or (torch.zeros(2, 3, input_size, input_size),)
-    return prepare_qat(model, plan, example_inputs=example, weight_mode=cfg.weight_scale,
-                       learn_act_scale=cfg.learn_act_scale, quantize_joins=cfg.quantize_joins)
+    return prepare_qat(model, plan, example_inputs=example, config=cfg.quant_config())
 
 
 def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
@@ -169,9 +168,16 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
             freeze_bn_(student)
 
     def epoch_logger(writer, model, epoch):
-        for name, layer in quant_layers(model).items():
-            if layer.w_bits is not None:
-                writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
+        layers = {n: m for n, m in quant_layers(model).items() if m.w_bits is not None}
+        if epoch == 1:
+            log_qat_layout(writer, list(layers))
+        writer.add_scalar("teacher/top1", teacher_top1, epoch)
+        for name, layer in layers.items():
+            writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
+            with torch.no_grad():  # the weights QAT trains and the grid they are stored on
+                w = layer.effective_weight()
+                writer.add_histogram(f"weights_fp32/{name}", w, epoch)
+                writer.add_histogram(f"weights_quantized/{name}", layer.quant_weight(w), epoch)
 
     def on_train_end(model, final: dict) -> dict:
         if not cfg.bn_reestimate_batches:
@@ -188,8 +194,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     teacher_top1 = evaluate(teacher_model, test_loader, amp=amp)["top1"]
     meta = {**model_meta(recipe), "kind": "qat", "classes": train_loader.split.classes,
             "plan": plan.to_dict(),
-            "qat": {"weight_scale": cfg.weight_scale, "learn_act_scale": cfg.learn_act_scale,
-                    "quantize_joins": cfg.quantize_joins, "int8_weight_max": INT8_WEIGHT_MAX}}
+            "qat": {**cfg.quant_config().to_dict(), "int8_weight_max": INT8_WEIGHT_MAX}}
     if ptq:
         freeze_bn_(student)
         result = evaluate(student, test_loader, amp=amp)

@@ -1,42 +1,47 @@
-"""TensorBoard views of a search: per-layer sensitivity and bits as bar charts, the trials'
-size-vs-score scatter with its Pareto front. Charts are drawn with Pillow (no plotting
-library needed) and logged as images beside the same numbers as scalars."""
+"""TensorBoard views of a search and of QAT, drawn with matplotlib to be read at TensorBoard's
+default size: per-layer sensitivity on a log scale with its standard errors, the
+Hessian-weighted perturbation of every layer at every bit width with the chosen bits marked,
+bits beside each layer's weights and bytes, the trials' size against score with the Pareto
+front, the budget and the chosen plan; the trials as HPARAMS; QAT's accuracy beside the
+teacher's and its per-layer quantization error as grouped charts."""
 
 from __future__ import annotations
 
+
 import numpy as np
-from PIL import Image, ImageDraw
 
-__all__ = ["bar_chart", "log_search", "log_sensitivity", "pareto_points", "scatter_chart"]
+__all__ = ["FIGURE_WIDTH", "bits_figure", "log_qat_layout", "log_search", "log_sensitivity",
+           "log_trials_hparams", "pareto_points", "perturbation_figure", "scatter_figure",
+           "sensitivity_figure", "trials_figure"]
 
-_BLUE, _RED, _GREY, _BLACK = (52, 101, 164), (204, 0, 0), (170, 170, 170), (0, 0, 0)
+# TensorBoard's IMAGES tab fits each image into a card about 330 pixels wide (a 1400-pixel
+# window, default zoom): figures drawn at that width are shown at their own size, unscaled.
+FIGURE_WIDTH = 330
+_DPI = 100
+_ROW = 0.15  # inches per layer row
+_FONT = 7.5
+_BLUE, _RED, _GREY = "#3465a4", "#cc0000", "#888888"
 
 
-def bar_chart(labels: list[str], values: list[float], errors: list[float] | None = None, *,
-              title: str, width: int = 720) -> np.ndarray:
-    """Horizontal bars with optional error whiskers; returns an (H, W, 3) uint8 image."""
-    row, top, left, right = 18, 28, 8 + 7 * max(map(len, labels)), 70
-    height = top + row * len(labels) + 10
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((8, 6), title, fill=_BLACK)
-    errors = errors or [0.0] * len(values)
-    vmax = max(max(v + e for v, e in zip(values, errors)), 1e-12)
-    span = width - left - right
-    for i, (label, v, e) in enumerate(zip(labels, values, errors)):
-        y = top + i * row
-        draw.text((8, y + 3), label, fill=_BLACK)
-        x1 = left + span * max(v, 0) / vmax
-        draw.rectangle([left, y + 3, x1, y + row - 3], fill=_BLUE)
-        if e > 0:
-            lo, hi = left + span * max(v - e, 0) / vmax, left + span * (v + e) / vmax
-            mid = y + row // 2
-            draw.line([lo, mid, hi, mid], fill=_RED, width=2)
-            draw.line([lo, mid - 4, lo, mid + 4], fill=_RED)
-            draw.line([hi, mid - 4, hi, mid + 4], fill=_RED)
-        draw.text((x1 + 6 + (span * e / vmax if e > 0 else 0), y + 3), f"{v:.4g}",
-                  fill=_BLACK)
-    return np.asarray(img)
+def _figure(rows: int, *, extra: float = 0.9):
+    """A figure `FIGURE_WIDTH` pixels wide, tall enough for `rows` labelled rows."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(FIGURE_WIDTH / _DPI, max(2.4, rows * _ROW + extra)), dpi=_DPI)
+    fig.set_layout_engine("constrained", h_pad=0.02, w_pad=0.02)
+    return fig
+
+
+def _rows(ax, names: list[str], right: list[str]) -> None:
+    """Layer names on the left, one value per row on the right, first layer on top."""
+    y = np.arange(len(names))
+    ax.set_yticks(y, names, fontsize=_FONT)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    twin = ax.twinx()
+    twin.set_ylim(ax.get_ylim())
+    twin.set_yticks(y, right, fontsize=_FONT)
+    twin.tick_params(length=0)
+    ax.tick_params(axis="x", labelsize=_FONT)
 
 
 def pareto_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -49,66 +54,166 @@ def pareto_points(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return front
 
 
-def scatter_chart(points: list[tuple[float, float]], *, title: str, xlabel: str,
-                  ylabel: str, width: int = 640, height: int = 420) -> np.ndarray:
-    """Scatter of (x, y) points with the Pareto front (lower y at lower x) drawn as a line."""
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((8, 6), f"{title}   (y: {ylabel}, x: {xlabel})", fill=_BLACK)
-    left, bottom, top, right = 70, height - 40, 30, width - 20
-    draw.line([left, top, left, bottom, right, bottom], fill=_BLACK)
-    if points:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        x0, x1 = min(xs), max(xs) + 1e-9
-        y0, y1 = min(ys), max(ys) + 1e-9
+def sensitivity_figure(sensitivity: dict, *, what: str = "trace"):
+    """Per-layer trace (or top eigenvalue) on a log scale with +-1 standard error; each row's
+    value and relative error on the right, the estimators in the title."""
+    names = list(sensitivity)
+    s = [sensitivity[n] for n in names]
+    values = np.array([x.trace if what == "trace" else x.top_eigenvalue for x in s], float)
+    errors = np.nan_to_num(np.array([x.trace_se if what == "trace" else x.top_eigenvalue_se
+                                     for x in s], float))
+    shown = np.where(values > 0, values, np.nan)
+    fig = _figure(len(names))
+    ax = fig.add_subplot()
+    ax.barh(np.arange(len(names)), shown,
+            xerr=np.minimum(errors, 0.999 * np.nan_to_num(shown)), color=_BLUE, ecolor=_RED,
+            capsize=2, error_kw={"linewidth": 1})
+    ax.set_xscale("log")
+    _rows(ax, names, [f"{v:.2g}" + (f" ±{e / v:.0%}" if e > 0 and v > 0 else "")
+                      for v, e in zip(values, errors)])
+    counts = {}
+    for x in s:
+        key = x.estimator if x.quantity == "hessian" else f"{x.estimator} ({x.quantity})"
+        counts[key] = counts.get(key, 0) + 1
+    label = "trace" if what == "trace" else "top eigenvalue"
+    ax.set_title(f"Hessian {label} per layer, log scale\n"
+                 + ", ".join(f"{k}: {v}" for k, v in counts.items()), fontsize=_FONT + 0.5)
+    ax.grid(axis="x", which="major", alpha=0.3)
+    return fig
 
-        def at(x, y):
-            return (left + (right - left) * (x - x0) / (x1 - x0 or 1),
-                    bottom - (bottom - top) * (y - y0) / (y1 - y0 or 1))
-        for x, y in points:
-            cx, cy = at(x, y)
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], outline=_BLUE)
-        front = [at(x, y) for x, y in pareto_points(points)]
-        if len(front) > 1:
-            draw.line(front, fill=_RED, width=2)
-        for x, y in front:
-            cx, cy = at(x, y)
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=_RED)
-        draw.text((left - 60, bottom - 10), f"{y0:.4g}", fill=_GREY)
-        draw.text((left - 60, top), f"{y1:.4g}", fill=_GREY)
-        draw.text((left, bottom + 6), f"{x0:.0f}", fill=_GREY)
-        draw.text((right - 60, bottom + 6), f"{x1:.0f}", fill=_GREY)
-    return np.asarray(img)
+
+def perturbation_figure(omega: dict, bits: dict):
+    """Each layer's Hessian-weighted perturbation (trace x ||W - Q_b(W)||^2 / n) at every bit
+    width, log colour scale, the chosen bits boxed and their perturbation on the right."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    names = list(omega)
+    widths = sorted({b for n in names for b in omega[n]})
+    table = np.array([[omega[n].get(b, np.nan) for b in widths] for n in names], float)
+    positive = table[table > 0]
+    fig = _figure(len(names), extra=1.3)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.where(table > 0, table, np.nan), aspect="auto", cmap="viridis",
+                      norm=LogNorm(positive.min(), positive.max()) if len(positive) else None)
+    ax.set_xticks(range(len(widths)), [str(b) for b in widths])
+    ax.set_xlabel("bits", fontsize=_FONT)
+    chosen = [omega[n].get(bits.get(n)) for n in names]
+    _rows(ax, names, ["float" if c is None else f"{c:.1e}" for c in chosen])
+    for i, n in enumerate(names):
+        if bits.get(n) in widths:
+            ax.add_patch(Rectangle((widths.index(bits[n]) - 0.5, i - 0.5), 1, 1, fill=False,
+                                   edgecolor=_RED, linewidth=1.5))
+    bar = fig.colorbar(image, ax=fig.axes, location="bottom", shrink=0.8, aspect=30, pad=0.01)
+    bar.ax.tick_params(labelsize=_FONT)
+    ax.set_title("Hessian-weighted perturbation\n(red: chosen bits; right: its value)",
+                 fontsize=_FONT + 0.5)
+    return fig
+
+
+def bits_figure(bits: dict, numel: dict, nbytes: dict):
+    """Weight bits per layer; on the right each layer's weights and stored bytes."""
+    names = list(bits)
+    fig = _figure(len(names))
+    ax = fig.add_subplot()
+    shown = [32 if bits[n] is None else bits[n] for n in names]
+    ax.barh(np.arange(len(names)), shown,
+            color=[_GREY if bits[n] is None else _BLUE for n in names])
+    _rows(ax, names, [f"{numel[n]:,} w, {nbytes[n]:,} B" for n in names])
+    for i, n in enumerate(names):
+        ax.text(shown[i] - 0.2, i, "float" if bits[n] is None else str(bits[n]), ha="right",
+                va="center", color="white", fontsize=_FONT)
+    ax.set_xlim(0, max(shown) + 0.5)
+    ax.set_xticks([])
+    ax.set_title(f"Weight bits per layer\n({sum(nbytes.values()):,} B of layers)",
+                 fontsize=_FONT + 0.5)
+    return fig
+
+
+def scatter_figure(points: list[tuple[float, float]], *, title: str, xlabel: str, ylabel: str):
+    """(x, y) points with their Pareto front (lower y at lower x)."""
+    fig = _figure(0, extra=2.8)
+    ax = fig.add_subplot()
+    if points:
+        ax.scatter(*zip(*points), color=_BLUE, s=10, label="points")
+        front = pareto_points(points)
+        ax.plot(*zip(*front), color=_RED, marker="o", markersize=3, linewidth=1,
+                label="Pareto front")
+    ax.set_xlabel(xlabel, fontsize=_FONT)
+    ax.set_ylabel(ylabel, fontsize=_FONT)
+    ax.tick_params(labelsize=_FONT)
+    ax.set_title(title, fontsize=_FONT + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=_FONT - 0.5)
+    return fig
+
+
+def trials_figure(trials: list[dict], *, budget_bytes: int | None = None,
+                  chosen: dict | None = None):
+    """Every trial's stored size against its score, the Pareto front, the budget and the
+    chosen plan."""
+    points = [(t["size_bytes"], t["score"]) for t in trials if t.get("score") is not None]
+    fig = scatter_figure(points, title="Trials: size against score (lower is better)",
+                         xlabel="model.mpq bytes", ylabel="KL to FP32 (held out)")
+    ax = fig.axes[0]
+    if budget_bytes:
+        ax.axvline(budget_bytes, color=_GREY, linestyle="--", label=f"budget {budget_bytes:,} B")
+    if chosen is not None:
+        ax.scatter([chosen["size_bytes"]], [chosen["score"]], marker="*", s=90, color="gold",
+                   edgecolor="black", zorder=5, label=f"chosen {chosen['size_bytes']:,} B, "
+                   f"{chosen['score']:.3g}")
+    ax.legend(fontsize=_FONT - 0.5)
+    return fig
 
 
 def log_sensitivity(writer, sensitivity: dict) -> None:
-    """Per-layer trace and top eigenvalue: bar charts with error bars, and scalars."""
-    names = list(sensitivity)
-    s = [sensitivity[n] for n in names]
-    writer.add_image("sensitivity/trace", bar_chart(
-        names, [x.trace for x in s], [x.trace_se for x in s],
-        title="Hessian trace per layer (bars: estimate; red: +/- 1 standard error)"),
-        0, dataformats="HWC")
-    writer.add_image("sensitivity/top_eigenvalue", bar_chart(
-        names, [x.top_eigenvalue for x in s], [x.top_eigenvalue_se for x in s],
-        title="Top Hessian eigenvalue per layer"), 0, dataformats="HWC")
-    for n, x in zip(names, s):
+    """Per-layer trace and top eigenvalue as figures, and as scalars."""
+    writer.add_figure("sensitivity/trace", sensitivity_figure(sensitivity), 0)
+    if any(x.top_eigenvalue == x.top_eigenvalue for x in sensitivity.values()):
+        writer.add_figure("sensitivity/top_eigenvalue",
+                          sensitivity_figure(sensitivity, what="top_eigenvalue"), 0)
+    for n, x in sensitivity.items():
         writer.add_scalar(f"sensitivity/trace/{n}", x.trace, 0)
         writer.add_scalar(f"sensitivity/top_eigenvalue/{n}", x.top_eigenvalue, 0)
 
 
-def log_search(writer, plan_layers: dict, trials: list[dict]) -> None:
-    """Bits chosen per layer, and every trial's size against its score with the Pareto front."""
-    names = list(plan_layers)
-    bits = [plan_layers[n]["w_bits"] or 32 for n in names]
-    writer.add_image("plan/w_bits", bar_chart(names, bits, title="Weight bits per layer"), 0,
-                     dataformats="HWC")
-    for n, b in zip(names, bits):
-        writer.add_scalar(f"plan/w_bits/{n}", b, 0)
-    points = [(t["size_bytes"], t["score"]) for t in trials if t.get("score") is not None]
-    writer.add_image("search/size_vs_score", scatter_chart(
-        points, title="Trials: stored size vs score (red: Pareto front)",
-        xlabel="size (bytes)", ylabel="KL to FP32"), 0, dataformats="HWC")
+def log_search(writer, plan_layers: dict, trials: list[dict], *, omega: dict | None = None,
+               numel: dict | None = None, nbytes: dict | None = None,
+               budget_bytes: int | None = None, chosen: dict | None = None) -> None:
+    """The chosen bits (with each layer's weights and bytes), the perturbation table with them
+    marked, the trials' size against score, and every trial as HPARAMS."""
+    bits = {n: plan_layers[n]["w_bits"] for n in plan_layers}
+    if numel is not None and nbytes is not None:
+        writer.add_figure("plan/w_bits", bits_figure(bits, numel, nbytes), 0)
+    if omega:
+        writer.add_figure("plan/perturbation", perturbation_figure(omega, bits), 0)
+    for n, b in bits.items():
+        writer.add_scalar(f"plan/w_bits/{n}", 32 if b is None else b, 0)
+    writer.add_figure("plan/size_vs_score", trials_figure(trials, budget_bytes=budget_bytes,
+                                                            chosen=chosen), 0)
     for t in trials:
-        writer.add_scalar("search/score", t["score"], t["number"])
-        writer.add_scalar("search/size_bytes", t["size_bytes"], t["number"])
+        if t.get("score") is not None:
+            writer.add_scalar("search/score", t["score"], t["number"])
+            writer.add_scalar("search/size_bytes", t["size_bytes"], t["number"])
+    log_trials_hparams(writer, trials)
+
+
+def log_trials_hparams(writer, trials: list[dict]) -> None:
+    """Each trial in TensorBoard's HPARAMS view: its bits per layer as hyper-parameters, its
+    score and size as metrics (one run per trial under `trials/`)."""
+    for t in trials:
+        if t.get("score") is None or not t.get("bits"):
+            continue
+        writer.add_hparams({f"bits.{n}": int(b) for n, b in t["bits"].items()},
+                           {"hparam/score": float(t["score"]),
+                            "hparam/size_bytes": float(t["size_bytes"])},
+                           run_name=f"trials/{t['number']:04d}")
+
+
+def log_qat_layout(writer, layers: list[str]) -> None:
+    """CUSTOM SCALARS charts of a QAT run: the student's test top-1 beside the teacher's, and
+    every layer's weight quantization error in one chart."""
+    writer.add_custom_scalars({"QAT": {
+        "test top-1: student and teacher": ["Multiline", ["test/top1", "teacher/top1"]],
+        "weight quantization error per layer": ["Multiline",
+                                                [f"quant_error/{n}" for n in layers]]}})

@@ -270,7 +270,9 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
                           "objective": solver.objective},
-               "uniform": uniform, "omega": omega}
+               "uniform": uniform, "omega": omega,
+               "layers": {n: {"weights": footprint.shapes[n].numel,
+                              "bytes": footprint.layer(n, bits[n])} for n in names}}
     return plan, summary
 
 
@@ -401,7 +403,13 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     storage=storage, example_inputs=example,
                                     meta=model_meta(recipe), progress=progress,
                                     on_trial=lambda t: _log_trial(writer, t))
-    log_search(writer, plan.layers, summary.get("trials", []))
+    layers = summary.get("layers", {})
+    log_search(writer, plan.layers, summary.get("trials", []), omega=summary.get("omega"),
+               numel={n: v["weights"] for n, v in layers.items()} if layers else None,
+               nbytes={n: v["bytes"] for n, v in layers.items()} if layers else None,
+               budget_bytes=budget_bytes,
+               chosen={"size_bytes": plan.extra["size_bytes"], "score": plan.extra["score"]}
+               if "score" in (plan.extra or {}) else None)
     writer.close()
     plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,
                   "compression": fp32_bytes / plan.extra["size_bytes"]}

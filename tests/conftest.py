@@ -117,3 +117,15 @@ def kill_mid_epoch_and_resume(args, tmp_path, *, from_partial=False, timeout=300
     b = load_checkpoint(killed_dir / "model.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return resumed.stdout
+
+
+def net_with_data(net: torch.nn.Module, *, images: int, classes: int, size: int):
+    """`net` with BN statistics from one pass over random images (seed 0), in eval mode, and
+    those images with random labels."""
+    torch.manual_seed(0)
+    x = torch.randn(images, 3, size, size)
+    y = torch.randint(0, classes, (images,))
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval(), x, y

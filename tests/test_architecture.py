@@ -155,3 +155,12 @@ def test_solver_search_and_packed_file_agree_on_a_plans_size(kind, tmp_path):
         == alloc.size_bytes == plan.extra["size_bytes"] <= budget
     assert footprint.bytes(repaired) <= budget
     assert len(set(alloc.bits.values())) > 1
+
+
+def test_every_mpq_package_is_installed_with_it():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed, (found - listed, listed - found)

@@ -64,8 +64,13 @@ def test_a_teacher_comes_as_a_state_dict_a_wrapped_one_or_torchvision_weights(tm
     with pytest.raises(UsageError, match="does not fit the model"):
         load_teacher(tmp_path / "plain.pt", model_name="resnet20", num_classes=100)
     torch.save(net, tmp_path / "module.pt")  # a pickled module only loads by running code
-    with pytest.raises(UsageError, match="only loads by running code"):
+    with pytest.raises(UsageError, match="only loads by running code.*--allow-pickle"):
         load_teacher(tmp_path / "module.pt", model_name="resnet20", num_classes=10)
+    from mpq.checkpoint import fp32_payload  # the explicit opt-in reads it
+
+    trusted = fp32_payload(tmp_path / "module.pt", model_name="resnet20", num_classes=10,
+                           allow_pickle=True)
+    assert all(torch.equal(trusted["state_dict"][k], v) for k, v in net.state_dict().items())
     torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match="neither an mpq checkpoint nor a state dict"):
         load_teacher(tmp_path / "other.pt", model_name="resnet20", num_classes=10)

@@ -100,6 +100,16 @@ def test_wrap_turns_a_state_dict_into_a_checkpoint_and_eval_reads_one_without_re
     assert torch.equal(wrapped["state_dict"]["fc.weight"], net.state_dict()["fc.weight"])
     again = run_script(*args)
     assert again.returncode == 2 and "--force" in again.stderr
+    # A whole pickled module runs code when loaded: refused, then read on the explicit opt-in.
+    torch.save(net, tmp_path / "module.pt")
+    pickled = ["-m", "mpq", "wrap", "--state-dict", tmp_path / "module.pt", "--recipe", recipe,
+               "--out", tmp_path / "from_pickle.pt"]
+    refused = run_script(*pickled)
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr, refused.stderr
+    assert not (tmp_path / "from_pickle.pt").exists()
+    assert run_script(*pickled, "--allow-pickle").returncode == 0
+    assert torch.equal(load_checkpoint(tmp_path / "from_pickle.pt")["state_dict"]["fc.weight"],
+                       net.state_dict()["fc.weight"])
     result = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "wrapped.pt")
     assert result.returncode == 0 and "top1=" in result.stdout, result.stderr
 

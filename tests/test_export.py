@@ -20,7 +20,7 @@ from mpq.export import load_mpq, save_mpq
 from mpq.export.onnx_qdq import export_onnx
 from mpq.export.run import export_model
 from mpq.export.torch_int8 import save_torch_int8
-from mpq.quant import Plan, calibrate_, prepare_qat, quantizable_layers
+from mpq.quant import Plan, QuantConfig, calibrate_, prepare_qat, quantizable_layers
 from mpq.size import weight_bytes
 
 SIZE = TINY_RECIPE["data"]["image_size"]
@@ -71,7 +71,8 @@ def test_mpq_file_has_the_counted_size_and_rebuilds_the_model_exactly(tmp_path, 
 def test_a_learned_scale_model_rebuilds_from_its_file_as_it_computes(tmp_path, tiny_teacher):
     teacher = model_from_checkpoint(load_checkpoint(tiny_teacher)).eval()
     q = prepare_qat(teacher, mixed_plan(quantizable_layers(teacher)),
-                    example_inputs=(torch.zeros(1, 3, SIZE, SIZE),), weight_mode="lsq")
+                    example_inputs=(torch.zeros(1, 3, SIZE, SIZE),),
+                    config=QuantConfig(weight_scale="lsq"))
     calibrate_(q, [torch.randn(16, 3, SIZE, SIZE)])
     with torch.no_grad():  # learned scales away from their start, BN statistics moved
         for p in q.parameters():

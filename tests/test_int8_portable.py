@@ -17,8 +17,8 @@ from mpq.export.mpqfile import int_weight
 from mpq.export.onnx_qdq import export_onnx
 from mpq.export.overflow import INT16, Int8OverflowRisk, check_int8_overflow, layer_bounds
 from mpq.export.run import ExportCheckFailed, export_model
-from mpq.quant import (INT8_WEIGHT_MAX, calibrate_, freeze_bn_, prepare_qat, quant_layers,
-                       quantizable_layers, uniform_plan, weight_range)
+from mpq.quant import (INT8_WEIGHT_MAX, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
+                       quant_layers, quantizable_layers, uniform_plan, weight_range)
 from mpq.quant.modules import full_range_int8_weights_
 
 META = {"model": {"name": "test_int8_portable:TwoConvs", "num_classes": 8}, "input_size": 4,
@@ -50,7 +50,7 @@ def two_convs(*, full_range: bool):
     model = TwoConvs().eval()
     q = prepare_qat(model, uniform_plan(META["model"]["name"], quantizable_layers(model),
                                         w_bits=8), example_inputs=(torch.zeros(1, 3, 4, 4),),
-                    weight_mode="max")
+                    config=QuantConfig(weight_scale="max"))
     if full_range:  # as mpq quantized 8-bit weights before, and torch.ao and ORT's tools do
         full_range_int8_weights_(q)
     x = torch.ones(1, 3, 4, 4)

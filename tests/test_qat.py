@@ -10,7 +10,7 @@ from mpq.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoi
 from mpq.config import recipe_from_dict
 from mpq.models import build_model
 from mpq.qat import QATRecipe, distillation_loss, train_qat
-from mpq.quant import (QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
+from mpq.quant import (QuantConfig, QuantConv, calibrate_, freeze_bn_, prepare_qat, quant_layers,
                        quantizable_layers, reestimate_bn_, uniform_plan)
 
 
@@ -76,7 +76,8 @@ def _calibrated_resnet20(bits, mode, x=None):
     and the convs with a BN."""
     model = _trained_bn_resnet20()
     qmodel = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=bits),
-                         example_inputs=(torch.zeros(1, 3, 16, 16),), weight_mode=mode)
+                         example_inputs=(torch.zeros(1, 3, 16, 16),),
+                         config=QuantConfig(weight_scale=mode))
     calibrate_(qmodel, [torch.randn(8, 3, 16, 16) if x is None else x])
     convs = [m for m in qmodel.modules() if isinstance(m, QuantConv) and m.bn is not None]
     return qmodel.eval(), convs

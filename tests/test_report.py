@@ -1,4 +1,6 @@
-"""TensorBoard: a real server over a search's run folder serves the charts and the bits back."""
+"""TensorBoard views: each figure renders headlessly at its intended size with something drawn,
+and a real TensorBoard server over a run folder serves every view (images, scalars, hparams,
+custom scalars)."""
 
 import json
 import socket
@@ -13,7 +15,18 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from mpq.hessian import LayerSensitivity
-from mpq.report import bar_chart, log_search, log_sensitivity, pareto_points
+from mpq.report import (FIGURE_WIDTH, bits_figure, log_qat_layout, log_search, log_sensitivity,
+                        pareto_points, perturbation_figure, sensitivity_figure, trials_figure)
+
+NAMES = [f"layer{i}.conv{j}" for i in range(1, 4) for j in (1, 2)] + ["fc"]
+SENS = {n: LayerSensitivity(10.0 ** (i - 3), 0.04 * 10.0 ** (i - 3), 10.0 ** (i - 4),
+                            0.1 * 10.0 ** (i - 4), "exact" if i % 2 else "sampled", 8 * (i % 2),
+                            100 * (i + 1))
+        for i, n in enumerate(NAMES)}
+OMEGA = {n: {b: 10.0 ** (i - b) for b in (2, 4, 8)} for i, n in enumerate(NAMES)}
+BITS = {n: (2, 4, 8)[i % 3] for i, n in enumerate(NAMES)}
+TRIALS = [{"number": k, "score": 1.0 / (k + 1), "size_bytes": 900 + 13 * k,
+           "bits": {n: BITS[n] for n in NAMES}} for k in range(6)]
 
 
 def test_pareto_points():
@@ -21,12 +34,30 @@ def test_pareto_points():
     assert pareto_points(points) == [(10, 5.0), (12, 4.0), (20, 1.0)]
 
 
-def test_bar_chart_draws_every_bar():
-    img = bar_chart(["a", "b", "c"], [1.0, 2.0, 0.5], [0.1, 0.0, 0.2], title="t")
-    assert img.ndim == 3 and img.dtype == np.uint8
-    blue = (img == np.array([52, 101, 164], dtype=np.uint8)).all(2)
-    rows_with_bar = np.flatnonzero(blue.any(1))
-    assert len(rows_with_bar) > 0 and blue.sum(1).max() > blue.sum(1)[rows_with_bar].min()
+def _pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3]
+
+
+@pytest.mark.parametrize("make, width", [
+    (lambda: sensitivity_figure(SENS), FIGURE_WIDTH),
+    (lambda: sensitivity_figure(SENS, what="top_eigenvalue"), FIGURE_WIDTH),
+    (lambda: perturbation_figure(OMEGA, BITS), FIGURE_WIDTH),
+    (lambda: bits_figure(BITS, {n: 100 for n in NAMES}, {n: 60 for n in NAMES}), FIGURE_WIDTH),
+    (lambda: trials_figure(TRIALS, budget_bytes=1000, chosen=TRIALS[-1]), FIGURE_WIDTH),
+])
+def test_each_figure_renders_at_its_width_with_something_drawn(make, width):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = make()
+    FigureCanvasAgg(fig)
+    pixels = _pixels(fig)
+    assert pixels.shape[1] == width and pixels.shape[0] >= 240
+    drawn = (pixels < 250).any(2).mean()  # not blank: ink on a fair share of the canvas
+    assert 0.02 < drawn < 0.9, drawn
+    # one row per layer: taller with more layers (what keeps names legible)
+    if "layer1.conv1" in str([t.get_text() for t in fig.axes[0].get_yticklabels()]):
+        assert pixels.shape[0] >= 15 * len(NAMES)
 
 
 def _free_port():
@@ -40,14 +71,20 @@ def _get(url):
         return r.read()
 
 
-def test_tensorboard_serves_sensitivity_chart_and_bits(tmp_path):
-    sens = {"conv1": LayerSensitivity(2.0, 0.1, 1.0, 0.0, "hutchinson", 40, 432),
-            "fc": LayerSensitivity(5.0, 0.0, 3.0, 0.0, "exact", 0, 640)}
+def _post(url, body: dict):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read()
+
+
+def test_tensorboard_serves_every_view_of_a_search_and_a_qat_run(tmp_path):
     writer = SummaryWriter(str(tmp_path / "tb"))
-    log_sensitivity(writer, sens)
-    log_search(writer, {"conv1": {"w_bits": 4}, "fc": {"w_bits": 8}},
-               [{"number": 0, "score": 0.5, "size_bytes": 900},
-                {"number": 1, "score": 0.4, "size_bytes": 950}])
+    log_sensitivity(writer, SENS)
+    log_search(writer, {n: {"w_bits": BITS[n]} for n in NAMES}, TRIALS, omega=OMEGA,
+               numel={n: 100 for n in NAMES}, nbytes={n: 60 for n in NAMES},
+               budget_bytes=1000, chosen=TRIALS[-1])
+    log_qat_layout(writer, NAMES)
     writer.close()
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
@@ -55,7 +92,7 @@ def test_tensorboard_serves_sensitivity_chart_and_bits(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 90
         tags = None
         while time.time() < deadline:
             try:
@@ -65,14 +102,28 @@ def test_tensorboard_serves_sensitivity_chart_and_bits(tmp_path):
             except OSError:
                 pass
             time.sleep(0.5)
-        assert tags and "sensitivity/trace" in tags["."], tags
-        query = urllib.parse.urlencode({"run": ".", "tag": "sensitivity/trace"})
+        plugins = json.loads(_get(f"{base}/data/plugins_listing"))
+        for plugin in ("images", "scalars", "hparams", "custom_scalars"):
+            assert plugins.get(plugin, {}).get("enabled"), (plugin, plugins)
+        assert {"sensitivity/trace", "sensitivity/top_eigenvalue", "plan/w_bits",
+                "plan/perturbation", "plan/size_vs_score"} <= set(tags["."]), tags
+        query = urllib.parse.urlencode({"run": ".", "tag": "plan/perturbation"})
         entries = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
         png = _get(f"{base}/data/plugin/images/individualImage?{entries[0]['query']}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        query = urllib.parse.urlencode({"run": ".", "tag": "plan/w_bits/conv1"})
+        assert int.from_bytes(png[16:20], "big") == FIGURE_WIDTH  # the PNG's width
+        query = urllib.parse.urlencode({"run": ".", "tag": "plan/w_bits/fc"})
         scalars = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
-        assert scalars[0][2] == 4.0  # (wall time, step, value)
+        assert scalars[0][2] == BITS["fc"]  # (wall time, step, value)
+        experiment = json.loads(_post(f"{base}/experiment/defaultExperimentId/data/plugin/"
+                                      f"hparams/experiment", {"experimentName": ""}))
+        hparams = {h["name"] for h in experiment["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {f"bits.{n}" for n in NAMES} <= hparams and \
+            {"hparam/score", "hparam/size_bytes"} <= metrics, experiment
+        layout = json.loads(_get(f"{base}/data/plugin/custom_scalars/layout"))
+        charts = {c["title"] for cat in layout["category"] for c in cat["chart"]}
+        assert "weight quantization error per layer" in charts
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -1,19 +1,21 @@
-"""benchmarks/results.py's table: rows in the table's order, points lost against the FP32 row,
-compression against FP32 parameter bytes, each row's fastest runtime; the README block between
-the markers replaced and nothing else."""
+"""The results table (`mpq.results`, run by benchmarks/results.py): rows in the table's order,
+points lost against the FP32 row, compression against FP32 parameter bytes, each row's fastest
+runtime; the README block between the markers replaced and nothing else."""
 
+import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT
+from mpq import results
+from mpq.errors import UsageError
+from mpq.results.latency import _models_to_time
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-results = pytest.importorskip("results")
+LAYOUT = results.Layout.of(ROOT)
 
 
 def row(top1, file, size, epochs=0):
@@ -44,14 +46,14 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
 
 
 def test_rows_record_paths_relative_to_the_repository(tmp_path):
-    inside = results.ROOT / "runs" / "results" / "mpq_13x" / "qat" / "export"
-    assert results._rel(inside) == "runs/results/mpq_13x/qat/export"
-    assert results._in_repo("runs/results/x") == results.ROOT / "runs" / "results" / "x"
-    assert results._in_repo(str(tmp_path)) == tmp_path  # older rows: absolute paths stay
-    cmd = ["train.py", "--teacher", results.ROOT / "checkpoints" / "t.pt", "--data-root",
+    inside = LAYOUT.root / "runs" / "results" / "mpq_13x" / "qat" / "export"
+    assert LAYOUT.rel(inside) == "runs/results/mpq_13x/qat/export"
+    assert LAYOUT.in_repo("runs/results/x") == LAYOUT.root / "runs" / "results" / "x"
+    assert LAYOUT.in_repo(str(tmp_path)) == tmp_path  # older rows: absolute paths stay
+    cmd = ["train.py", "--teacher", LAYOUT.root / "checkpoints" / "t.pt", "--data-root",
            str(tmp_path), "--out", tmp_path / "out"]
-    assert results._printable(cmd) == (f"train.py --teacher checkpoints/t.pt --data-root "
-                                       f"{tmp_path} --out {tmp_path / 'out'}")
+    assert LAYOUT.printable(cmd) == (f"train.py --teacher checkpoints/t.pt --data-root "
+                                     f"{tmp_path} --out {tmp_path / 'out'}")
 
 
 def test_committed_export_report_names_its_checkpoint_relative_to_the_repository(tmp_path):
@@ -60,11 +62,11 @@ def test_committed_export_report_names_its_checkpoint_relative_to_the_repository
     (tmp_path / "qat" / "plan.json").write_text("{}")
     for file in ("model.mpq", "model_int8.onnx"):
         (export / file).write_bytes(b"x")
-    checkpoint = results.ROOT / "runs" / "results" / "mpq_8x" / "qat" / "model.pt"
+    checkpoint = LAYOUT.root / "runs" / "results" / "mpq_8x" / "qat" / "model.pt"
     (export / "export.json").write_text(json.dumps({"checkpoint": str(checkpoint),
                                                     "onnx_top1": 89.41}))
-    results.copy_artifacts({"mpq_8x": {"export_dir": str(export)}, "fp32": {"top1": 89.57}},
-                           artifacts=tmp_path / "committed")
+    results.copy_artifacts(dataclasses.replace(LAYOUT, artifacts=tmp_path / "committed"),
+                           {"mpq_8x": {"export_dir": str(export)}, "fp32": {"top1": 89.57}})
     copied = json.loads((tmp_path / "committed" / "mpq_8x" / "export.json").read_text())
     assert copied == {"checkpoint": "runs/results/mpq_8x/qat/model.pt", "onnx_top1": 89.41}
     assert json.loads((export / "export.json").read_text())["checkpoint"] == str(checkpoint)
@@ -72,11 +74,11 @@ def test_committed_export_report_names_its_checkpoint_relative_to_the_repository
 
 
 def test_a_budget_below_the_smallest_plan_is_a_row_saying_so_not_a_crash():
-    if not results.TEACHER.exists():
-        pytest.skip(f"needs the committed teacher {results.TEACHER}")
-    assert results._smallest_plan("13x") is None
-    assert results._smallest_plan("16x") is None
-    row20 = results._smallest_plan("20x")
+    if not LAYOUT.teacher.exists():
+        pytest.skip(f"needs the committed teacher {LAYOUT.teacher}")
+    assert results.smallest_plan(LAYOUT, "13x") is None
+    assert results.smallest_plan(LAYOUT, "16x") is None
+    row20 = results.smallest_plan(LAYOUT, "20x")
     assert row20["infeasible"] and row20["smallest_bytes"] > row20["budget_bytes"]
     # ResNet20's 270,896 weights at 2 bits (1.6 each: 54,180 bytes, plus each of the 22 layers
     # rounding up to whole bytes) fit the 20x budget; its 794 channels' scales and biases do not
@@ -93,31 +95,31 @@ def _plan(bits: dict) -> str:
     return json.dumps({"layers": {name: {"w_bits": b, "a_bits": 8} for name, b in bits.items()}})
 
 
-def test_an_mpq_row_sized_in_another_file_format_or_searched_anew_is_stale(tmp_path, monkeypatch):
+def test_an_mpq_row_sized_in_another_file_format_or_searched_anew_is_stale(tmp_path):
     current = {**row(89.4, "model.mpq", 133_305, 10), "plan_size_bytes": 133_305}
     runs, committed = tmp_path / "runs", tmp_path / "committed"
-    monkeypatch.setattr(results, "ARTIFACTS", committed)
-    assert results.stale("mpq_8x", current, runs) is None
-    assert results.stale("fp32", row(89.57, "fp32.onnx", 1_171_834), runs) is None
+    layout = dataclasses.replace(LAYOUT, runs=runs, artifacts=committed)
+    assert results.stale(layout, "mpq_8x", current) is None
+    assert results.stale(layout, "fp32", row(89.57, "fp32.onnx", 1_171_834)) is None
     # the 8x row of session 5: planned at 136,164 bytes by version 1's sizes, stored as version 2
     old_format = {**current, "plan_size_bytes": 136_164}
-    assert "format changed" in results.stale("mpq_8x", old_format, runs)
+    assert "format changed" in results.stale(layout, "mpq_8x", old_format)
     (committed / "mpq_8x").mkdir(parents=True)
     (committed / "mpq_8x" / "plan.json").write_text(_plan({"conv1": 8, "fc": 4}))
     (runs / "mpq_8x" / "search").mkdir(parents=True)
     searched = runs / "mpq_8x" / "search" / "plan.json"
     searched.write_text(_plan({"conv1": 8, "fc": 4}))
-    assert results.stale("mpq_8x", current, runs) is None
+    assert results.stale(layout, "mpq_8x", current) is None
     searched.write_text(_plan({"conv1": 7, "fc": 4}))
-    assert "other bits" in results.stale("mpq_8x", current, runs)
+    assert "other bits" in results.stale(layout, "mpq_8x", current)
     # a row just trained on the new plan: its own run's plan counts, not the committed copy
     # that copy_artifacts has yet to replace
     (runs / "mpq_8x" / "qat" / "export").mkdir(parents=True)
     (runs / "mpq_8x" / "qat" / "plan.json").write_text(_plan({"conv1": 7, "fc": 4}))
     retrained = {**current, "export_dir": str(runs / "mpq_8x" / "qat" / "export")}
-    assert results.stale("mpq_8x", retrained, runs) is None
+    assert results.stale(layout, "mpq_8x", retrained) is None
     searched.write_text(_plan({"conv1": 8, "fc": 4}))
-    assert "other bits" in results.stale("mpq_8x", retrained, runs)
+    assert "other bits" in results.stale(layout, "mpq_8x", retrained)
     lines = results.write_table({"mpq_8x": retrained}, {}, fp32_bytes=1_089_896,
                                 stale_rows={"mpq_8x"}).splitlines()
     assert lines[-1].startswith("| mpq, 8x budget (stale: rerun benchmarks/results.py) | 89.40 |")
@@ -128,15 +130,15 @@ def test_every_committed_mpq_row_is_what_its_plan_and_the_current_format_make(tm
     the plan in is the one its model.mpq is stored in, and that file holds the plan's bits."""
     from mpq.export.mpqfile import MPQ_VERSION, read_mpq
 
-    committed = sorted((results.RESULTS).glob("mpq_*.json"))
+    committed = sorted(LAYOUT.results.glob("mpq_*.json"))
     if not committed:
         pytest.skip("no mpq row committed yet (benchmarks/results.py)")
     for path in committed:
         name, record = path.stem, json.loads(path.read_text())
         if record.get("infeasible"):
             continue
-        assert results.stale(name, record, tmp_path) is None, name
-        folder = results.ARTIFACTS / name
+        assert results.stale(dataclasses.replace(LAYOUT, runs=tmp_path), name, record) is None
+        folder = LAYOUT.artifacts / name
         plan = json.loads((folder / "plan.json").read_text())
         header, _, version = read_mpq(folder / "model.mpq")
         assert version == MPQ_VERSION, name
@@ -144,22 +146,21 @@ def test_every_committed_mpq_row_is_what_its_plan_and_the_current_format_make(tm
         assert (folder / "model.mpq").stat().st_size == plan["size_bytes"] == record["file_bytes"]
 
 
-def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypatch):
+def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path):
     """With runs/results/ gone, latency still times FP32 in ONNX Runtime (rebuilt from the
     teacher) and an exported row in PyTorch int8 (rebuilt from its committed model.mpq, computing
     what its committed ONNX model computes); nothing is rebuilt twice."""
     import numpy as np
     import onnxruntime as ort
 
-    committed = results.ARTIFACTS / "qat_w4"
-    if not (results.TEACHER.exists() and (committed / "model.mpq").exists()):
+    committed = LAYOUT.artifacts / "qat_w4"
+    if not (LAYOUT.teacher.exists() and (committed / "model.mpq").exists()):
         pytest.skip("needs the committed teacher and qat_w4 artifacts")
     artifacts = tmp_path / "artifacts"
     shutil.copytree(committed, artifacts / "qat_w4")
-    monkeypatch.setattr(results, "ARTIFACTS", artifacts)
-    monkeypatch.setattr(results, "RUNS", tmp_path / "runs")
+    layout = dataclasses.replace(LAYOUT, artifacts=artifacts, runs=tmp_path / "runs")
     rows = {"fp32": {}, "fp16": {}, "qat_w4": {"export_dir": "runs/results/gone/export"}}
-    files, rebuilt = results._models_to_time(rows, data_root=None)
+    files, rebuilt = _models_to_time(layout, rows, data_root=None)
     assert sorted(rebuilt) == ["fp32/onnxruntime", "qat_w4/pytorch"]
     assert sorted(files) == ["fp32/onnxruntime", "qat_w4/onnxruntime", "qat_w4/pytorch"]
     assert files["qat_w4/onnxruntime"] == artifacts / "qat_w4" / "model_int8.onnx"
@@ -169,23 +170,42 @@ def test_a_fresh_clone_times_every_row_from_what_it_committed(tmp_path, monkeypa
     torch_logits = torch.jit.load(str(files["qat_w4/pytorch"]))(x).numpy()
     assert (onnx_logits.argmax(1) == torch_logits.argmax(1)).mean() >= 0.95
     assert np.abs(onnx_logits - torch_logits).max() < 0.1 * np.abs(onnx_logits).max()
-    assert results._models_to_time(rows, data_root=None)[1] == []
+    assert _models_to_time(layout, rows, data_root=None)[1] == []
     later = files["qat_w4/pytorch"].stat().st_mtime + 10  # a retrained row's file, pulled
     os.utime(artifacts / "qat_w4" / "model.mpq", (later, later))
-    assert results._models_to_time(rows, data_root=None)[1] == ["qat_w4/pytorch"]
+    assert _models_to_time(layout, rows, data_root=None)[1] == ["qat_w4/pytorch"]
 
 
-def test_the_accuracy_vs_size_curve_is_drawn_once_however_often_it_runs(tmp_path, monkeypatch):
+def test_the_accuracy_vs_size_curve_is_drawn_once_however_often_it_runs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(results, "RUNS", tmp_path)
+    layout = dataclasses.replace(LAYOUT, runs=tmp_path)
     rows = {"fp32": row(89.57, "model_fp32.onnx", 1_171_834),
             "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60)}
-    results.log_curve(rows, fp32_bytes=1_089_896)
+    results.log_curve(layout, rows)
     rows["mpq_13x"] = row(89.40, "model.mpq", 83_799, epochs=60)
-    results.log_curve(rows, fp32_bytes=1_089_896)
+    results.log_curve(layout, rows)
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     top1 = [e.value for e in events.Scalars("accuracy_vs_size/top1")]
     assert top1 == pytest.approx([89.40, 89.57])
+
+
+def test_only_publish_writes_the_readme(tmp_path):
+    if not LAYOUT.teacher.exists():
+        pytest.skip(f"needs the committed teacher {LAYOUT.teacher}")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\n")
+    layout = dataclasses.replace(LAYOUT, root=tmp_path, results=tmp_path / "results",
+                                 runs=tmp_path / "runs", artifacts=tmp_path / "artifacts")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "fp16.json").write_text(json.dumps(row(89.5, "model_fp16.pt",
+                                                                  545_000)))
+    table = results.run(layout, [], table_only=True, seconds=0.1)
+    assert "| FP16 weights (float32 compute) | 89.50 |" in table
+    assert "old" in readme.read_text()
+    assert results.run(layout, [], table_only=True, seconds=0.1, publish=True) == table
+    assert table in readme.read_text() and "old" not in readme.read_text()
+    with pytest.raises(UsageError, match="unknown rows"):
+        results.run(layout, ["fp64"])

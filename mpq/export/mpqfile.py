@@ -20,7 +20,7 @@ from ..files import write_atomic
 from ..mpqformat import (CRC, MAGIC, MPQ_VERSION, PREFIX, READS, header_bytes, header_of,
                          stored_parts)
 from ..pack import pack, packed_size, unpack
-from ..quant import Plan, freeze_bn_, quantizable_layers, weight_range
+from ..quant import Plan, QuantConfig, freeze_bn_, quantizable_layers, weight_range
 from ..quant.modules import QuantConv, _QuantLayer, full_range_int8_weights_
 
 __all__ = ["MPQ_VERSION", "header_bytes", "int_bias", "int_weight", "is_mpq_file", "load_mpq",
@@ -37,10 +37,11 @@ def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def int_bias(layer: _QuantLayer, w_scale: torch.Tensor):
-    """The layer's bias as the int32 values and per-channel step it computes with, or None when
-    its bias stays float (no bias, no quantized input, or a value beyond int32)."""
-    bias, step = _layer_bias(layer), layer.bias_step(w_scale)
+def int_bias(layer: _QuantLayer, w_scale: torch.Tensor, call: int = 0):
+    """The layer's bias as the int32 values and per-channel step its call `call` computes
+    with, or None when its bias stays float (no bias, no quantized input, or a value beyond
+    int32)."""
+    bias, step = _layer_bias(layer), layer.bias_step(w_scale, call)
     if bias is None or step is None:
         return None
     k = torch.round(bias / step)  # float32, as the fake-quantized layer rounds it
@@ -179,9 +180,9 @@ def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, 
         num_classes=spec["num_classes"])
     plan = _plan_from_header(header, quantizable_layers(model), path)
     size = header["input_size"]
+    config = QuantConfig(weight_scale="fixed", quantize_joins=header.get("quantize_joins", True))
     qmodel = prepare_qat(model, plan, example_inputs=(torch.zeros(2, 3, size, size),),
-                         weight_mode="fixed",
-                         quantize_joins=header.get("quantize_joins", True)).eval()
+                         config=config).eval()
     freeze_bn_(qmodel)
     if version < 3:
         full_range_int8_weights_(qmodel)  # the grid those versions wrote 8-bit weights on

@@ -10,6 +10,7 @@ their QuantizeLinear (exact, but that quantizer then does not fuse).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import warnings
@@ -57,7 +58,7 @@ class _QDQLayer(nn.Module):
     """A conv or linear layer whose weight is DequantizeLinear(int8) and whose bias, when its
     input is quantized, is DequantizeLinear(int32) at scale input_scale * weight_scale."""
 
-    def __init__(self, layer: _QuantLayer, name: str):
+    def __init__(self, layer: _QuantLayer, name: str, call: int = 0):
         super().__init__()
         inner = layer.layer
         self.linear = isinstance(layer, QuantLinear)
@@ -81,7 +82,7 @@ class _QDQLayer(nn.Module):
             self.register_buffer("weight_int8", k)
             self.register_buffer("weight_scale", scale)
             self.register_buffer("zero_points", torch.zeros(len(scale), dtype=torch.int64))
-            quantized_bias = int_bias(layer, scale)
+            quantized_bias = int_bias(layer, scale, call)
             self.bias_int = quantized_bias is not None
             if self.bias_int:
                 self.register_buffer("bias_int32", quantized_bias[0])
@@ -108,7 +109,8 @@ class _QDQLayer(nn.Module):
 
 def qdq_module(qmodel: fx.GraphModule) -> fx.GraphModule:
     """A copy of a fake-quantized model (eval mode) built from QDQ ops, ready for ONNX."""
-    gm = fx.GraphModule(qmodel, qmodel.graph)  # shares parameters; submodules are replaced
+    # shares parameters; submodules are replaced, and the graph's copy loses the `call` kwargs
+    gm = fx.GraphModule(qmodel, copy.deepcopy(qmodel.graph))
     modules = dict(qmodel.named_modules())
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -117,7 +119,10 @@ def qdq_module(qmodel: fx.GraphModule) -> fx.GraphModule:
         if isinstance(module, ActQuantizer):
             gm.set_submodule(node.target, _QDQ(module))
         elif isinstance(module, _QuantLayer):
-            gm.set_submodule(node.target, _QDQLayer(module, node.target))
+            call = node.kwargs.get("call", 0)
+            target = f"{node.target}_call{call}" if call else node.target  # a module per call
+            gm.add_submodule(target, _QDQLayer(module, node.target, call))
+            node.target, node.kwargs = target, {}
     gm.recompile()
     return gm.eval()
 

@@ -46,14 +46,19 @@ def layer_bounds(k: torch.Tensor, lo: int, hi: int) -> dict:
 
 
 def int8_layer_bounds(qmodel: nn.Module):
-    """(name, input range (lo, hi), integer weights, `layer_bounds`) of every layer with a
-    quantized weight and a quantized input: what the exporters turn into int8 kernels."""
+    """(name, input range (lo, hi), integer weights, `layer_bounds`) of every call of a layer
+    with a quantized weight and a quantized input: what the exporters turn into int8 kernels."""
     for name, layer in qmodel.named_modules():
-        if isinstance(layer, _QuantLayer) and layer.w_bits is not None \
-                and layer.input_quant is not None:
-            _, _, lo, hi = act_params(layer.input_quant)
-            k, _ = int_weight(layer)
-            yield name, (lo, hi), k, layer_bounds(k, lo, hi)
+        if not isinstance(layer, _QuantLayer) or layer.w_bits is None:
+            continue
+        k = None
+        for call, quant in enumerate(layer.input_quants):
+            if quant is None:
+                continue
+            _, _, lo, hi = act_params(quant)
+            k = int_weight(layer)[0] if k is None else k
+            yield (f"{name} (call {call + 1})" if call else name), (lo, hi), k, \
+                layer_bounds(k, lo, hi)
 
 
 def check_int8_overflow(qmodel: nn.Module) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import build_model
+from ..quant import quantization_of
 from ..size import fp32_parameter_bytes, weight_bytes
 from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
 from .onnx_qdq import export_onnx
@@ -113,7 +114,7 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
     export_onnx(rebuilt, tmp / "model_int8.onnx", input_shape=shape)
     int8 = save_torch_int8(rebuilt, tmp / "model_int8.pt", input_shape=shape)
 
-    plan = qmodel.mpq_plan
+    plan = quantization_of(qmodel).plan
     build = architecture or (lambda num_classes: build_model(meta["model"]["name"],
                                                              num_classes=num_classes))
     fp32_bytes = fp32_parameter_bytes(build(num_classes=meta["model"]["num_classes"]))

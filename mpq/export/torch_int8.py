@@ -27,7 +27,8 @@ from .mpqfile import int_weight
 __all__ = ["int8_module", "save_torch_int8"]
 
 
-def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: int) -> nn.Module:
+def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: int,
+                     call: int) -> nn.Module:
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
 
@@ -37,7 +38,7 @@ def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: i
         k, w_scale.double(), torch.zeros(len(w_scale), dtype=torch.int64), 0)
     # The bias as the fake-quantized layer uses it (on its int32 grid); the x86 kernels add a
     # float bias exactly.
-    bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias())[1]
+    bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias(), call)[1]
     bias = None if bias is None else bias.detach().float()
     if isinstance(layer, QuantLinear):
         module = (nniq.LinearReLU if relu else nnq.Linear)(inner.in_features,
@@ -55,10 +56,10 @@ def _quantized_layer(layer: _QuantLayer, relu: bool, scale: float, zero_point: i
 
 
 @torch.no_grad()
-def _float_layer(layer: _QuantLayer) -> nn.Module:
+def _float_layer(layer: _QuantLayer, call: int) -> nn.Module:
     """The layer in float with its weight on the grid (what the fake-quantized layer computes)."""
     inner = copy.deepcopy(layer.layer)
-    w, bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias())
+    w, bias = layer.quant_weight_bias(layer.effective_weight(), layer.folded_bias(), call)
     inner.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
     inner.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                         requires_grad=False)
@@ -106,17 +107,18 @@ def int8_module(qmodel: fx.GraphModule) -> fx.GraphModule:
             grid[new] = (scale, zero_point)
         elif isinstance(module, _QuantLayer):
             quantizer, relu = output_grid(node, modules)
-            src = node.args[0]
+            src, call = node.args[0], node.kwargs.get("call", 0)
+            name = f"{node.target}_call{call}" if call else node.target  # a module per call
             if module.w_bits is not None and env[src] in grid and quantizer is not None:
                 scale, zero_point, _, _ = act_params(quantizer)
-                target = add_module(node.target, _quantized_layer(module, relu is not None,
-                                                                  scale, zero_point))
+                target = add_module(name, _quantized_layer(module, relu is not None, scale,
+                                                           zero_point, call))
                 new = graph.call_module(target, (env[src],))
                 grid[new] = (scale, zero_point)
                 if relu is not None:
                     env[relu] = new
             else:
-                new = graph.call_module(add_module(node.target, _float_layer(module)),
+                new = graph.call_module(add_module(name, _float_layer(module, call)),
                                         (as_float(src),))
         elif (node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2
               and all(isinstance(a, fx.Node) and env[a] in grid for a in node.args)

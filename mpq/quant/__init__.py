@@ -2,8 +2,8 @@
 
 from .modules import ActQuantizer, QuantConv, QuantLinear, WeightQuantizer
 from .plan import LayerQuant, Plan, load_plan, uniform_plan
-from .prepare import (calibrate_, freeze_bn_, prepare_qat, quant_layers, quantizable_layers,
-                      reestimate_bn_, trace)
+from .prepare import (QuantConfig, Quantization, calibrate_, freeze_bn_, prepare_qat,
+                      quant_layers, quantizable_layers, quantization_of, reestimate_bn_, trace)
 from .primitives import (INT8_WEIGHT_MAX, fake_quantize, mse_optimal_scale, quant_range,
                          round_ste, weight_range)
 
@@ -12,8 +12,10 @@ __all__ = [
     "ActQuantizer",
     "LayerQuant",
     "Plan",
+    "QuantConfig",
     "QuantConv",
     "QuantLinear",
+    "Quantization",
     "WeightQuantizer",
     "calibrate_",
     "fake_quantize",
@@ -24,6 +26,7 @@ __all__ = [
     "quant_layers",
     "quant_range",
     "quantizable_layers",
+    "quantization_of",
     "reestimate_bn_",
     "round_ste",
     "trace",

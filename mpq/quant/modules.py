@@ -177,36 +177,45 @@ class ActQuantizer(nn.Module):
 class _QuantLayer(nn.Module):
     """Shared parts: the float layer's parameters and a weight quantizer. `a_bits` records the
     bits of the input, which a standalone `ActQuantizer` in the graph quantizes; `prepare_qat`
-    links that quantizer here (`input_quant`) so that the bias, like an int8 kernel's, lies on
-    the int32 grid of step input_scale * weight_scale (per output channel)."""
+    links that quantizer here (`input_quants[call]`) so that the bias, like an int8 kernel's,
+    lies on the int32 grid of step input_scale * weight_scale (per output channel). A layer the
+    model calls more than once has one weight and quantizer, and an input quantizer per call:
+    the graph passes `call` (0, 1, ...) to each."""
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
-                 weight_mode: str):
+                 weight_scale: str):
         super().__init__()
         self.layer = layer
         self.w_bits, self.a_bits = w_bits, a_bits
         out_channels = layer.weight.shape[0]
-        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_mode)
+        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_scale)
                              if w_bits is not None else None)
-        # A plain attribute, not a submodule: the quantizer belongs to the graph (and the
-        # state dict) once; deepcopy keeps the link to the copied quantizer.
-        self.__dict__["input_quant"] = None
+        # Plain attributes, not submodules: the quantizers belong to the graph (and the state
+        # dict) once; deepcopy keeps the links to the copied quantizers.
+        self.__dict__["input_quants"] = []
 
-    def link_input_quant(self, quantizer: ActQuantizer) -> None:
-        self.__dict__["input_quant"] = quantizer
+    @property
+    def input_quant(self) -> ActQuantizer | None:
+        """The first call's input quantizer (None: float input)."""
+        return self.input_quants[0] if self.input_quants else None
+
+    def link_input_quant(self, quantizer: ActQuantizer, call: int = 0) -> None:
+        quants = self.input_quants
+        quants.extend([None] * (call + 1 - len(quants)))
+        quants[call] = quantizer
 
     def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         return self.quant_weight_bias(w, None)[0]
 
-    def quant_weight_bias(self, w: torch.Tensor, bias: torch.Tensor | None):
-        """The quantized weight and the bias on its int32 grid (float where nothing is
-        quantized). The weight's scale is computed once, as each call may advance it."""
+    def quant_weight_bias(self, w: torch.Tensor, bias: torch.Tensor | None, call: int = 0):
+        """The quantized weight and the bias on call `call`'s int32 grid (float where nothing
+        is quantized). The weight's scale is computed once, as each call may advance it."""
         if self.weight_quant is None:
             return w, bias
         q = self.weight_quant
         scale = q.compute_scale(w, self.scale_unit())
         wq = fake_quantize(w, scale, q.qmin, q.qmax)
-        step = self.bias_step(scale)
+        step = self.bias_step(scale, call)
         if bias is None or step is None:
             return wq, bias
         return wq, round_ste(bias / step) * step
@@ -216,9 +225,10 @@ class _QuantLayer(nn.Module):
         (see `WeightQuantizer.compute_scale`); None: none."""
         return None
 
-    def bias_step(self, weight_scale: torch.Tensor) -> torch.Tensor | None:
-        """Per-channel step of the bias grid: input scale x weight scale (None: float bias)."""
-        q = self.input_quant
+    def bias_step(self, weight_scale: torch.Tensor, call: int = 0) -> torch.Tensor | None:
+        """Per-channel step of call `call`'s bias grid: its input scale x weight scale (None:
+        float bias)."""
+        q = self.input_quants[call] if call < len(self.input_quants) else None
         if q is None or not bool(q.calibrated):
             return None
         return weight_scale.detach().flatten() * q.scale.detach().abs()
@@ -237,8 +247,8 @@ class _QuantLayer(nn.Module):
 class QuantLinear(_QuantLayer):
     """`nn.Linear` with quantized weight and input."""
 
-    def forward(self, x):
-        w, b = self.quant_weight_bias(self.layer.weight, self.layer.bias)
+    def forward(self, x, call: int = 0):
+        w, b = self.quant_weight_bias(self.layer.weight, self.layer.bias, call)
         return F.linear(x, w, b)
 
     def folded_bias(self) -> torch.Tensor | None:
@@ -253,13 +263,12 @@ class QuantConv(_QuantLayer):
     that factor again and normalised with the batch statistics, so BN keeps learning its
     statistics (as in Jacob et al. 2018 and torch.ao's ConvBn); in eval mode the layer computes
     `conv(x, Q(W_fold)) + b_fold`. `freeze_bn_` folds BN into the weight for good: from then on
-    the conv weight *is* W_fold and BN's bias *is* b_fold, trained directly. (Training gamma
-    through a fixed 1/sqrt(running_var) instead blows up on channels of small variance:
-    measured, W8 QAT of ResNet20 fell from 68% to 14% in 30 steps that way.)
+    the conv weight *is* W_fold and BN's bias *is* b_fold, trained directly (not gamma through a
+    fixed 1/sqrt(running_var), which blows up on channels of small variance).
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_mode):
-        super().__init__(conv, w_bits, a_bits, weight_mode=weight_mode)
+    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_scale):
+        super().__init__(conv, w_bits, a_bits, weight_scale=weight_scale)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
 
@@ -306,12 +315,12 @@ class QuantConv(_QuantLayer):
             self.layer.bias.requires_grad_(False)
         self.bn_frozen.fill_(True)
 
-    def forward(self, x):
+    def forward(self, x, call: int = 0):
         if self.bn is None:
             return self.layer._conv_forward(x, *self.quant_weight_bias(self.layer.weight,
-                                                                       self.layer.bias))
+                                                                       self.layer.bias, call))
         if not self.training or bool(self.bn_frozen):
-            w, b = self.quant_weight_bias(self.effective_weight(), self.folded_bias())
+            w, b = self.quant_weight_bias(self.effective_weight(), self.folded_bias(), call)
             out = self.layer._conv_forward(x, w, None)
             return out + b.reshape((1, -1) + (1,) * (out.dim() - 2))
         # Live BN: fold, quantize, undo the fold, convolve, normalise with batch statistics.

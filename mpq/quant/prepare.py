@@ -18,27 +18,105 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UsageError
-from .modules import ActQuantizer, QuantConv, QuantLinear, _QuantLayer
+from .modules import SCALE_MODES, ActQuantizer, QuantConv, QuantLinear, _QuantLayer
 from .plan import Plan
 
-__all__ = ["calibrate_", "freeze_bn_", "prepare_qat", "quant_layers", "quantizable_layers",
-           "reestimate_bn_", "trace"]
+__all__ = ["QuantConfig", "Quantization", "calibrate_", "freeze_bn_", "prepare_qat",
+           "quant_layers", "quantizable_layers", "quantization_of", "reestimate_bn_", "trace"]
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _CAT_FUNCTIONS = (torch.cat, torch.concat)
+_META_KEY = "mpq.quantization"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How `prepare_qat` applies a plan.
+
+    `weight_scale`: `mse`, `max`, `lsq`, or `fixed` for scales set from outside (a model rebuilt
+    from its file); see `WeightQuantizer`. `learn_act_scale`: train activation scales with the
+    LSQ gradient. `quantize_joins`: quantize the inputs of additions and concatenations to 8
+    bits, as the int8 graph computes them."""
+
+    weight_scale: str = "mse"
+    learn_act_scale: bool = False
+    quantize_joins: bool = True
+
+    def __post_init__(self):
+        if self.weight_scale not in SCALE_MODES:
+            raise UsageError(f"weight_scale must be one of {', '.join(SCALE_MODES)}; got "
+                             f"{self.weight_scale!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantConfig:
+        """From `to_dict`'s form (absent keys: the defaults; unknown ones ignored)."""
+        return cls(**{k: data[k] for k in ("weight_scale", "learn_act_scale", "quantize_joins")
+                      if k in data})
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What a prepared model carries (in `gm.meta`, which copies keep): its plan, its
+    quantizable layers in order, and the config it was prepared with."""
+
+    plan: Plan
+    layers: tuple[str, ...]
+    config: QuantConfig
+
+
+def quantization_of(qmodel: nn.Module) -> Quantization:
+    """The `Quantization` of a model `prepare_qat` made."""
+    found = getattr(qmodel, "meta", {}).get(_META_KEY)
+    if not isinstance(found, Quantization):
+        raise TypeError(f"{type(qmodel).__name__} was not prepared by mpq.quant.prepare_qat")
+    return found
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the layers a plan can quantize, in module order."""
-    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    """Names of the layers a plan can quantize, in module order (a module the model uses in
+    several places once). Two layers that share one weight tensor are refused: one module
+    used twice is what quantizes and stores a weight once."""
+    names, owner = [], {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QUANTIZABLE):
+            continue
+        other = owner.setdefault(id(m.weight), name)
+        if other != name:
+            raise UsageError(f"layers {other!r} and {name!r} share one weight tensor (tied "
+                             f"weights); use the module itself in both places (as "
+                             f"`self.b = self.a`), so its weight is quantized and stored once")
+        names.append(name)
+    return names
+
+
+def _shared_batchnorm(nodes: list[fx.Node], modules: dict) -> nn.Module | None:
+    """The BN that every call of a conv feeds, and nothing else feeds (None: not foldable)."""
+    bns = []
+    for node in nodes:
+        users = list(node.users)
+        if not (len(users) == 1 and users[0].op == "call_module"
+                and isinstance(modules[users[0].target], BATCHNORMS)
+                and modules[users[0].target].track_running_stats):
+            return None
+        bns.append(users[0])
+    targets = {n.target for n in bns}
+    if len(targets) != 1:
+        return None
+    (target,) = targets
+    fed = [n for n in nodes[0].graph.nodes if n.op == "call_module" and n.target == target]
+    return modules[target] if len(fed) == len(bns) else None
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -76,18 +154,17 @@ def _joins(node: fx.Node) -> list[fx.Node]:
 
 
 def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
-                weight_mode: str = "mse", learn_act_scale: bool = False,
-                quantize_joins: bool = True) -> fx.GraphModule:
-    """Returns a fake-quantized copy of `model` following `plan` (the model is not changed).
+                config: QuantConfig | None = None) -> fx.GraphModule:
+    """Returns a fake-quantized copy of `model` following `plan` (the model is not changed);
+    `quantization_of` tells how it was prepared.
 
     Args:
         model: the FP32 model (its BN statistics and weights are copied).
         plan: bit widths per layer; must cover exactly the model's quantizable layers.
         example_inputs: inputs for one forward pass (shapes tell tensors from other values).
-        weight_mode: `mse`, `max` or `lsq` (see `WeightQuantizer`).
-        learn_act_scale: train activation scales with the LSQ gradient.
-        quantize_joins: quantize the inputs of additions and concatenations to 8 bits.
+        config: how to quantize (`QuantConfig`; its defaults by default).
     """
+    config = config or QuantConfig()
     settings = plan.resolve(quantizable_layers(model))
     gm = trace(copy.deepcopy(model).eval())
     ShapeProp(gm).propagate(*example_inputs)
@@ -101,61 +178,58 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
             if consumer not in users:
                 users.append(consumer)
 
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in settings:
-            continue
-        if node.target in called:
-            raise UsageError(f"layer {node.target!r} is called more than once; a shared layer "
-                             f"cannot take one plan entry per use")
-        called.add(node.target)
-        s = settings[node.target]
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in settings:
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        called.add(target)
+        s = settings[target]
         if s.w_bits is None and s.a_bits is None:
             continue
-        layer = modules[node.target]
-        kwargs = dict(weight_mode=weight_mode)
+        layer = modules[target]
+        kwargs = dict(weight_scale=config.weight_scale)
         if isinstance(layer, nn.Linear):
             wrapper = QuantLinear(layer, s.w_bits, s.a_bits, **kwargs)
         else:
-            bn = None
-            users = list(node.users)
-            if (len(users) == 1 and users[0].op == "call_module"
-                    and isinstance(modules[users[0].target], BATCHNORMS)
-                    and modules[users[0].target].track_running_stats):
-                bn_node = users[0]
-                bn = modules[bn_node.target]
-                bn_node.replace_all_uses_with(node)
-                gm.graph.erase_node(bn_node)
+            bn = _shared_batchnorm(nodes, modules)
+            if bn is not None:  # every call feeds the same BN: fold it
+                for node in nodes:
+                    (bn_node,) = node.users
+                    bn_node.replace_all_uses_with(node)
+                    gm.graph.erase_node(bn_node)
             wrapper = QuantConv(layer, bn, s.w_bits, s.a_bits, **kwargs)
-        gm.set_submodule(node.target, wrapper)
-        if s.a_bits is not None:
-            want(node.args[0], s.a_bits, node)
+        gm.set_submodule(target, wrapper)
+        for call, node in enumerate(nodes):
+            if call:  # one weight, one quantizer; each call its own input grid
+                node.kwargs = {**node.kwargs, "call": call}
+            if s.a_bits is not None:
+                want(node.args[0], s.a_bits, node)
     missing = [name for name, s in settings.items()
                if name not in called and (s.w_bits is not None or s.a_bits is not None)]
     if missing:
         raise UsageError(f"layers {', '.join(missing)} are not called as modules in the traced "
                          f"graph (e.g. their weight is used through a functional call); leave "
                          f"them in float in the plan (w_bits: null, a_bits: null)")
-    if quantize_joins:
+    if config.quantize_joins:
         for node in gm.graph.nodes:
             for inp in _joins(node):
                 want(inp, 8, node)
     for tensor, by_bits in wants.items():
         for bits, consumers in by_bits.items():
             name = f"act_quant_{tensor.name}" + (f"_a{bits}" if len(by_bits) > 1 else "")
-            gm.add_submodule(name, ActQuantizer(bits, learn_scale=learn_act_scale))
+            gm.add_submodule(name, ActQuantizer(bits, learn_scale=config.learn_act_scale))
             with gm.graph.inserting_after(tensor):
                 q = gm.graph.call_module(name, (tensor,))
             for consumer in consumers:
                 consumer.replace_input_with(tensor, q)
                 if consumer.op == "call_module":
                     gm.get_submodule(consumer.target).link_input_quant(
-                        gm.get_submodule(name))
+                        gm.get_submodule(name), consumer.kwargs.get("call", 0))
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.mpq_plan = plan
-    gm.mpq_layer_names = list(settings)
-    gm.mpq_quantize_joins = quantize_joins
+    gm.meta[_META_KEY] = Quantization(plan, tuple(settings), config)
     return gm
 
 
@@ -202,8 +276,7 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
     (momentum 0.1) of weights that kept moving, and low-bit weights keep flipping between
     grid points to the end; the folded layer that is exported divides by those statistics.
     Re-estimating them for the final weights is Nagel et al. 2022's ("Overcoming oscillations
-    in quantization-aware training") cheap fix. On ResNet20 it measured as noise (see
-    `mpq.qat.QATConfig.bn_reestimate_batches`).
+    in quantization-aware training") cheap fix.
 
     Only BN statistics change: weights, weight quantizers (no scale refresh) and activation
     scales stay as they are, and so does the grid each weight falls on (every scale mode is

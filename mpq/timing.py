@@ -1,8 +1,12 @@
-"""Timing helpers shared by the benchmarks: runtimes timed side by side, interleaved, so a noisy
-shared machine slows all of them alike and the ratios hold."""
+"""Runtimes timed side by side, interleaved, so a noisy shared machine slows all of them alike
+and the ratios hold (the results table and the benchmarks)."""
+
+from __future__ import annotations
 
 import statistics
 import time
+
+__all__ = ["ort_runner", "side_by_side"]
 
 
 def side_by_side(runtimes: dict, x, *, seconds: float = 3.0, rounds: int = 5) -> dict:

@@ -1,0 +1,209 @@
+"""Computing one row: the commands a user would run (recorded in the row), or for the
+baselines the teacher evaluated in float32 / float16 and torch.ao's int8 PTQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .layout import AO_CALIBRATION_BATCHES, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE, Layout
+
+__all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
+
+
+class RowFailed(RuntimeError):
+    """One of a row's commands failed; its log says why."""
+
+
+def _run(layout: Layout, cmd: list, log: Path) -> None:
+    """Runs one of the user's commands, its output appended to `log`; raises on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    printable = layout.printable(cmd)
+    print(f"  $ {printable}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(layout.root)}
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {printable}\n")
+        fh.flush()
+        code = subprocess.call([sys.executable, *map(str, cmd)], cwd=layout.root, env=env,
+                               stdout=fh, stderr=subprocess.STDOUT)
+    if code:
+        raise RowFailed(f"command failed with exit code {code} (log: {log}): {printable}")
+
+
+def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: Path) -> dict:
+    for cmd in commands:
+        _run(layout, cmd, log)
+    report = json.loads((export_dir / "export.json").read_text())
+    metrics = json.loads((export_dir.parent / "metrics.json").read_text())
+    return {"top1": report["onnx_top1"], "top1_source": "model_int8.onnx in ONNX Runtime",
+            "file": "model.mpq", "file_bytes": report["mpq_bytes"],
+            "onnx_bytes": report["files"]["model_int8.onnx"]["bytes"],
+            "fake_quant_top1": report["fake_quant_top1"],
+            "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"],
+            "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
+            "commands": [layout.printable(c) for c in commands]}
+
+
+def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
+    """Computes row `name` (its runs under `layout.runs / name`)."""
+    run = layout.runs / name
+    log = run / "log.txt"
+    data = ["--data-root", data_root] if data_root else []
+    qat = ["train.py", "--recipe", QAT_RECIPE, "--teacher", layout.teacher, *data, "--quiet"]
+    if name in QAT_EPOCHS:
+        qat += ["--set", f"train.epochs={QAT_EPOCHS[name]}"]
+    if name in ("ptq_w4", "ptq_w2"):
+        return _exported_row(layout, [[*qat, "--bits", name[-1], "--ptq", "--out", run / "qat"]],
+                             run / "qat" / "export", log)
+    if name.startswith("qat_w"):
+        return _exported_row(layout, [[*qat, "--bits", name[-1], "--out", run / "qat"]],
+                             run / "qat" / "export", log)
+    if name.startswith("mpq_"):
+        budget = name.split("_")[1]
+        floor = smallest_plan(layout, budget)
+        if floor is not None:
+            return floor
+        search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", layout.teacher, *data,
+                  "--budget", budget, "--out", run / "search", "--quiet"]
+        train = [*qat, "--plan", run / "search" / "plan.json", "--out", run / "qat"]
+        row = _exported_row(layout, [search, train], run / "qat" / "export", log)
+        plan = json.loads((run / "search" / "plan.json").read_text())
+        row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
+        return row
+    return _baseline_row(layout, name, run, data_root)
+
+
+def smallest_plan(layout: Layout, budget: str) -> dict | None:
+    """None when the search recipe can meet `budget`; else the row saying it cannot (every layer
+    at the fewest bits still makes a larger file), with the smallest plan's size."""
+    from ..allocate import parse_budget
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..config import load_recipe
+    from ..search import SearchRecipe, plan_floor
+    from ..size import fp32_parameter_bytes
+
+    recipe = load_recipe(layout.root / SEARCH_RECIPE, [], cls=SearchRecipe)
+    model = model_from_checkpoint(load_checkpoint(layout.teacher)).eval()
+    fp32_bytes = fp32_parameter_bytes(model)
+    budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
+    floor = plan_floor(model, recipe)
+    if budget_bytes >= floor.bytes:
+        return None
+    print(f"  infeasible: the budget is {budget_bytes} bytes, the smallest plan ({floor.bits} "
+          f"bits everywhere) {floor.bytes} bytes, {floor.weight_bytes} of them weights", flush=True)
+    return {"infeasible": True, "budget_bytes": budget_bytes, "smallest_bytes": floor.bytes,
+            "smallest_weight_bytes": floor.weight_bytes, "smallest_bits": floor.bits,
+            "smallest_compression": fp32_bytes / floor.bytes}
+
+
+def stale(layout: Layout, name: str, row: dict) -> str | None:
+    """Why a finished mpq row no longer stands for what its commands make now, or None.
+
+    Its search sized the plan in the `model.mpq` format of its day: when the file it exported
+    weighs something else, the format changed since, and the search would now pick another
+    plan at the same budget. When the search under `layout.runs` was run again and picked other
+    bits than the plan the row was trained on (its export's, or on a fresh clone its committed
+    copy), the row is stale too."""
+    if row.get("infeasible") or "plan_size_bytes" not in row:
+        return None
+    if row["file_bytes"] != row["plan_size_bytes"]:
+        return (f"its search sized the plan at {row['plan_size_bytes']} bytes but its model.mpq "
+                f"is {row['file_bytes']} bytes: the file format changed after the search")
+    searched = layout.runs / name / "search" / "plan.json"
+    trained = (layout.in_repo(row["export_dir"]).parent / "plan.json"
+               if "export_dir" in row else None)
+    if trained is None or not trained.is_file():
+        trained = layout.artifacts / name / "plan.json"
+    if searched.is_file() and trained.is_file():
+        bits = [{k: v["w_bits"] for k, v in json.loads(f.read_text())["layers"].items()}
+                for f in (searched, trained)]
+        if bits[0] != bits[1]:
+            return (f"the search in {layout.rel(searched)} now picks other bits than the row's "
+                    f"plan {layout.rel(trained)}")
+    return None
+
+
+@torch.no_grad()
+def _top1(fn, batches) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += int((fn(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100 * correct / total
+
+
+def _baseline_row(layout: Layout, name: str, run: Path, data_root) -> dict:
+    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from ..export.run import test_batches_for
+
+    run.mkdir(parents=True, exist_ok=True)
+    payload = load_checkpoint(layout.teacher)
+    model = model_from_checkpoint(payload).eval()
+    batches = test_batches_for(payload, data_root=data_root, progress=False)
+    if name == "fp32":
+        path = run / "model_fp32.onnx"
+        fp32_onnx(model, path)
+        return {"top1": _top1(model, batches), "top1_source": "PyTorch FP32",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
+    if name == "fp16":
+        # Weights stored in float16, computed in float32 (PyTorch's CPU float16 convolutions
+        # take minutes for the test set, so the row carries no latency).
+        path = run / "model_fp16.pt"
+        torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        return {"top1": _top1(model, batches), "top1_source": "float16 weights, float32 compute",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0}
+    if name == "ao_int8_ptq":
+        path = run / "model_int8.pt"
+        converted = ao_int8_ptq(layout, model, data_root, path)
+        return {"top1": _top1(converted, batches), "top1_source": "PyTorch x86 int8",
+                "file": path.name, "file_bytes": path.stat().st_size, "epochs": 0,
+                "calibration_images": AO_CALIBRATION_BATCHES * 128}
+    raise ValueError(name)
+
+
+def fp32_onnx(model: torch.nn.Module, path: Path) -> None:
+    """The teacher as FP32 ONNX with a dynamic batch (the FP32 row's file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 32),), str(path), dynamo=True,
+                          input_names=["input"], output_names=["logits"], verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                          external_data=False)
+
+
+def ao_int8_ptq(layout: Layout, model: torch.nn.Module, data_root,
+                path: Path) -> torch.nn.Module:
+    """torch.ao FX static int8 PTQ of `model` (x86, fused), calibrated on the first
+    `AO_CALIBRATION_BATCHES` unshuffled training batches (so the same model every time), saved
+    as TorchScript to `path`; returns the converted model."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from ..checkpoint import load_checkpoint
+    from ..config import DataConfig, recipe_from_dict
+    from ..data import BatchLoader, load_split
+
+    torch.backends.quantized.engine = "x86"
+    cfg = recipe_from_dict(load_checkpoint(layout.teacher)["recipe"]["data"], DataConfig)
+    train = load_split(cfg, "train", root=data_root, progress=False)
+    calib = [x for _, (x, _) in zip(range(AO_CALIBRATION_BATCHES),
+                                    BatchLoader(train, cfg, batch_size=128, train=False).epoch(0))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calib[0],))
+        for x in calib:
+            prepared(x)
+        converted = convert_fx(prepared)
+        torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(path))
+    return converted

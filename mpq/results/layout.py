@@ -1,0 +1,76 @@
+"""The results table's rows as data, and where a results run keeps its files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "COMPUTE_ORDER", "QAT_EPOCHS",
+           "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
+
+QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
+SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
+ARTIFACT_FILES = ("plan.json", "model.mpq", "model_int8.onnx", "export.json")
+
+# Rows in the table's order; they are computed in COMPUTE_ORDER (short rows first, the long
+# 13x QAT last, since the whole set spans sessions on a CPU).
+ROWS = {
+    "fp32": "FP32 teacher",
+    "fp16": "FP16 weights (float32 compute)",
+    "ao_int8_ptq": "torch.ao int8 PTQ, fused (seed's int8 path)",
+    "ptq_w4": "uniform W4A8 PTQ",
+    "ptq_w2": "uniform W2A8 PTQ",
+    "qat_w8": "uniform W8A8 QAT",
+    "qat_w4": "uniform W4A8 QAT",
+    "qat_w2": "uniform W2A8 QAT",
+    "mpq_8x": "mpq, 8x budget",
+    "mpq_13x": "mpq, 13x budget",
+    "mpq_16x": "mpq, 16x budget",
+}
+# QAT epochs where a row departs from the QAT recipe's.
+QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30}
+AO_CALIBRATION_BATCHES = 8
+COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
+                 "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a results run reads and writes: the repository `root`, the FP32 `teacher`, each
+    row's JSON (`results`), the runs behind them (`runs`) and the committed small files of each
+    exported row (`artifacts`)."""
+
+    root: Path
+    teacher: Path
+    results: Path
+    runs: Path
+    artifacts: Path
+
+    @classmethod
+    def of(cls, root: Path, *, teacher: Path | None = None,
+           scratch: Path | None = None) -> Layout:
+        """The repository's layout; with `scratch`, rows and runs go under that folder."""
+        root = Path(root).resolve()
+        return cls(root=root,
+                   teacher=Path(teacher).resolve() if teacher else
+                   root / "checkpoints" / "resnet20_cifar10.pt",
+                   results=scratch / "results" if scratch else root / "benchmarks" / "results",
+                   runs=scratch / "runs" if scratch else root / "runs" / "results",
+                   artifacts=root / "checkpoints" / "resnet20_cifar10")
+
+    def rel(self, path) -> str:
+        """`path` as recorded in a row: relative to the repository when inside it, so the JSON
+        reads the same on every clone."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def in_repo(self, recorded: str) -> Path:
+        """A recorded path back to a real one (older rows recorded absolute paths)."""
+        path = Path(recorded)
+        return path if path.is_absolute() else self.root / path
+
+    def printable(self, cmd: list) -> str:
+        return " ".join(self.rel(c) if isinstance(c, Path) else str(c) for c in cmd)

@@ -1,0 +1,101 @@
+"""The results as a Markdown table, in the README between its markers, as a TensorBoard curve,
+and as each exported row's committed small files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import UsageError
+from ..files import write_atomic
+from .layout import ARTIFACT_FILES, ROWS, Layout
+
+__all__ = ["copy_artifacts", "log_curve", "update_readme", "write_table"]
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def write_table(rows: dict, lat: dict, fp32_bytes: int, stale_rows=()) -> str:
+    """The Markdown table of `rows` (by name, in `ROWS` order) with latencies `lat`."""
+    teacher = rows["fp32"]["top1"] if "fp32" in rows else None
+    lines = ["| row | top-1 % | lost (points) | stored as | size on disk | compression | "
+             "batch 1 | batch 256 | QAT epochs |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, what in ROWS.items():
+        if name not in rows:
+            continue
+        row = rows[name]
+        if row.get("infeasible"):
+            lines.append(f"| {what} | infeasible | | | budget {row['budget_bytes'] / 1000:.1f} KB"
+                         f" < smallest plan {row['smallest_bytes'] / 1000:.1f} KB (all "
+                         f"{row['smallest_bits']}-bit) | max "
+                         f"{row['smallest_compression']:.2f}x | | | |")
+            continue
+        best = {}
+        for batch in ("1", "256"):
+            options = {k.split("/")[1]: v for k, v in lat.get(batch, {}).items()
+                       if k.split("/")[0] == name}
+            best[batch] = (f"{min(options.values()):.2f} ms ({min(options, key=options.get)})"
+                           if options else "")
+        lost = f"{teacher - row['top1']:.2f}" if teacher is not None else ""
+        if name in stale_rows:
+            what += " (stale: rerun benchmarks/results.py)"
+        lines.append(f"| {what} | {row['top1']:.2f} | {lost} | {row['file']} | "
+                     f"{row['file_bytes'] / 1000:.1f} KB | {fp32_bytes / row['file_bytes']:.2f}x | "
+                     f"{best['1']} | {best['256']} | {row['epochs']} |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str, readme: Path) -> None:
+    """Puts `table` between the README's results markers."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise UsageError(f"{readme} lacks the {BEGIN} / {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    write_atomic(readme, f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def log_curve(layout: Layout, rows: dict) -> None:
+    """Top-1 and points lost against size on disk, in TensorBoard under `layout.runs / "tb"`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ..report import scatter_figure
+
+    teacher = rows["fp32"]["top1"]
+    # Drawn whole each run: an older run's event file would show every point twice.
+    for old in (layout.runs / "tb").glob("events.out.tfevents.*"):
+        old.unlink()
+    writer = SummaryWriter(str(layout.runs / "tb"))
+    points = []
+    for name, row in sorted(rows.items(), key=lambda kv: kv[1]["file_bytes"]):
+        if name.startswith(("mpq_", "qat_w", "fp32")):
+            kb = row["file_bytes"] / 1000
+            writer.add_scalar("accuracy_vs_size/top1", row["top1"], round(kb))
+            writer.add_scalar("accuracy_vs_size/points_lost", teacher - row["top1"], round(kb))
+            points.append((kb, teacher - row["top1"]))
+    writer.add_figure("accuracy_vs_size/points_lost_vs_KB",
+                      scatter_figure(points, title="ResNet20 / CIFAR-10: points lost vs size",
+                                     xlabel="KB on disk", ylabel="points lost"))
+    writer.close()
+
+
+def copy_artifacts(layout: Layout, rows: dict) -> None:
+    """Each exported row's small files into `layout.artifacts/<row>/`; export.json's record of
+    the checkpoint it came from made repository-relative, so the committed copy names no
+    machine."""
+    for name, row in rows.items():
+        if "export_dir" not in row:
+            continue
+        export = layout.in_repo(row["export_dir"])
+        if not export.exists():
+            continue  # a fresh clone: the committed copies are all there is
+        target = layout.artifacts / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ARTIFACT_FILES:
+            source = export / file if file != "plan.json" else export.parent / "plan.json"
+            shutil.copy2(source, target / file)
+        report = json.loads((target / "export.json").read_text())
+        report["checkpoint"] = layout.rel(report["checkpoint"])
+        (target / "export.json").write_text(json.dumps(report, indent=2) + "\n")
