@@ -169,8 +169,9 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
 
     def epoch_logger(writer, model, epoch):
         layers = {n: m for n, m in quant_layers(model).items() if m.w_bits is not None}
-        if epoch == 1:
+        if epoch == 1:  # the teacher's line from step 0: a one-epoch run still draws one
             log_qat_layout(writer, list(layers))
+            writer.add_scalar("teacher/top1", teacher_top1, 0)
         writer.add_scalar("teacher/top1", teacher_top1, epoch)
         for name, layer in layers.items():
             writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
@@ -232,7 +233,8 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
     resume, evaluation, TensorBoard and DDP): the same batches give the same weights.
 
     Args:
-        teacher: the FP32 model (not changed).
+        teacher: the FP32 model (its weights are not changed; it is put in eval mode on
+            `device`, in the training memory format).
         plan: bits per layer (e.g. from `mpq.allocate.plan_for_budget`).
         batches: re-iterable (input, label) batches with a length, e.g. a DataLoader: one pass
             per epoch.

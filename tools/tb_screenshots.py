@@ -2,10 +2,12 @@
 person sees at the default zoom in a browser window of the given size.
 
     python tools/tb_screenshots.py --logdir runs/search_13x/tb --out docs/screenshots \
-        [--tabs images,hparams] [--size 1400x1800] [--chromium /usr/bin/chromium]
+        [--tabs images,images:sensitivity,hparams] [--size 1400x1800]
 
 Starts TensorBoard on 127.0.0.1 at a free port, waits until it serves the run, and writes
-<out>/<name>_<tab>.png per tab (name: --name, default the logdir's parent folder's name).
+<out>/<name>_<tab>.png per tab (name: --name, default the logdir's parent folder's name); a tab
+written `tab:regex` is shown with its tag filter set to regex (`images:sensitivity`: only the
+sensitivity figures, for a window too short to hold them all).
 Chromium comes from Debian (`apt-get install chromium`); nothing is downloaded.
 """
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--tabs", default="images,hparams")
+    parser.add_argument("--tabs", default="images,images:sensitivity,hparams")
     parser.add_argument("--size", default="1400x1800")
     parser.add_argument("--name", default=None)
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
@@ -72,13 +75,16 @@ def main() -> None:
     try:
         if not _serving(base, 90):
             sys.exit(f"error: TensorBoard did not serve {args.logdir} within 90 s")
-        for tab in args.tabs.split(","):
-            target = args.out / f"{name}_{tab}.png"
+        for spec in args.tabs.split(","):
+            tab, _, pattern = spec.partition(":")
+            target = args.out / f"{name}_{tab}{'_' + pattern if pattern else ''}.png"
+            url = f"{base}/#{tab}" + (f"&tagFilter={urllib.parse.quote(pattern)}" if pattern
+                                      else "")
             with tempfile.TemporaryDirectory() as profile:
                 subprocess.run([args.chromium, *FLAGS, f"--user-data-dir={profile}",
                                 f"--window-size={width},{height}",
                                 f"--virtual-time-budget={int(args.wait * 1000)}",
-                                f"--screenshot={target}", f"{base}/#{tab}"],
+                                f"--screenshot={target}", url],
                                check=True, capture_output=True, timeout=180)
             print(f"wrote {target}")
     finally:
