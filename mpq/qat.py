@@ -174,11 +174,12 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
             writer.add_scalar("teacher/top1", teacher_top1, 0)
         writer.add_scalar("teacher/top1", teacher_top1, epoch)
         for name, layer in layers.items():
-            writer.add_scalar(f"quant_error/{name}", layer.weight_error(), epoch)
             with torch.no_grad():  # the weights QAT trains and the grid they are stored on
                 w = layer.effective_weight()
-                writer.add_histogram(f"weights_fp32/{name}", w, epoch)
-                writer.add_histogram(f"weights_quantized/{name}", layer.quant_weight(w), epoch)
+                q = layer.quant_weight(w)
+            writer.add_scalar(f"quant_error/{name}", layer.weight_error(w, q), epoch)
+            writer.add_histogram(f"weights_fp32/{name}", w, epoch)
+            writer.add_histogram(f"weights_quantized/{name}", q, epoch)
 
     def on_train_end(model, final: dict) -> dict:
         if not cfg.bn_reestimate_batches:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -39,6 +40,7 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_teacher, tiny_recipe_dict, 
     assert abs(a["metrics"]["test_loss"] - b["metrics"]["test_loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_streaming_match_one_and_resume_per_rank(tmp_path, tiny_teacher,
                                                                     tiny_recipe_dict,
                                                                     write_recipe):

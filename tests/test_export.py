@@ -214,6 +214,7 @@ def test_export_model_writes_checked_files_and_refuses_to_overwrite(tmp_path, te
     export_model(tiny_qmodel, META, tmp_path / "out", test_batches=None, force=True)
 
 
+@pytest.mark.slow
 def test_cli_export_and_standalone_onnx_evaluator(tmp_path, tiny_teacher, tiny_recipe_dict):
     """QAT on a PNG ImageFolder, `python -m mpq export`, then tools/eval_onnx.py (ONNX Runtime,
     Pillow and NumPy only) reproduces export.json's onnx_top1."""

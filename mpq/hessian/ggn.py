@@ -13,7 +13,8 @@ one backward pass serves every layer (`per_sample_weight_grads`).
   unbiased trace: one backward pass per draw whatever C is, with a standard error over the
   draws. u = e_y - p for a label y ~ p (the Fisher identity) or, the default, random signs over
   every class weighted by sqrt(p) (`_fisher_draw`): on a random-init resnet50 whose predictions
-  are confident, 0.22 relative SD per draw and image against 1.99 for labels. The top
+  are confident, 0.22 relative SD per draw and image against 1.99 for labels
+  (`benchmarks/draw_variance.py`). The top
   eigenvalue comes from block power iteration, each step on fresh draws (`_TopEigen`).
 
 Memory stays within `memory_bytes`: layers are done in groups that fit, per-sample gradients

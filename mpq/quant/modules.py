@@ -238,10 +238,13 @@ class _QuantLayer(nn.Module):
         return self.layer.weight
 
     @torch.no_grad()
-    def weight_error(self) -> float:
-        """Relative quantization error ||Q(W) - W|| / ||W|| of the effective weight."""
-        w = self.effective_weight()
-        return ((self.quant_weight(w) - w).norm() / w.norm().clamp_min(1e-12)).item()
+    def weight_error(self, w: torch.Tensor | None = None,
+                     quantized: torch.Tensor | None = None) -> float:
+        """Relative quantization error ||Q(W) - W|| / ||W|| of the effective weight (or of the
+        `w` and `quantized` the caller already has)."""
+        w = self.effective_weight() if w is None else w
+        quantized = self.quant_weight(w) if quantized is None else quantized
+        return ((quantized - w).norm() / w.norm().clamp_min(1e-12)).item()
 
 
 class QuantLinear(_QuantLayer):

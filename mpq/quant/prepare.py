@@ -169,7 +169,6 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
     gm = trace(copy.deepcopy(model).eval())
     ShapeProp(gm).propagate(*example_inputs)
     modules = dict(gm.named_modules())
-    called = set()
     wants: dict[fx.Node, dict[int, list[fx.Node]]] = {}  # tensor -> bits -> consumers
 
     def want(tensor, bits, consumer):
@@ -183,7 +182,6 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
         if node.op == "call_module" and node.target in settings:
             calls.setdefault(node.target, []).append(node)
     for target, nodes in calls.items():
-        called.add(target)
         s = settings[target]
         if s.w_bits is None and s.a_bits is None:
             continue
@@ -206,7 +204,7 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
             if s.a_bits is not None:
                 want(node.args[0], s.a_bits, node)
     missing = [name for name, s in settings.items()
-               if name not in called and (s.w_bits is not None or s.a_bits is not None)]
+               if name not in calls and (s.w_bits is not None or s.a_bits is not None)]
     if missing:
         raise UsageError(f"layers {', '.join(missing)} are not called as modules in the traced "
                          f"graph (e.g. their weight is used through a functional call); leave "
