@@ -9,11 +9,11 @@ logs in tb/. The Optuna study lives in study.db in --out (or --storage URL) and 
 
 import argparse
 
-from mpq.cli import add_common_args, run_cli
+from mpq.cli import Parser, add_common_args, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = Parser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe with a search section")
     parser.add_argument("--budget", required=True,

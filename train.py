@@ -12,11 +12,11 @@ Under torchrun, QAT and FP32 training use DistributedDataParallel.
 
 import argparse
 
-from mpq.cli import add_common_args, run_cli
+from mpq.cli import Parser, add_common_args, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = Parser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")

@@ -11,7 +11,15 @@ from typing import Callable
 
 from .errors import UsageError
 
-__all__ = ["add_common_args", "check_out_dir", "main", "positive_int", "run_cli"]
+__all__ = ["Parser", "add_common_args", "check_out_dir", "main", "positive_int", "run_cli"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with bad arguments as one line on stderr (exit code 2), like every other bad
+    input, instead of the usage block and then the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def run_cli(fn: Callable[[], object], *,
@@ -165,7 +173,7 @@ def print_export(report: dict, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mpq", description=__doc__)
+    parser = Parser(prog="python -m mpq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="top-1 of any mpq checkpoint, or a packed model.mpq, on "
                                      "the test split")

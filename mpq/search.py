@@ -7,6 +7,8 @@ table says it costs least per byte saved, so every trial is a plan within the bu
 is scored by the KL divergence of its fake-quantized model from the FP32 model on held-out
 training images (never the test set), after calibrating its activation scales. The solver's
 plans at and below the budget are enqueued first, so the search can only match or beat them.
+With `polish_evaluations` set, a local search (`mpq.refine.polish`) then walks from the
+study's best plan, one bit step at a time, to a plan no single step improves.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
+from .refine import polish, repair
 from .report import log_search, log_sensitivity
 from .size import Footprint
-from .study import METRIC, check_storage, open_study, run_trials
+from .study import METRIC, add_scored, check_storage, open_study, run_trials
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
            "PlanFloor", "check_budget", "plan_floor"]
@@ -58,6 +61,7 @@ class SearchConfig:
     holdout_images: int = 1024
     calibration_batches: int = 2
     trials: int = 30
+    polish_evaluations: int = 0
     timeout: float | None = None
     seed: int = 0
 
@@ -82,6 +86,9 @@ class SearchConfig:
                              ">= 2")
         if self.memory_mb < 1 or self.max_exact_classes < 1:
             raise UsageError("search.memory_mb and search.max_exact_classes must be >= 1")
+        if self.polish_evaluations < 0:
+            raise UsageError(f"search.polish_evaluations must be >= 0 (0: no local search), "
+                             f"got {self.polish_evaluations}")
         if self.trials < 0 or self.holdout_images < 1 or self.sensitivity_batches < 1:
             raise UsageError("search.trials must be >= 0, holdout_images and "
                              "sensitivity_batches >= 1")
@@ -133,28 +140,6 @@ def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
     return result
 
 
-def _repair(bits: dict[str, int], omega, footprint: Footprint, choices,
-            budget: int) -> dict[str, int]:
-    """Lowers bits, cheapest perturbation per byte saved first, until the plan fits."""
-    bits = dict(bits)
-
-    while footprint.bytes(bits) > budget:
-        best, best_cost = None, float("inf")
-        for n, b in bits.items():
-            i = choices.index(b)
-            if i == 0:
-                continue
-            lower = choices[i - 1]
-            saved = footprint.layer(n, b) - footprint.layer(n, lower)
-            cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
-            if cost < best_cost:
-                best, best_cost = (n, lower), cost
-        if best is None:
-            break
-        bits[best[0]] = best[1]
-    return bits
-
-
 def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_bytes: int,
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
@@ -204,7 +189,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             i = choices.index(solver.bits[n])
             step = trial.suggest_categorical(n, [-1, 0, 1])
             proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
-        bits = _repair(proposal, omega, footprint, choices, budget_bytes)
+        bits = repair(proposal, omega, footprint, choices, budget_bytes)
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", footprint.bytes(bits))
@@ -219,21 +204,17 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     basis = hashlib.sha256(json.dumps([budget_bytes, choices, solver.bits, cfg.seed],
                                       sort_keys=True).encode()).hexdigest()[:12]
     name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
+    # The solver's plan at the budget, then at budgets a little below it: the search starts
+    # from the exact optimum of the Hessian model.
+    seeds = [solver] + [solve(omega, footprint, budget_bytes=int(budget_bytes * f))
+                        for f in (0.97, 0.94) if budget_bytes * f >= footprint.smallest(choices)]
     study = open_study(name, storage, {
         "model": model_name, "budget_bytes": budget_bytes, "bit_choices": list(choices),
         "a_bits": cfg.a_bits, "solver_bits": solver.bits, "solver_size_bytes": solver.size_bytes,
-        "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"})
+        "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"},
+        seeds=[{n: max(-1, min(1, choices.index(alloc.bits[n]) - choices.index(solver.bits[n])))
+                for n in names} for alloc in seeds])
     print(f"study {name} in {storage}", flush=True)
-    if not study.trials:
-        # The solver's plan at the budget, then at budgets a little below it: the search
-        # starts from the exact optimum of the Hessian model.
-        seeds = [solver] + [solve(omega, footprint, budget_bytes=int(budget_bytes * f))
-                            for f in (0.97, 0.94)
-                            if budget_bytes * f >= footprint.smallest(choices)]
-        for alloc in seeds:
-            study.enqueue_trial({n: max(-1, min(1, choices.index(alloc.bits[n])
-                                                - choices.index(solver.bits[n])))
-                                 for n in names})
 
     def finished(trial) -> None:
         if trial.number == 0 and "solver_score" not in study.user_attrs:
@@ -247,8 +228,14 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     if not completed:
         bits, value = solver.bits, score(solver.bits)
     else:
-        best = min(completed, key=lambda t: t.value)
+        best = min(completed, key=lambda t: (t.value, t.number))
         bits, value = best.user_attrs["bits"], best.value
+    if cfg.polish_evaluations:
+        bits, value = _polish(study, bits, value, score, omega=omega, footprint=footprint,
+                              choices=choices, budget=budget_bytes,
+                              evaluations=cfg.polish_evaluations, progress=progress,
+                              on_trial=on_trial)
+        completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     solver_score = next((t.value for t in completed if t.number == 0), None)
     # Uniform plans, scored the same way: what mixed precision must beat (those over the
     # budget too: uniform 4-bit is just over an 8x budget once scales and biases count).
@@ -266,6 +253,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     assert plan.extra["size_bytes"] <= budget_bytes
     summary = {"study": {"name": name, "storage": storage, "metric": METRIC},
                "trials": [{"number": t.number, "score": t.value,
+                           "stage": t.user_attrs.get("stage", "sampled"),
                            "size_bytes": t.user_attrs.get("size_bytes"),
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
@@ -274,6 +262,47 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                "layers": {n: {"weights": footprint.shapes[n].numel,
                               "bytes": footprint.layer(n, bits[n])} for n in names}}
     return plan, summary
+
+
+def _polish(study, bits, value, score, *, omega, footprint, choices, budget, evaluations,
+            progress, on_trial):
+    """`mpq.refine.polish` from the study's best plan. Each plan it scores is added to the
+    study as a trial (`stage: polish`, bits as attributes, no sampled parameters, so the
+    sampler ignores it); a resumed run answers from those trials and walks the same path."""
+    import optuna
+    from tqdm import tqdm
+
+    def known() -> dict:
+        return {tuple(sorted(t.user_attrs["bits"].items())): t.value
+                for t in study.get_trials(deepcopy=False,
+                                          states=(optuna.trial.TrialState.COMPLETE,))
+                if "bits" in t.user_attrs}
+
+    cache = known()
+    bar = tqdm(total=evaluations, desc="local search", unit="plan", disable=not progress,
+               leave=False)
+
+    def cached_score(plan: dict) -> float:
+        bar.update()
+        key = tuple(sorted(plan.items()))
+        if key not in cache:
+            cache.update(known())  # another worker sharing the storage may have scored it
+        if key in cache:
+            return cache[key]
+        cache[key] = score(plan)
+        attrs = {"stage": "polish", "bits": plan, "size_bytes": footprint.bytes(plan),
+                 **{f"bits.{n}": b for n, b in plan.items()}}
+        trial = add_scored(study, cache[key], attrs)
+        if on_trial is not None:
+            on_trial(trial)
+        return cache[key]
+
+    try:
+        bits, value, _ = polish(bits, value, cached_score, omega=omega, footprint=footprint,
+                                choices=choices, budget=budget, max_evaluations=evaluations)
+    finally:
+        bar.close()
+    return bits, value
 
 
 def _log_trial(writer, trial) -> None:

@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import fcntl
 import os
 import socket
 import time
@@ -27,7 +29,7 @@ from typing import Callable
 
 from .errors import UsageError
 
-__all__ = ["HEARTBEAT_S", "METRIC", "check_storage", "open_study", "run_trials"]
+__all__ = ["HEARTBEAT_S", "METRIC", "add_scored", "check_storage", "open_study", "run_trials"]
 
 HEARTBEAT_S = 30
 # A worker names itself in a trial (its `worker` attribute) within milliseconds of creating it;
@@ -81,22 +83,52 @@ def check_storage(url: str) -> None:
     _storage(url)
 
 
-def open_study(name: str, url: str, attrs: dict):
-    """The study `name` in `url` (created with `attrs` as user attributes if new), with trials
-    of dead processes on this host taken back."""
+@contextlib.contextmanager
+def _locked(url: str):
+    """Holds a lock beside a SQLite file while a worker changes what others may change too.
+    SQLite ignores SELECT ... FOR UPDATE, so two workers could both take one waiting trial (one
+    then fails with "Cannot tell a COMPLETE trial") or both enqueue a new study's seeds; other
+    RDBs lock the row themselves."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if not path or path.startswith(":memory:"):
+        yield
+        return
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_study(name: str, url: str, attrs: dict, seeds: list[dict] = ()):
+    """The study `name` in `url` (created with `attrs` as user attributes and the parameter
+    sets `seeds` enqueued if new), with trials of dead processes on this host taken back."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(url)
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
                                 load_if_exists=True)
+    pop = study._pop_waiting_trial_id
+
+    def pop_locked():
+        with _locked(url):
+            return pop()
+
+    study._pop_waiting_trial_id = pop_locked
+    with _locked(url):
+        if not study.get_trials(deepcopy=False):
+            for params in seeds:
+                study.enqueue_trial(params)
     if not study.user_attrs:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         with warnings.catch_warnings():  # "experimental" since optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([METRIC])
-    _reclaim(study)
+    with _locked(url):
+        _reclaim(study)
     return study
 
 
@@ -147,12 +179,27 @@ def _reclaim(study) -> None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
 
 
+_ADDED = "mpq:added"  # a trial scored outside the sampler (the local search's)
+
+
+def add_scored(study, value: float, user_attrs: dict):
+    """Adds a plan scored outside the sampler as a completed trial without parameters: it is
+    read back like any trial, but the sampler does not learn from it and `run_trials` does not
+    count it among the trials asked for."""
+    import optuna
+
+    study.add_trial(optuna.trial.create_trial(value=value, user_attrs=user_attrs,
+                                              system_attrs={_ADDED: True}))
+    return study.get_trials(deepcopy=False)[-1]
+
+
 def _live(study) -> int:
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
               optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return sum(_ADDED not in t.system_attrs
+               for t in study.get_trials(deepcopy=False, states=states))
 
 
 _STATE = "mpq:sampler_state"

@@ -86,11 +86,13 @@ def test_budgets_that_mean_nothing_are_refused(tmp_path, tiny_teacher, tiny_reci
 
 def test_eval_and_export_arguments(tmp_path, tiny_teacher):
     for cmd in ("eval", "export"):
-        for size in ("0", "-5", "many"):
+        for size, message in (("0", "must be >= 1, got 0"), ("-5", "must be >= 1, got -5"),
+                              ("many", "expected a whole number, got 'many'")):
             extra = ["--out", tmp_path / "x"] if cmd == "export" else []
-            result = run_script("-m", "mpq", cmd, "--checkpoint", tiny_teacher, "--batch-size",
-                                size, *extra)
-            assert result.returncode == 2 and "--batch-size" in result.stderr
+            line = refused(["-m", "mpq", cmd, "--checkpoint", tiny_teacher, "--batch-size",
+                            size, *extra], message)
+            assert "--batch-size" in line and line.endswith(f"python -m mpq {cmd} --help")
+    refused(["train.py", "--recipe"], "--recipe: expected one argument")  # argparse's own
     refused(["-m", "mpq", "eval", "--checkpoint", tmp_path / "none.pt"], "does not exist")
     a_file = tmp_path / "file.txt"
     a_file.write_text("precious")

@@ -9,6 +9,7 @@ from conftest import run_script
 def search_args(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
     tiny_recipe_dict.pop("train")
     tiny_recipe_dict["search"] = {"checkpoint": str(tiny_teacher), "trials": 5,
+                                  "polish_evaluations": 12,
                                   "holdout_images": 64, "batch_size": 32,
                                   "sensitivity_batches": 1, "calibration_batches": 1,
                                   "bit_choices": [2, 3, 4, 6, 8]}
@@ -36,7 +37,11 @@ def test_search_keeps_the_budget_beats_uniform_and_reproduces(search_args, tmp_p
     assert len(summary["uniform"]) == 5 and all(
         u["within_budget"] == (u["size_bytes"] <= plan["budget_bytes"])
         for u in summary["uniform"].values())
-    assert len(trials) == 5 and all(t["size_bytes"] <= plan["budget_bytes"] for t in trials)
+    assert all(t["size_bytes"] <= plan["budget_bytes"] for t in trials)
+    stages = [t["stage"] for t in trials]
+    assert stages[:5] == ["sampled"] * 5 and 0 < len(stages[5:]) <= 12 and \
+        set(stages[5:]) == {"polish"}
+    assert plan["score"] == min(t["score"] for t in trials)
     sens = json.loads((tmp_path / "a" / "sensitivity.json").read_text())["layers"]
     assert sens["conv1"]["estimator"] == "exact" and sens["conv1"]["trace"] > 0
     assert list((tmp_path / "a" / "tb").glob("events.*"))
@@ -89,8 +94,8 @@ def test_interrupted_study_resumes_and_another_budget_starts_its_own(search_args
     storage = f"sqlite:///{tmp_path / 'r' / 'study.db'}"
     done = optuna.trial.TrialState.COMPLETE
     completed = sorted(
-        sum(t.state == done for t in optuna.load_study(study_name=s.study_name,
-                                                       storage=storage).trials)
+        sum(t.state == done and "stage" not in t.user_attrs  # the local search's come too
+            for t in optuna.load_study(study_name=s.study_name, storage=storage).trials)
         for s in optuna.get_all_study_summaries(storage))
     assert completed == [2, 5]  # 3 then 2 more at 8x; its own 2 at 6x
 
@@ -205,6 +210,39 @@ def test_a_search_killed_mid_study_resumes_to_the_same_trials_and_plan(search_ar
     assert _plan(tmp_path, "killed") == _plan(tmp_path, "straight")
 
 
+def test_workers_on_one_sqlite_file_never_take_the_same_waiting_trial(tmp_path):
+    """SQLite ignores FOR UPDATE: without a lock, four workers popping 40 enqueued trials took
+    49-56 between them (duplicates every round, run by two workers, the second failing with
+    "Cannot tell a COMPLETE trial")."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from mpq.study import open_study
+
+    code = ("import json, sys, time; from mpq.study import open_study\n"
+            "study = open_study('s', sys.argv[1], {'model': 'm'})\n"
+            "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"
+            "got = []\n"
+            "while (t := study._pop_waiting_trial_id()) is not None: got.append(t)\n"
+            "print(json.dumps(got))")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study("s", url, {"model": "m"}, seeds=[{}] * 40)
+    assert len(open_study("s", url, {"model": "m"}, seeds=[{}] * 40).trials) == 40  # once
+    start = time.time() + 6  # after every worker has imported optuna
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    taken = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        taken += json.loads(out)
+    assert sorted(taken) == sorted(set(taken)) and len(taken) == 40
+
+
 def test_a_trial_whose_process_died_before_naming_itself_is_taken_back(tmp_path):
     import datetime
 
@@ -245,7 +283,8 @@ def test_two_workers_on_one_storage_share_the_trials(search_args, tmp_path):
     study = _study(storage)
     numbers = [t.number for t in study.trials]
     assert len(set(numbers)) == len(numbers)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                and t.user_attrs.get("stage") != "polish"]
     assert 8 <= len(complete) <= 9  # two workers may each start the 8th
     workers = {t.user_attrs["worker"]["pid"] for t in complete}
     assert len(workers) == 2  # both did some of the work

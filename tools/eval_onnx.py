@@ -36,8 +36,13 @@ def load_image(path: Path, size: int, resize: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other bad input (mpq.cli.Parser)
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", required=True,
                         help="folder with model_int8.onnx and export.json")
     parser.add_argument("--data-root", required=True, help="ImageFolder root with test/ or val/")
