@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 from .size import Footprint
 
-__all__ = ["fill", "neighbours", "polish", "repair"]
+__all__ = ["REPAIRS", "fill", "neighbours", "polish", "repair", "undo_raises"]
 
 Bits = dict[str, int]
 
@@ -41,6 +41,24 @@ def repair(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequen
         if best is None:
             break
         bits[best[0]] = best[1]
+    return bits
+
+
+REPAIRS = ("perturbation", "undo")
+
+
+def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], footprint: Footprint,
+                budget: int) -> Bits:
+    """Moves the layers `bits` raises above `base` (a plan that fits) back to it, the most
+    bytes first, until the plan fits. It ranks nothing by sensitivity, so two estimators whose
+    solver plans agree propose, repair and score the same trials."""
+    bits = dict(bits)
+    raised = sorted((n for n in bits if bits[n] > base[n]),
+                    key=lambda n: (footprint.layer(n, base[n]) - footprint.layer(n, bits[n]), n))
+    for n in raised:
+        if footprint.bytes(bits) <= budget:
+            break
+        bits[n] = base[n]
     return bits
 
 

@@ -2,8 +2,10 @@
 
 The Hessian model ignores interactions between layers, so the solver's plan is a starting
 point. The study moves each layer's bit width by -1, 0 or +1 step from the solver's plan at the
-budget; a proposal over the budget is repaired by lowering the bits where the perturbation
-table says it costs least per byte saved, so every trial is a plan within the budget. Each plan
+budget; a proposal over the budget is repaired by moving its raised layers back to the solver's
+bits, the most bytes first (`repair: undo`; `perturbation` lowers instead the bits the
+perturbation table says cost least per byte), so every trial is a plan within the budget, and
+the study depends on the sensitivities only through the solver's plan. Each plan
 is scored by the KL divergence of its fake-quantized model from the FP32 model on held-out
 training images (never the test set), after calibrating its activation scales. The solver's
 plans at and below the budget are enqueued first, so the search can only match or beat them.
@@ -29,7 +31,7 @@ from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
-from .refine import polish, repair
+from .refine import REPAIRS, polish, repair, undo_raises
 from .report import log_search, log_sensitivity
 from .size import Footprint
 from .study import METRIC, add_scored, check_storage, open_study, run_trials
@@ -61,6 +63,7 @@ class SearchConfig:
     holdout_images: int = 1024
     calibration_batches: int = 2
     trials: int = 30
+    repair: str = "undo"
     polish_evaluations: int = 0
     timeout: float | None = None
     seed: int = 0
@@ -86,6 +89,9 @@ class SearchConfig:
                              ">= 2")
         if self.memory_mb < 1 or self.max_exact_classes < 1:
             raise UsageError("search.memory_mb and search.max_exact_classes must be >= 1")
+        if self.repair not in REPAIRS:
+            raise UsageError(f"search.repair must be one of {', '.join(REPAIRS)}; got "
+                             f"{self.repair!r}")
         if self.polish_evaluations < 0:
             raise UsageError(f"search.polish_evaluations must be >= 0 (0: no local search), "
                              f"got {self.polish_evaluations}")
@@ -189,7 +195,9 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             i = choices.index(solver.bits[n])
             step = trial.suggest_categorical(n, [-1, 0, 1])
             proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
-        bits = repair(proposal, omega, footprint, choices, budget_bytes)
+        bits = (undo_raises(proposal, solver.bits, footprint, budget_bytes)
+                if cfg.repair == "undo" else
+                repair(proposal, omega, footprint, choices, budget_bytes))
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", footprint.bytes(bits))
@@ -201,8 +209,11 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     # name pins the budget and that plan: another budget or teacher in the same storage starts
     # its own study instead of mixing trials. Its parameters are each layer's step (-1, 0, +1)
     # from that plan; the bits they give are the trial's `bits.<layer>` attributes.
-    basis = hashlib.sha256(json.dumps([budget_bytes, choices, solver.bits, cfg.seed],
-                                      sort_keys=True).encode()).hexdigest()[:12]
+    # (each repair proposes other plans, so each has its own study; a `perturbation` study,
+    # the repair before `undo`, keeps the name it had)
+    pinned = [budget_bytes, choices, solver.bits, cfg.seed] + (
+        [cfg.repair] if cfg.repair != "perturbation" else [])
+    basis = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
     # The solver's plan at the budget, then at budgets a little below it: the search starts
     # from the exact optimum of the Hessian model.

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from mpq.refine import fill, neighbours, polish, repair
+from mpq.refine import fill, neighbours, polish, repair, undo_raises
 from mpq.mpqformat import LayerShape
 from mpq.size import Footprint
 
@@ -93,3 +93,26 @@ def test_a_resumed_polish_walks_the_same_path_from_the_stored_scores(setting, tm
                                         for t in trials)
     from mpq.study import _live
     assert _live(study) == 0  # not counted among the sampler's trials
+
+
+def test_undo_repair_fits_without_ranking_by_sensitivity(setting):
+    """The perturbation repair's choice moves with the sensitivities; undoing the raises back
+    to the solver's plan does not, so estimators agreeing on that plan propose the same trials."""
+    import random
+
+    footprint, omega, budget = setting
+    base = repair({n: 8 for n in NAMES}, omega, footprint, CHOICES, budget)
+    rng = random.Random(0)
+    shaken = {n: {b: v * (1 + 0.3 * rng.uniform(-1, 1)) for b, v in row.items()}
+              for n, row in omega.items()}  # another estimator's values, within 30%
+    differed = 0
+    for _ in range(200):
+        proposal = {n: CHOICES[min(max(CHOICES.index(b) + rng.choice([-1, 0, 1]), 0),
+                                   len(CHOICES) - 1)] for n, b in base.items()}
+        undone = undo_raises(proposal, base, footprint, budget)
+        assert footprint.bytes(undone) <= budget
+        assert all(undone[n] in (proposal[n], base[n]) for n in NAMES)
+        assert all(undone[n] == proposal[n] for n in NAMES if proposal[n] <= base[n])
+        differed += repair(proposal, omega, footprint, CHOICES, budget) != \
+            repair(proposal, shaken, footprint, CHOICES, budget)
+    assert differed > 0  # what undo_raises is for

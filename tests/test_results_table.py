@@ -209,3 +209,25 @@ def test_only_publish_writes_the_readme(tmp_path):
     assert table in readme.read_text() and "old" not in readme.read_text()
     with pytest.raises(UsageError, match="unknown rows"):
         results.run(layout, ["fp64"])
+
+
+def test_an_mpq_row_searches_with_the_repair_its_committed_plan_was_found_with(tmp_path,
+                                                                               monkeypatch):
+    """The committed rows' plans came from the `perturbation` repair (the default until the
+    search moved to `undo`): their commands must still make those plans."""
+    from mpq.results import compute
+
+    ran = []
+
+    def fake_row(layout, commands, export_dir, log):
+        ran.extend(commands)
+        plan = layout.runs / "mpq_13x" / "search" / "plan.json"
+        plan.parent.mkdir(parents=True)
+        plan.write_text(json.dumps({"budget_bytes": 1, "size_bytes": 1}))
+        return {}
+
+    monkeypatch.setattr(compute, "_exported_row", fake_row)
+    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), "mpq_13x")
+    search = [str(a) for a in ran[0]]
+    assert search[0] == "search.py" and "search.repair=perturbation" in search
+    assert search[search.index("search.repair=perturbation") - 1] == "--set"

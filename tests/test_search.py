@@ -61,6 +61,8 @@ def test_budget_at_or_above_fp32_gives_8_bits(search_args, tmp_path):
     ("1KB", [], "below the smallest possible model.mpq"),
     ("lots", [], "is not understood"),
     ("8x", ["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna"),
+    ("8x", ["--set", "search.repair=greedy"], "search.repair must be one of perturbation, undo"),
+    ("8x", ["--set", "search.polish_evaluations=-1"], "search.polish_evaluations must be >= 0"),
 ])
 def test_bad_search_input(search_args, budget, extra, fragment):
     result = run_script(*search_args(budget, "bad", *extra))
