@@ -190,7 +190,9 @@ def add_scored(study, value: float, user_attrs: dict):
 
     study.add_trial(optuna.trial.create_trial(value=value, user_attrs=user_attrs,
                                               system_attrs={_ADDED: True}))
-    return study.get_trials(deepcopy=False)[-1]
+    # the newest such trial, which on shared storage need not be the study's last
+    return next(t for t in reversed(study.get_trials(deepcopy=False))
+                if _ADDED in t.system_attrs and t.user_attrs == user_attrs)
 
 
 def _live(study) -> int:
