@@ -1,14 +1,13 @@
 """Moves between plans of one budget, and the local search that may end the study
 (`search.polish_evaluations`; README, "Searching a plan for a budget", for what it gains).
 
-The Optuna study samples plans around the solver's; after 30 of its trials the best plan still
-depends on the sampler's path (on ResNet20 at 13x the best score moved 6% between 30 and 60
-trials of one study). `polish` then walks from the best plan to a local optimum of the measured
-score: it scores the plans one bit step away (a layer up and the others repaired to fit the
-budget, or a layer down and the freed bytes spent), those the perturbation table ranks best
-first, and moves to the first that scores better, until none does. Its path is fixed by the
-plan it starts from, so any run that starts there ends at the same plan, one no single step
-improves.
+The Optuna study samples plans around the solver's, and its best plan after a few dozen trials
+still depends on the sampler's path. `polish` then walks from the best plan to a local optimum
+of the measured score: it scores the plans one bit step away (a layer up and the others repaired
+to fit the budget, or a layer down and the freed bytes spent), those the perturbation table
+ranks best first, and moves to the first that scores better, until none does. Its path is fixed
+by the plan it starts from, so any run that starts there ends at the same plan, one no single
+step improves.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 from .size import Footprint
 
-__all__ = ["REPAIRS", "fill", "neighbours", "polish", "repair", "undo_raises"]
+__all__ = ["REPAIRS", "fill", "neighbours", "plan_key", "polish", "repair", "undo_raises"]
 
 Bits = dict[str, int]
 
@@ -90,7 +89,7 @@ def neighbours(bits: Mapping[str, int], omega, footprint: Footprint, choices: Se
                budget: int) -> list[Bits]:
     """The plans one step from `bits` within the budget, in layer order: each layer one bit
     choice up (the others repaired to fit) and one down (the freed bytes spent on the others)."""
-    out, seen = [], {_key(bits)}
+    out, seen = [], {plan_key(bits)}
     for n, b in bits.items():
         i = choices.index(b)
         moves = []
@@ -101,13 +100,14 @@ def neighbours(bits: Mapping[str, int], omega, footprint: Footprint, choices: Se
             moves.append(fill({**bits, n: choices[i - 1]}, omega, footprint, choices, budget,
                               keep=frozenset([n])))
         for m in moves:
-            if footprint.bytes(m) <= budget and _key(m) not in seen:
-                seen.add(_key(m))
+            if footprint.bytes(m) <= budget and plan_key(m) not in seen:
+                seen.add(plan_key(m))
                 out.append(m)
     return out
 
 
-def _key(bits: Mapping[str, int]) -> tuple:
+def plan_key(bits: Mapping[str, int]) -> tuple:
+    """A plan as a hashable key, whatever the order of its layers."""
     return tuple(sorted(bits.items()))
 
 
@@ -119,16 +119,16 @@ def polish(start: Mapping[str, int], start_score: float, score: Callable[[Bits],
     spent. It stops at a plan none of whose neighbours scores lower, or when the evaluations
     are spent. `score` may answer from a cache (a resumed run does)."""
     current, value, spent = dict(start), start_score, 0
-    scored = {_key(current): value}
+    scored = {plan_key(current): value}
     while spent < max_evaluations:
         candidates = [m for m in neighbours(current, omega, footprint, choices, budget)
-                      if _key(m) not in scored]
+                      if plan_key(m) not in scored]
         candidates.sort(key=lambda m: sum(omega[n][m[n]] - omega[n][current[n]] for n in m))
         for m in candidates[:max_evaluations - spent]:
-            scored[_key(m)] = score(m)
+            scored[plan_key(m)] = score(m)
             spent += 1
-            if scored[_key(m)] < value:
-                current, value = m, scored[_key(m)]
+            if scored[plan_key(m)] < value:
+                current, value = m, scored[plan_key(m)]
                 break
         else:
             break

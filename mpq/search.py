@@ -31,7 +31,7 @@ from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
-from .refine import REPAIRS, polish, repair, undo_raises
+from .refine import REPAIRS, plan_key, polish, repair, undo_raises
 from .report import log_search, log_sensitivity
 from .size import Footprint
 from .study import METRIC, add_scored, check_storage, open_study, run_trials
@@ -284,7 +284,7 @@ def _polish(study, bits, value, score, *, omega, footprint, choices, budget, eva
     from tqdm import tqdm
 
     def known() -> dict:
-        return {tuple(sorted(t.user_attrs["bits"].items())): t.value
+        return {plan_key(t.user_attrs["bits"]): t.value
                 for t in study.get_trials(deepcopy=False,
                                           states=(optuna.trial.TrialState.COMPLETE,))
                 if "bits" in t.user_attrs}
@@ -295,7 +295,7 @@ def _polish(study, bits, value, score, *, omega, footprint, choices, budget, eva
 
     def cached_score(plan: dict) -> float:
         bar.update()
-        key = tuple(sorted(plan.items()))
+        key = plan_key(plan)
         if key not in cache:
             cache.update(known())  # another worker sharing the storage may have scored it
         if key in cache:
