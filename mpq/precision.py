@@ -11,6 +11,7 @@ on the wrong integer.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ from .errors import UsageError
 __all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_has_fast_bf16", "grad_scaler"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+AUTO_ENV = "MPQ_AUTO_PRECISION"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -40,7 +44,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
+        return _cpu_auto()
     if precision == "fp32":
         return None
     if precision == "fp16" and not cuda:
@@ -48,6 +52,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU has no bf16; use train.precision=fp16 (with loss scaling)")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _cpu_auto() -> torch.dtype | None:
+    """What `auto` is on a CPU: $MPQ_AUTO_PRECISION (`fp32` or `bf16`) if set, so that a CPU
+    without native bf16 can run what one with it would."""
+    forced = os.environ.get(AUTO_ENV)
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise UsageError(f"${AUTO_ENV} must be fp32 or bf16, got {forced!r}")
+        return torch.bfloat16 if forced == "bf16" else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

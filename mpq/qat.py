@@ -23,13 +23,11 @@ from .checkpoint import fp32_payload, load_teacher, model_meta, save_checkpoint
 from .config import Recipe, TrainConfig, recipe_to_dict
 from .data import make_loader
 from .errors import UsageError
-from .precision import autocast_dtype, grad_scaler
 from .report import log_qat_layout
 from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
                     quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
-from .trainer import (evaluate, fit, make_loaders, make_optimizer, schedule_length, train_step,
-                      write_metrics)
+from .trainer import Batches, evaluate, fit, make_loaders, write_metrics
 
 __all__ = ["QATConfig", "QATRecipe", "distillation_loss", "distillation_step_loss",
            "fine_tune_qat", "quantized_model", "train_qat"]
@@ -187,19 +185,18 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         batches = islice(train_loader.epoch(recipe.train.epochs), cfg.bn_reestimate_batches)
         if not reestimate_bn_(model, batches):
             return {}
-        result = evaluate(model, test_loader, amp=amp)
+        result = evaluate(model, test_loader)
         return {"top1": result["top1"], "test_loss": result["loss"],
                 "top1_before_bn_reestimate": final["top1"],
                 "bn_reestimate_batches": cfg.bn_reestimate_batches}
 
-    amp = autocast_dtype(recipe.train.precision, device)
-    teacher_top1 = evaluate(teacher_model, test_loader, amp=amp)["top1"]
+    teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
     meta = {**model_meta(recipe), "kind": "qat", "classes": train_loader.split.classes,
             "plan": plan.to_dict(),
             "qat": {**cfg.quant_config().to_dict(), "int8_weight_max": INT8_WEIGHT_MAX}}
     if ptq:
         freeze_bn_(student)
-        result = evaluate(student, test_loader, amp=amp)
+        result = evaluate(student, test_loader)
         metrics = {"top1": result["top1"], "test_loss": result["loss"], "epochs": 0,
                    "train_seconds": 0.0}
         if distributed.is_main():
@@ -225,13 +222,15 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
 def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tuple,
                   epochs: int | None = None, lr: float | None = None,
                   cfg: QATConfig | None = None, train: TrainConfig | None = None,
-                  calibration=None, device: str | torch.device = "cpu") -> nn.Module:
+                  calibration=None, device: str | torch.device = "cpu",
+                  progress: bool = False) -> nn.Module:
     """QAT with distillation on any model and any data, in one call; returns the fake-quantized
     student in eval mode, BN folded (ready for `mpq.export.export_model`).
 
-    The same training as the recipe-driven `train_qat` (the same optimiser, per-step schedule,
-    distillation step and BN handling; `train_qat` adds data loading, checkpoints and exact
-    resume, evaluation, TensorBoard and DDP): the same batches give the same weights.
+    The same training loop as the recipe-driven `train_qat` (`mpq.trainer.fit`: the same
+    optimiser, per-step schedule, distillation step and BN handling; `train_qat` adds data
+    loading, checkpoints and exact resume, evaluation, TensorBoard and DDP): the same batches
+    give the same weights.
 
     Args:
         teacher: the FP32 model (its weights are not changed; it is put in eval mode on
@@ -247,45 +246,29 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
         calibration: inputs calibrating the activation scales (default: the inputs of the
             first `cfg.calibration_batches` batches).
         device: where to train.
+        progress: show a progress bar per epoch.
     """
     cfg = cfg or QATConfig()
     train = train or TrainConfig(epochs=1, lr=0.01, weight_decay=1e-4, schedule="cosine",
                                  warmup_epochs=0)
     train = replace(train, **{k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None})
     device = torch.device(device)
-    try:
-        steps_per_epoch = len(batches)
-    except TypeError:
-        raise UsageError("fine_tune_qat needs batches with a length (a DataLoader or a list), "
-                         "to lay out its learning-rate schedule") from None
     memory_format = torch.channels_last if train.channels_last else torch.preserve_format
+    batches = Batches(batches, device, memory_format)
     student = quantized_model(teacher, plan, cfg, example_inputs=example_inputs)
     student = student.to(device).to(memory_format=memory_format)
     teacher = teacher.to(device).eval().to(memory_format=memory_format)
-
-    def moved(x):
-        return x.to(device, memory_format=memory_format) if x.dim() == 4 else x.to(device)
-
     if calibration is None:
-        calibration = (x for x, _ in islice(iter(batches), cfg.calibration_batches))
-    calibrate_(student, (moved(x) for x in calibration))
-    total, epochs = schedule_length(train, steps_per_epoch)
-    optimizer, scheduler = make_optimizer(student, train, total)
-    amp = autocast_dtype(train.precision, device)
-    scaler = grad_scaler(device, amp)
-    loss_fn = distillation_step_loss(teacher, cfg)
+        calibration = (x for x, _ in islice(batches.epoch(0), cfg.calibration_batches))
+    calibrate_(student, (batches.move(x) for x in calibration))
     freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
-    step = 0
-    for epoch in range(epochs):
-        student.train()
+
+    def on_epoch_start(epoch: int) -> None:
         if epoch >= freeze_at:
             freeze_bn_(student)
-        for i, (x, y) in enumerate(batches):
-            if step >= total:
-                break
-            train_step(student, moved(x), y.to(device), loss_fn=loss_fn, optimizer=optimizer,
-                       scheduler=scheduler, scaler=scaler, amp=amp,
-                       where=f"epoch {epoch + 1}, step {i + 1}")
-            step += 1
+
+    fit(student, train_loader=batches, train_cfg=train,
+        loss_fn=distillation_step_loss(teacher, cfg), progress=progress, log=False,
+        on_epoch_start=on_epoch_start)
     freeze_bn_(student)
     return student.eval()

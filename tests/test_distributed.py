@@ -13,8 +13,9 @@ from mpq.checkpoint import load_checkpoint
 
 def test_two_gloo_processes_match_one(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
     # BN folded and frozen from the start: each rank's half-batch then yields exactly half of
-    # the full batch's gradient sum, so the runs differ only by float rounding.
-    tiny_recipe_dict["train"].update(lr=0.0005, warmup_epochs=0)
+    # the full batch's gradient sum, so the runs differ only by float rounding, float32's
+    # (under bf16 autocast, which `auto` may choose, the halves round differently).
+    tiny_recipe_dict["train"].update(lr=0.0005, warmup_epochs=0, precision="fp32")
     tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 0}
     args = ["train.py", "--recipe", str(write_recipe(tiny_recipe_dict)), "--teacher",
             str(tiny_teacher), "--bits", "4", "--no-export", "--device", "cpu", "--quiet", "--out"]
@@ -54,7 +55,8 @@ def test_two_gloo_processes_streaming_match_one_and_resume_per_rank(tmp_path, ti
     root = make_imagenet_layout(tmp_path / "data", classes=4, train_per_class=48,
                                 val_per_class=8, sizes=(12, 30), name="class{}")
     tiny_recipe_dict["data"].update(dataset="imagefolder", loader="stream", workers=1)
-    tiny_recipe_dict["train"].update(lr=0.0005, warmup_epochs=0, checkpoint_steps=2)
+    tiny_recipe_dict["train"].update(lr=0.0005, warmup_epochs=0, checkpoint_steps=2,
+                                     precision="fp32")
     tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 0}
     args = ["train.py", "--recipe", str(write_recipe(tiny_recipe_dict)), "--teacher",
             str(tiny_teacher), "--bits", "4", "--no-export", "--device", "cpu", "--quiet",

@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import pytest
@@ -327,3 +328,38 @@ def test_fine_tune_qat_and_train_qat_take_the_same_steps(tmp_path, tiny_teacher,
     first = quant_layers(by_api)["conv1"]
     assert not torch.equal(first.layer.weight, quant_layers(
         prepare_qat(teacher, plan, example_inputs=(batches[0][0][:1],)))["conv1"].layer.weight)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_reported_top1_is_the_float32_one_of_the_exported_model_under_bf16(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe, channels_last):
+    """Trained under bf16 autocast, the run reports (metrics.json, its last line, the
+    checkpoint) the float32 evaluation of the model it saves: export's fake-quantized top-1,
+    `python -m mpq eval`'s, and the teacher's own float32 figure. The losses compare to 1e-6,
+    which bf16 evaluation (8 significant bits) misses by orders of magnitude."""
+    from mpq.trainer import evaluate, make_loaders
+
+    tiny_recipe_dict["train"].update(epochs=1, lr=0.01, precision="bf16",
+                                     channels_last=channels_last)
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    out = tmp_path / "qat"
+    result = run_script(*qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher,
+                                  "--bits", "4"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == "torch.bfloat16"
+    report = json.loads((out / "export" / "export.json").read_text())
+    assert metrics["top1"] == report["fake_quant_top1"] == report["qat_top1"]
+    assert result.stdout.strip().splitlines()[-1] == f"top1={metrics['top1']:.2f}"
+    evaluated = run_script("-m", "mpq", "eval", "--checkpoint", out / "model.pt", "--quiet")
+    assert evaluated.stdout.strip().splitlines()[-1] == f"top1={metrics['top1']:.2f}"
+
+    recipe = recipe_from_dict(tiny_recipe_dict, QATRecipe)
+    _, test = make_loaders(recipe, device=torch.device("cpu"), progress=False)
+    saved = load_checkpoint(out / "model.pt")
+    assert saved["metrics"]["top1"] == metrics["top1"]
+    student = evaluate(model_from_checkpoint(saved), test)
+    assert student["top1"] == metrics["top1"]
+    assert student["loss"] == pytest.approx(metrics["test_loss"], rel=1e-6, abs=1e-7)
+    teacher = evaluate(model_from_checkpoint(load_checkpoint(tiny_teacher)), test)
+    assert teacher["top1"] == metrics["teacher_top1"]
