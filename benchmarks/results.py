@@ -28,7 +28,7 @@ clone, models whose run folders are gone are rebuilt from the teacher and the co
 accuracy-vs-size curve to TensorBoard (`runs/results/tb`), and prints the table. With
 `--publish` it also writes the table into the README (between its `results:begin` /
 `results:end` markers) and each exported row's small artifacts to
-`checkpoints/resnet20_cifar10/`. The logic is `mpq.results`; this is its command.
+`checkpoints/resnet20_cifar10/`. The logic is the package `results_table` beside this script; this is its command.
 """
 
 import argparse
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mpq.errors import UsageError  # noqa: E402
-from mpq.results import COMPUTE_ORDER, Layout, RowFailed, run  # noqa: E402
+from results_table import COMPUTE_ORDER, Layout, RowFailed, run  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from ..errors import UsageError
+from mpq.errors import UsageError
+from mpq.files import write_atomic
 from .compute import RowFailed, make_row, smallest_plan, stale
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
@@ -32,8 +33,8 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
     Writes each row's JSON, `latency.json` and the TensorBoard curve under `layout`; with
     `publish`, also the README's table, each exported row's files under `layout.artifacts` and
     the W4A8 QAT checkpoint beside the teacher."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..size import fp32_parameter_bytes
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.size import fp32_parameter_bytes
 
     if not layout.teacher.exists():
         raise UsageError(f"teacher {layout.teacher} does not exist; train it first (make run "
@@ -50,7 +51,7 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
         start = time.time()
         row = make_row(layout, name, data_root=data_root)
         row.update(row=name, what=ROWS[name], wall_seconds=round(time.time() - start, 1))
-        path.write_text(json.dumps(row, indent=2) + "\n")
+        write_atomic(path, json.dumps(row, indent=2) + "\n")
         if not row.get("infeasible"):
             print(f"  top1={row['top1']:.2f} {row['file']} {row['file_bytes']} bytes "
                   f"({row['wall_seconds']:.0f} s)", flush=True)
@@ -66,7 +67,7 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
     print("latency, side by side:", flush=True)
     measured = {name: row for name, row in rows.items() if not row.get("infeasible")}
     lat, rebuilt = latency(layout, measured, threads, seconds, data_root)
-    (layout.results / "latency.json").write_text(json.dumps(
+    write_atomic(layout.results / "latency.json", json.dumps(
         {"threads": threads, "ms": lat, "torch": torch.__version__, "rebuilt": rebuilt},
         indent=2) + "\n")
     table = write_table(rows, lat, fp32_bytes, stale_rows)

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..timing import ort_runner, side_by_side
+from mpq.timing import ort_runner, side_by_side
 from .compute import ao_int8_ptq, fp32_onnx
 from .layout import Layout
 
@@ -20,10 +20,10 @@ def _models_to_time(layout: Layout, rows: dict, data_root) -> tuple[dict, list]:
     artifacts). Rebuilt: the FP32 ONNX from the teacher, torch.ao's int8 model from the same
     calibration batches, each exported row's PyTorch int8 model from its committed `model.mpq`
     (which computes what the exported model computed)."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..errors import UsageError
-    from ..export.mpqfile import load_mpq
-    from ..export.torch_int8 import save_torch_int8
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.errors import UsageError
+    from mpq.export.mpqfile import load_mpq
+    from mpq.export.torch_int8 import save_torch_int8
 
     files, rebuilt = {}, []
     for name, row in rows.items():
@@ -71,7 +71,7 @@ def latency(layout: Layout, rows: dict, threads: int, seconds: float,
             data_root=None) -> tuple[dict, list]:
     """Milliseconds at batch 1 and 256 of each row's runtimes, measured side by side, and the
     runtimes whose model files had to be rebuilt first (see `_models_to_time`)."""
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
 
     torch.set_num_threads(threads)
     torch.backends.quantized.engine = "x86"

@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import UsageError
-from ..files import write_atomic
+from mpq.errors import UsageError
+from mpq.files import write_atomic
 from .layout import ARTIFACT_FILES, ROWS, Layout
 
 __all__ = ["copy_artifacts", "log_curve", "update_readme", "write_table"]
@@ -61,7 +61,7 @@ def log_curve(layout: Layout, rows: dict) -> None:
     """Top-1 and points lost against size on disk, in TensorBoard under `layout.runs / "tb"`."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from ..report import scatter_figure
+    from mpq.report import scatter_figure
 
     teacher = rows["fp32"]["top1"]
     # Drawn whole each run: an older run's event file would show every point twice.
@@ -98,4 +98,4 @@ def copy_artifacts(layout: Layout, rows: dict) -> None:
             shutil.copy2(source, target / file)
         report = json.loads((target / "export.json").read_text())
         report["checkpoint"] = layout.rel(report["checkpoint"])
-        (target / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(target / "export.json", json.dumps(report, indent=2) + "\n")

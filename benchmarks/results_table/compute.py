@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mpq.files import atomic_path
 from .layout import AO_CALIBRATION_BATCHES, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE, Layout
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
@@ -85,11 +86,11 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
 def smallest_plan(layout: Layout, budget: str) -> dict | None:
     """None when the search recipe can meet `budget`; else the row saying it cannot (every layer
     at the fewest bits still makes a larger file), with the smallest plan's size."""
-    from ..allocate import parse_budget
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..config import load_recipe
-    from ..search import SearchRecipe, plan_floor
-    from ..size import fp32_parameter_bytes
+    from mpq.allocate import parse_budget
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.config import load_recipe
+    from mpq.search import SearchRecipe, plan_floor
+    from mpq.size import fp32_parameter_bytes
 
     recipe = load_recipe(layout.root / SEARCH_RECIPE, [], cls=SearchRecipe)
     model = model_from_checkpoint(load_checkpoint(layout.teacher)).eval()
@@ -142,8 +143,8 @@ def _top1(fn, batches) -> float:
 
 
 def _baseline_row(layout: Layout, name: str, run: Path, data_root) -> dict:
-    from ..checkpoint import load_checkpoint, model_from_checkpoint
-    from ..export.run import test_batches_for
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.export.run import test_batches_for
 
     run.mkdir(parents=True, exist_ok=True)
     payload = load_checkpoint(layout.teacher)
@@ -158,7 +159,8 @@ def _baseline_row(layout: Layout, name: str, run: Path, data_root) -> dict:
         # Weights stored in float16, computed in float32 (PyTorch's CPU float16 convolutions
         # take minutes for the test set, so the row carries no latency).
         path = run / "model_fp16.pt"
-        torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save({k: v.half() for k, v in model.state_dict().items()}, fh)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.half().float())
@@ -192,9 +194,9 @@ def ao_int8_ptq(layout: Layout, model: torch.nn.Module, data_root,
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from ..checkpoint import load_checkpoint
-    from ..config import DataConfig, recipe_from_dict
-    from ..data import BatchLoader, load_split
+    from mpq.checkpoint import load_checkpoint
+    from mpq.config import DataConfig, recipe_from_dict
+    from mpq.data import BatchLoader, load_split
 
     torch.backends.quantized.engine = "x86"
     cfg = recipe_from_dict(load_checkpoint(layout.teacher)["recipe"]["data"], DataConfig)
@@ -208,5 +210,6 @@ def ao_int8_ptq(layout: Layout, model: torch.nn.Module, data_root,
         for x in calib:
             prepared(x)
         converted = convert_fx(prepared)
-        torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(path))
+        with atomic_path(path) as tmp:
+            torch.jit.save(torch.jit.trace(converted, (calib[0][:2],)), str(tmp))
     return converted
