@@ -416,7 +416,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                      cache_dir=cache_dir() / "sensitivity", key=key, cfg=cfg,
                                      progress=progress)
     model = model.cpu()
-    (out / "sensitivity.json").write_text(json.dumps(
+    write_atomic(out / "sensitivity.json", json.dumps(
         {"checkpoint": str(checkpoint), "checkpoint_sha256": digest,
          "images": sum(len(y) for _, y in sens_batches),
          "layers": {k: v.to_dict() for k, v in sensitivity.items()}}, indent=2) + "\n")
@@ -454,6 +454,6 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     plan.extra = {**(plan.extra or {}), "fp32_bytes": fp32_bytes,
                   "compression": fp32_bytes / plan.extra["size_bytes"]}
     plan.save(out / "plan.json")
-    (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "search.json", json.dumps(summary, indent=2) + "\n")
     return plan
 

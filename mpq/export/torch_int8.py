@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import fx, nn
 
+from ..files import atomic_path
 from ..quant.modules import ActQuantizer, QuantLinear, _QuantLayer
 from .graph import ADD_FUNCTIONS, act_params, output_grid
 from .mpqfile import int_weight
@@ -148,5 +149,6 @@ def save_torch_int8(qmodel: fx.GraphModule, path: str | os.PathLike, *, input_sh
         example = torch.zeros(2, *input_shape)
         scripted = torch.jit.trace(module, (example,), check_trace=False)
         scripted = torch.jit.freeze(scripted.eval())
-        torch.jit.save(scripted, str(path))
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp))
         return torch.jit.load(str(path))  # (TorchScript's deprecation notice: users load it too)
