@@ -236,10 +236,13 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     run_trials(study, objective, trials=cfg.trials, seed=cfg.seed, timeout=cfg.timeout,
                on_trial=finished, progress=progress)
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not completed:
+    # The local search starts from the best sampled plan, never from one of its own: a run
+    # resumed after (part of) it must walk the same path from the same start.
+    sampled = [t for t in completed if t.user_attrs.get("stage") != "polish"]
+    if not sampled:
         bits, value = solver.bits, score(solver.bits)
     else:
-        best = min(completed, key=lambda t: (t.value, t.number))
+        best = min(sampled, key=lambda t: (t.value, t.number))
         bits, value = best.user_attrs["bits"], best.value
     if cfg.polish_evaluations:
         bits, value = _polish(study, bits, value, score, omega=omega, footprint=footprint,

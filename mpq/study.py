@@ -2,13 +2,15 @@
 
 - **Same trials after any interruption.** One TPE sampler seeded by the recipe drives the
   study; after each trial its random state is stored with the trial (a system attribute), and a
-  resumed run restores the state of the last completed trial. The sampler's proposals depend
+  resumed run restores the state of the last trial that finished (completed, or failed on its
+  own: a NaN score is a result, neither retried nor forgotten). The sampler's proposals depend
   only on that state and the completed trials, so N trials in one run, or in several runs with
   kills between them, propose the same plans: the trial a kill cut short is proposed again.
 - **No orphans.** A trial left RUNNING by a process that died (same host, pid gone) is marked
   failed on the next start (an enqueued plan, such as the solver's, is enqueued again); on
   shared storage, heartbeats (`HEARTBEAT_S`) let any worker fail a stale trial of another host
-  and retry it (`RetryHeartbeatStaleTrialCallback`). Workers sharing one storage URL each take new
+  and retry it (`RetryHeartbeatStaleTrialCallback`); another host's worker is judged by its
+  heartbeat only, never by a pid looked up here. Workers sharing one storage URL each take new
   trial numbers under their own seeds, and stop once the study holds the trials asked for.
 - **Readable from outside** (optuna-dashboard): the study's user attributes hold the model,
   budget, bit choices and the solver's plan and score; each trial holds its bits per layer
@@ -136,6 +138,8 @@ _TOKEN = os.urandom(8).hex()  # this process, even where a dead one had the same
 
 
 def _alive(worker: dict) -> bool:
+    """Whether a worker of this host still runs (by pid). Another host's pids mean nothing
+    here: its workers are alive while their heartbeats are (see `_others_running`)."""
     if worker.get("token") == _TOKEN:
         return True
     pid = worker.get("pid", -1)
@@ -173,10 +177,11 @@ def _reclaim(study) -> None:
             continue
         if t.state == state.RUNNING:
             study.tell(t.number, state=state.FAIL)
-        elif t.state != state.FAIL:
-            continue
-        if "fixed_params" in t.system_attrs:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        elif t.state != state.FAIL or _STATE in t.system_attrs:
+            continue  # (a trial that failed on its own, a NaN score, is a result: not retried)
+        if "fixed_params" in t.system_attrs:  # (not t.params: a kill may come before any)
+            study.enqueue_trial(t.system_attrs["fixed_params"],
+                                user_attrs={"retry_of": t.number})
 
 
 _ADDED = "mpq:added"  # a trial scored outside the sampler (the local search's)
@@ -225,12 +230,21 @@ def _load_state(sampler, saved: list) -> None:
 
 
 def _others_running(study) -> bool:
+    """Whether another worker runs a trial now: one of this host by its pid, one of another
+    host by its heartbeat (stale trials are failed first, so a RUNNING one is fresh)."""
     import optuna
 
-    return any(_alive(t.user_attrs.get("worker") or {}) and
-               (t.user_attrs.get("worker") or {}).get("token") != _TOKEN
-               for t in study.get_trials(deepcopy=False,
-                                         states=(optuna.trial.TrialState.RUNNING,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker") or {}
+        if worker.get("token") == _TOKEN:
+            continue
+        if (worker.get("host") not in (None, host)) or _alive(worker):
+            return True
+    return False
 
 
 def _own_sampler(seed: int):
@@ -250,8 +264,9 @@ def _sampler(study, seed: int):
     if _others_running(study):
         return _own_sampler(seed)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
-    saved = [t for t in study.get_trials(deepcopy=False,
-                                         states=(optuna.trial.TrialState.COMPLETE,))
+    # a trial that failed on its own (a NaN score) moved the sampler on as a completed one did
+    saved = [t for t in study.get_trials(deepcopy=False, states=(
+                 optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
              if _STATE in t.system_attrs]
     if saved:
         _load_state(sampler, max(saved, key=lambda t: t.number).system_attrs[_STATE])
