@@ -19,6 +19,18 @@ block H is known exactly: a Rademacher probe's v^T H v has variance 2 (||H||_F^2
 so n probes have standard error sqrt(that / n). Under a correct default those true z-scores are
 about standard normal, and of 22 layers about one lies beyond 2 (each does with probability
 4.6%; all 22 within 2 happens 36% of the time), so the count is printed beside its expectation.
+
+    python benchmarks/sensitivity.py --check-cost [--batch 128] [--resnet18-batch 16]
+
+prints instead what the numerical check of the `exact` labels (`mpq.hessian.exactness`) costs
+beside the exact path it guards (`exact_ggn` over every layer, top eigenvalues on), in CPU
+seconds of the fastest of a few calls (wall in brackets: on a shared machine CPU time is the
+steadier), on ResNet20 (the
+checkpoint, `--batch` training images) and on torchvision's resnet18 (random weights, 10
+classes so that the exact path applies, `--resnet18-batch` synthetic 224px images). Beside
+them, the check's largest gap (0 on these piecewise-linear networks) and the rounding floor
+that `EXACT_REL_TOL` must sit above: H v and G v computed as two separate products in float32.
+No PyHessian needed.
 """
 
 import argparse
@@ -28,12 +40,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpq.config import DataConfig  # noqa: E402
 from mpq.data import BatchLoader, load_split  # noqa: E402
 from mpq.hessian import layer_sensitivity  # noqa: E402
+from mpq.hessian.exactness import (CHECK_DIRECTIONS, CHECK_IMAGES, EXACT_REL_TOL,  # noqa: E402
+                                   _prepared, curvature_gaps)
+from mpq.hessian.ggn import exact_ggn  # noqa: E402
 from mpq.hessian.hutchinson import gauss_newton_rows  # noqa: E402
 from mpq.checkpoint import load_teacher  # noqa: E402
 from mpq.quant import quantizable_layers  # noqa: E402
@@ -79,6 +95,77 @@ def probe_std(model, name, x) -> float:
     return math.sqrt(2 * max(frob2 - diag2, 0.0))
 
 
+def rounding_floor(model, layers, x, y, seed=0) -> float:
+    """Largest ||H v - G v|| / ||G v|| over the layers, H v (a double backward of the loss) and
+    G v (J^T H_out J v) computed as two separate products for one joint direction, on the
+    check's copy of the model: its Hessian is its Gauss-Newton matrix where the network is
+    piecewise linear, so what is left is float32 rounding."""
+    model = _prepared(model, layers)
+    weights = [model.get_submodule(name).weight for name in layers]
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(w.shape, generator=gen) for w in weights]
+    z = model(x)
+    p = F.softmax(z.detach(), dim=1)
+    grads = torch.autograd.grad(F.cross_entropy(z, y), weights, create_graph=True)
+    hv = torch.autograd.grad(grads, weights, v, retain_graph=True)
+    u = torch.zeros_like(z, requires_grad=True)
+    jv = torch.autograd.grad(torch.autograd.grad(z, weights, u, create_graph=True), u, v)[0]
+    gv = torch.autograd.grad(z, weights, (p * jv - p * (p * jv).sum(1, keepdim=True)) / len(x))
+    return max(((h - g).norm() / g.norm()).item() for h, g in zip(hv, gv))
+
+
+def _timed(fn, repeat: int):
+    """(result, CPU seconds, wall seconds) of the fastest of `repeat` calls: the first pays
+    one-time costs (oneDNN kernels for each shape, the allocator's first large buffers), and
+    on a shared machine the others' load only ever adds time."""
+    best = (math.inf, math.inf)
+    for _ in range(repeat):
+        cpu, wall = time.process_time(), time.perf_counter()
+        out = fn()
+        best = min(best, (time.process_time() - cpu, time.perf_counter() - wall))
+    return out, *best
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def check_cost(args) -> None:
+    """The exactness check's time against the exact path's, on ResNet20 and resnet18."""
+    import torchvision
+
+    teacher = load_teacher(args.checkpoint, model_name="resnet20", num_classes=10).eval()
+    split = load_split(DataConfig(), "train", root=args.data_root, progress=False)
+    x, y = next(BatchLoader(split, DataConfig(), batch_size=args.batch, train=False).epoch(0))
+    torch.manual_seed(0)
+    resnet18 = torchvision.models.resnet18(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(0)
+    x18 = torch.randn(args.resnet18_batch, 3, 224, 224, generator=gen)
+    y18 = torch.randint(0, 10, (args.resnet18_batch,), generator=gen)
+    print(f"exactness check ({CHECK_IMAGES} images x {CHECK_DIRECTIONS} directions, tolerance "
+          f"{EXACT_REL_TOL:g}) against the exact path; {args.threads} threads, torch "
+          f"{torch.__version__}, {_cpu_name()}")
+    print(f"{'model':10s} {'images':>6s} {'layers':>6s} {'exact path s':>16s} "
+          f"{'check s':>14s} {'ratio':>6s} {'max gap':>8s} {'rounding':>9s}")
+    for label, model, xs, ys in (("ResNet20", teacher, x, y), ("resnet18", resnet18, x18, y18)):
+        layers = quantizable_layers(model)
+        _, exact_cpu, exact_wall = _timed(lambda: exact_ggn(model, layers, [(xs, ys)],
+                                                            memory_bytes=2 << 30), repeat=2)
+        gaps, check_cpu, check_wall = _timed(lambda: curvature_gaps(
+            model, layers, xs[:CHECK_IMAGES], ys[:CHECK_IMAGES], directions=CHECK_DIRECTIONS),
+            repeat=4)
+        floor = rounding_floor(model, layers, xs[:CHECK_IMAGES], ys[:CHECK_IMAGES])
+        print(f"{label:10s} {len(xs):6d} {len(layers):6d} {exact_cpu:7.1f} ({exact_wall:6.1f}) "
+              f"{check_cpu:5.1f} ({check_wall:5.1f}) {check_cpu / exact_cpu:6.1%} "
+              f"{max(gaps.values()):8.1e} {floor:9.1e}")
+    print("seconds: CPU (wall); ratio: check / exact path in CPU time; max gap: the check's "
+          "largest ||Hv - Gv|| / ||Hv||; rounding: the same for two separately computed "
+          "products, the float32 floor")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,8 +175,14 @@ def main():
     parser.add_argument("--rel-tol", type=float, default=0.05)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-cost", action="store_true",
+                        help="only time the exactness check against the exact path")
+    parser.add_argument("--resnet18-batch", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.check_cost:
+        check_cost(args)
+        return
     model = load_teacher(args.checkpoint, model_name="resnet20", num_classes=10).eval()
     split = load_split(DataConfig(), "train", root=args.data_root, progress=False)
     x, y = next(BatchLoader(split, DataConfig(), batch_size=args.batch, train=False).epoch(0))

@@ -129,7 +129,8 @@ def sensitivity_cached(model: nn.Module, batches, *, cache_dir: Path, key: dict,
                        cfg: SearchConfig, progress: bool) -> dict[str, LayerSensitivity]:
     """`layer_sensitivity` with the search's settings, cached on disk by checkpoint hash,
     data and settings."""
-    key = {**key, "version": 4, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
+    # version 5: every `exact` label is checked numerically (mpq.hessian.exactness)
+    key = {**key, "version": 5, **{k: getattr(cfg, k) for k in SENSITIVITY_SETTINGS}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"sensitivity-{digest}.json"
     if path.is_file():

@@ -2,11 +2,12 @@
 by the estimator that is right and affordable for that layer.
 
 `auto` (the default) reports, per layer, the Gauss-Newton block G_ii: it *is* the Hessian block
-where the logits are piecewise linear in the layer's weight (`linearity`), and elsewhere it is
-the positive semi-definite part that quantization-sensitivity methods use, recorded as
-`quantity: ggn` with the reason. It is computed exactly (`exact`: C backward passes per batch)
-where the classes are few and the layer's rows fit the memory bound, else from random draws
-shaped by the model's own predictions (`sampled`: cost independent of C, with standard errors).
+where the logits are piecewise linear in the layer's weight (`linearity`, each such label then
+checked on the first batch by `exactness`), and elsewhere it is the positive semi-definite part
+that quantization-sensitivity methods use, recorded as `quantity: ggn` with the reason. It is
+computed exactly (`exact`: C backward passes per batch) where the classes are few and the
+layer's rows fit the memory bound, else from random draws shaped by the model's own
+predictions (`sampled`: cost independent of C, with standard errors).
 `hutchinson` and `hutchinson_ggn` estimate the Hessian itself by Hessian-vector products
 (double backward), on request: the way to the full curvature of a smooth network, at a price.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..quant.prepare import quantizable_layers
+from .exactness import confirm_exact
 from .ggn import exact_ggn, exact_ggn_bytes, sampled_ggn
 from .hutchinson import gauss_newton_rows, hutchinson
 from .linearity import layer_linearity
@@ -29,10 +31,14 @@ ESTIMATORS = ("auto", "exact", "sampled", "hutchinson", "hutchinson_ggn")
 DRAWS = ("signs", "labels")
 
 
-def is_piecewise_linear(model: nn.Module) -> tuple[bool, str]:
+def is_piecewise_linear(model: nn.Module, *, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[bool, str]:
     """Whether the model's output is piecewise linear in every quantizable layer's weight;
-    (answer, the first reason it is not)."""
+    (answer, the first reason it is not). The graph decides; with `batch` (inputs, labels),
+    what it calls linear is also checked numerically there (`exactness.confirm_exact`)."""
     found = layer_linearity(model, quantizable_layers(model))
+    if batch is not None:
+        found = confirm_exact(model, found, *batch)
     curved = [(name, why) for name, why in found.items() if why]
     return (False, f"{curved[0][0]}: {curved[0][1]}") if curved else (True, "piecewise linear")
 
@@ -85,13 +91,10 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
             return _by_hutchinson(model, batches, layers, estimator, rel_tol, min_probes,
                                   max_probes, deflate, seed, top_eigenvalue, progress)
         if estimator == "exact":
-            bad = [name for name in layers if curved[name]]
-            if bad:
-                raise UsageError(
-                    f"the exact estimator computes the Gauss-Newton block, which is the Hessian "
-                    f"block only where the network is piecewise linear in the layer's weight; "
-                    f"at {bad[0]} it is not ({curved[bad[0]]}): use search.estimator=auto (the "
-                    f"Gauss-Newton block there, so recorded) or hutchinson_ggn (the Hessian)")
+            _refuse_curved(curved)  # what the graph shows, before any computation
+        curved = confirm_exact(model, curved, *batches[0])  # the graph's `exact`, on data
+        if estimator == "exact":
+            _refuse_curved(curved)
         n_total = sum(len(y) for _, y in batches)
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -131,6 +134,17 @@ def layer_sensitivity(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
         return {name: found[name] for name in layers}
     finally:
         model.train(was_training)
+
+
+def _refuse_curved(curved: dict[str, str | None]) -> None:
+    """The exact estimator's refusal of a layer whose Hessian block is not its Gauss-Newton."""
+    bad = [name for name, why in curved.items() if why]
+    if bad:
+        raise UsageError(
+            f"the exact estimator computes the Gauss-Newton block, which is the Hessian "
+            f"block only where the network is piecewise linear in the layer's weight; "
+            f"at {bad[0]} it is not ({curved[bad[0]]}): use search.estimator=auto (the "
+            f"Gauss-Newton block there, so recorded) or hutchinson_ggn (the Hessian)")
 
 
 def _by_hutchinson(model, batches, layers, estimator, rel_tol, min_probes, max_probes,

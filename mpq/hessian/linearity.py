@@ -7,7 +7,9 @@ depend on W (ReLU, pooling, BN in eval mode, additions, a product with a tensor 
 depend on W, another conv or linear layer), and the layer is called once. A product of two
 tensors that both depend on W (`h * h`, a gate `a(s) * b(s)`), a smooth op (sigmoid, hardswish,
 softmax, GELU) on the path, or a second call of the layer make the term real. Decided per
-layer: the other layers keep their exact blocks.
+layer: the other layers keep their exact blocks. An allow-list can be fooled (a weight read
+again as an attribute, a module that uses batch statistics): `exactness` checks every layer
+it calls linear on data.
 """
 
 from __future__ import annotations
