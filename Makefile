@@ -18,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,openvino]'
 
 data:
 	@if [ -f $(SHARED_DATA) ] && [ ! -d $(CACHE)/cifar10-jpeg/test ]; then \

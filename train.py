@@ -70,12 +70,13 @@ def run(args) -> None:
         print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
               f"compression={metrics['compression']:.2f}x")
         if not args.no_export and is_main():
-            export(args)
+            export(args, model_name=recipe.model.name)
     print(f"top1={metrics['top1']:.2f}")
 
 
-def export(args) -> None:
-    """Exports the finished QAT run into OUT/export/ (kept if it already exports this model.pt)."""
+def export(args, *, model_name: str) -> None:
+    """Exports the finished QAT run into OUT/export/ (kept if it already exports this model.pt);
+    the recipe names its model (`model_name`), so a factory there is built."""
     from pathlib import Path
 
     from mpq.cli import print_export
@@ -91,7 +92,7 @@ def export(args) -> None:
     if force:
         print(f"{checkpoint} changed since {out} was exported; exporting it again")
     print_export(export_checkpoint(checkpoint, out, data_root=args.data_root, force=force,
-                                   progress=not args.quiet), out)
+                                   progress=not args.quiet, expect_model=model_name), out)
 
 
 if __name__ == "__main__":

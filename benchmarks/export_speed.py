@@ -2,13 +2,18 @@
 
     python benchmarks/export_speed.py [--checkpoint CK] [--threads 2] [--seconds 3]
 
-Runtimes: PyTorch FP32 eager (channels_last), ONNX Runtime FP32, our int8 on PyTorch's x86
-kernels (TorchScript), our int8 QDQ model in ONNX Runtime, and torch.ao's own FX int8 PTQ with
-fusion as the reference users know; batch 1 and 256, 2 threads. With a QAT checkpoint (from
+Runtimes: PyTorch FP32 eager (channels_last), ONNX Runtime FP32, OpenVINO FP32 (the FP32 ONNX
+model, float32 compute), our int8 on PyTorch's x86 kernels (TorchScript), our int8 QDQ model in
+ONNX Runtime and in OpenVINO (which reads it directly), and torch.ao's own FX int8 PTQ with
+fusion as the reference users know; batch 1 and 256, 2 threads. OpenVINO runs with
+INFERENCE_NUM_THREADS at --threads, the latency hint at batch 1 and the throughput hint at 256
+(the batch split across the requests it recommends); without openvino installed
+(`pip install 'mpq[openvino]'`) its lines are skipped with a note. With a QAT checkpoint (from
 `train.py --plan/--bits`) its own export is timed; without one a W4A8 ResNet20 calibrated on
 random inputs (speed does not depend on the weights' values; sub-8-bit weights run in int8).
 Prints milliseconds per batch (median of runs interleaved across the runtimes) and each
-runtime's speed-up over the best FP32 runtime at that batch size.
+runtime's speed-up over the best FP32 runtime at that batch size; the first line names the CPU
+and its int8 instruction sets (AVX2, AVX-512 VNNI, AMX), which decide the int8 kernels.
 """
 
 import argparse
@@ -26,7 +31,8 @@ from mpq.export.onnx_qdq import export_onnx  # noqa: E402
 from mpq.export.torch_int8 import save_torch_int8  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
-from mpq.timing import ort_runner, side_by_side  # noqa: E402
+from mpq.timing import (cpu_summary, openvino_runner, openvino_version, ort_runner,  # noqa: E402
+                         side_by_side)
 
 
 def main():
@@ -77,8 +83,15 @@ def main():
         "mpq_int8_pytorch": (int8, False),
         "mpq_int8_onnxruntime": (ort_runner(tmp / "int8.onnx", args.threads), False),
     }
+    openvino = openvino_version()
+    if openvino:
+        runtimes["openvino_fp32"] = (openvino_runner(tmp / "fp32.onnx", args.threads), True)
+        runtimes["mpq_int8_openvino"] = (openvino_runner(tmp / "int8.onnx", args.threads), False)
+    print(f"CPU: {cpu_summary()}")
     print(f"ResNet20-sized input {shape}, {args.threads} threads, torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}")
+          f"onnxruntime {ort.__version__}, "
+          + (f"openvino {openvino}" if openvino else
+             "openvino not installed, skipped (pip install 'mpq[openvino]')"))
     for batch in (1, 256):
         x = torch.randn(batch, *shape)
         with torch.inference_mode():

@@ -1,6 +1,9 @@
 """Checkpoints: written atomically, read with `torch.load(weights_only=True)`, checked on load.
 
-A checkpoint is a plain dict of tensors and plain data, so loading it can never run code:
+A checkpoint is a plain dict of tensors and plain data, so loading it can never run code, and
+a `package.module:factory` model it names is built only when the caller names the same one or
+passes `allow_factory` (`mpq.models.check_factory_allowed`). A field missing or of the wrong
+type is a `UsageError` naming it (`check_payload`):
 
     format: "mpq.checkpoint", version: 1
     kind: "fp32" | "qat"
@@ -24,12 +27,13 @@ from torch import nn
 
 from .errors import UsageError
 from .files import atomic_path
-from .models import build_model
+from .models import build_model, check_factory_allowed
 from .quant import INT8_WEIGHT_MAX, Plan, QuantConfig, prepare_qat
 from .quant.modules import full_range_int8_weights_
 
-__all__ = ["CHECKPOINT_VERSION", "data_config", "fp32_payload", "load_checkpoint", "load_teacher",
-           "model_from_checkpoint", "model_meta", "qat_model_from_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "check_payload", "data_config", "fp32_payload", "load_checkpoint",
+           "load_teacher", "model_from_checkpoint", "model_meta", "qat_model_from_checkpoint",
+           "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "mpq.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -92,14 +96,86 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict, *, what: str) ->
         raise UsageError(f"{what} does not fit the model ({detail[:300]})") from None
 
 
-def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
-    """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings)."""
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _three_numbers(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _bits(v) -> bool:
+    return isinstance(v, str) and all(c == "-" or c in "2345678" for c in v)
+
+
+# The fields mpq reads from a checkpoint or a model.mpq header: (test, what it should be).
+_FIELDS = {
+    "model": (lambda v: isinstance(v, dict), "a mapping with 'name' and 'num_classes'"),
+    "model.name": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "model.num_classes": (_whole, "an integer >= 1"),
+    "kind": (lambda v: v in ("fp32", "qat"), "'fp32' or 'qat'"),
+    "state_dict": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+        "a mapping of names to tensors"),
+    "plan": (lambda v: isinstance(v, dict), "a bit plan (a mapping)"),
+    "qat": (lambda v: isinstance(v, dict), "a mapping of QAT settings"),
+    "input_size": (_whole, "an integer >= 1"),
+    "normalization": (lambda v: v is None or (isinstance(v, dict) and _three_numbers(
+        v.get("mean")) and _three_numbers(v.get("std"))),
+        "{'mean': [3 numbers], 'std': [3 numbers]}"),
+    "recipe": (lambda v: isinstance(v, dict), "a mapping"),
+    "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                "a list of class names"),
+    "w_bits": (_bits, "a string of bit widths 2-8 or '-'"),
+    "a_bits": (_bits, "a string of bit widths 2-8 or '-'"),
+}
+_MISSING = object()
+
+
+def check_payload(payload: dict, *, source, require: tuple[str, ...] = ()) -> None:
+    """Refuses a checkpoint's (or a `model.mpq` header's) payload whose fields are missing or
+    of the wrong type with one `UsageError` naming `source` (e.g. "checkpoint runs/a.pt") and
+    the field, rather than a `KeyError` later. `model` with its name and class count is always
+    required; `require` names more fields; any other field is checked only where present."""
+    required = {"model", "model.name", "model.num_classes", *require}
+    for field, (test, expected) in _FIELDS.items():
+        value = payload
+        for part in field.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            if field in required:
+                raise UsageError(f"{source} is malformed: it has no {field!r} (not a file this "
+                                 f"mpq wrote, or one edited since)")
+            continue
+        if not test(value):
+            shown = (f"a {type(value).__name__}" if isinstance(value, (dict, torch.Tensor))
+                     else repr(value))
+            raise UsageError(f"{source} is malformed: its {field!r} should be {expected}, "
+                             f"not {shown[:80]}")
+
+
+def _build(payload: dict, path, expect_model, allow_factory) -> nn.Module:
     spec = payload["model"]
-    model = build_model(spec["name"], num_classes=spec["num_classes"])
+    check_factory_allowed(spec["name"], source=f"checkpoint {path}", expect_model=expect_model,
+                          allow_factory=allow_factory)
+    return build_model(spec["name"], num_classes=spec["num_classes"])
+
+
+def qat_model_from_checkpoint(payload: dict, *, path="checkpoint",
+                              expect_model: str | None = None,
+                              allow_factory: bool = False) -> nn.Module:
+    """Rebuilds a QAT checkpoint's fake-quantized model (architecture, plan, settings); see
+    `model_from_checkpoint`."""
+    check_payload(payload, source=f"checkpoint {path}", require=("state_dict", "plan"))
+    try:
+        plan = Plan.from_dict(payload["plan"])
+    except UsageError as exc:
+        raise UsageError(f"checkpoint {path} has a malformed plan: {exc}") from None
+    model = _build(payload, path, expect_model, allow_factory)
     settings = payload.get("qat", {})
     size = payload.get("input_size", 32)
-    qmodel = prepare_qat(model, Plan.from_dict(payload["plan"]),
-                         example_inputs=(torch.zeros(2, 3, size, size),),
+    qmodel = prepare_qat(model, plan, example_inputs=(torch.zeros(2, 3, size, size),),
                          config=QuantConfig.from_dict(settings))
     if settings.get("int8_weight_max", 127) != INT8_WEIGHT_MAX:
         full_range_int8_weights_(qmodel)  # trained before 8-bit weights kept within +-64
@@ -108,16 +184,28 @@ def qat_model_from_checkpoint(payload: dict, *, path="checkpoint") -> nn.Module:
 
 
 def model_from_checkpoint(payload: dict, *, expect_model: str | None = None,
+                          allow_factory: bool = False,
                           path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuilds the model a checkpoint holds (FP32, or fake-quantized for QAT) with its weights."""
-    spec = payload.get("model") or {}
-    name = spec.get("name")
+    """Rebuilds the model a checkpoint holds (FP32, or fake-quantized for QAT) with its weights.
+
+    Args:
+        payload: from `load_checkpoint`; a missing or mistyped field is a `UsageError`.
+        expect_model: the model name the caller expects (e.g. its recipe's); a checkpoint of
+            another is refused, and a `package.module:factory` it names is built.
+        allow_factory: build a `package.module:factory` the file names even when the caller
+            named none: that imports the module and calls the factory, so only for a file
+            you trust (`mpq.models.check_factory_allowed`).
+        path: the file, for messages.
+    """
+    check_payload(payload, source=f"checkpoint {path}", require=("state_dict",))
+    name = payload["model"]["name"]
     if expect_model is not None and name != expect_model:
         raise UsageError(f"checkpoint {path} holds a {name!r} model, but {expect_model!r} was "
                          f"expected; pass a checkpoint of that architecture")
     if payload.get("kind") == "qat":
-        return qat_model_from_checkpoint(payload, path=path)
-    model = build_model(name, num_classes=spec.get("num_classes", 10))
+        return qat_model_from_checkpoint(payload, path=path, expect_model=expect_model,
+                                         allow_factory=allow_factory)
+    model = _build(payload, path, expect_model, allow_factory)
     load_state_dict_checked(model, payload["state_dict"], what=f"checkpoint {path}")
     return model
 

@@ -82,6 +82,14 @@ def check_out_dir(path) -> None:
                          f"folder you can write")
 
 
+def _add_allow_factory(parser: argparse.ArgumentParser) -> None:
+    """`--allow-factory`, for commands that rebuild a model from a file without a recipe."""
+    parser.add_argument("--allow-factory", action="store_true",
+                        help="build the package.module:factory model the file names: that "
+                             "imports its module and calls it, so only for files you trust "
+                             "(registry and torchvision models need no flag)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, recipe: bool = True) -> None:
     if recipe:
         parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -108,11 +116,12 @@ def _eval(args) -> None:
     if is_mpq_file(args.checkpoint):  # a packed model.mpq: the model it rebuilds exactly
         from .export import load_mpq
 
-        model, payload = load_mpq(args.checkpoint)
+        model, payload = load_mpq(args.checkpoint, allow_factory=args.allow_factory)
         model = model.to(device)
     else:
         payload = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(payload, path=args.checkpoint).to(device)
+        model = model_from_checkpoint(payload, path=args.checkpoint,
+                                      allow_factory=args.allow_factory).to(device)
     data_cfg = data_config(payload)
     split = load_split(data_cfg, "test", root=args.data_root, classes=payload.get("classes"),
                        num_classes=payload["model"]["num_classes"], progress=not args.quiet)
@@ -150,7 +159,8 @@ def _export(args) -> None:
     check_out_dir(args.out)
     report = export_checkpoint(args.checkpoint, args.out, data_root=args.data_root,
                                force=args.force, batch_size=args.batch_size,
-                               progress=not args.quiet, reencode_int8=args.reencode_int8)
+                               progress=not args.quiet, reencode_int8=args.reencode_int8,
+                               allow_factory=args.allow_factory, openvino=args.openvino)
     print_export(report, args.out)
 
 
@@ -164,6 +174,9 @@ def print_export(report: dict, out) -> None:
     print(f"wrote {out}: model.mpq {files['model.mpq']['bytes']} bytes "
           f"({report['compression']:.2f}x smaller than FP32), model_int8.onnx "
           f"{files['model_int8.onnx']['bytes']} bytes, model_int8.pt, export.json")
+    if "openvino_top1" in report:
+        print(f"openvino_top1={report['openvino_top1']:.2f} "
+              f"(agreement {report['openvino_agreement']:.2f}%)")
     if "onnx_top1" in report:
         print(f"fake_quant_top1={report['fake_quant_top1']:.2f} "
               f"torch_int8_top1={report['torch_int8_top1']:.2f} "
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--checkpoint", required=True,
                     help="FP32 or QAT checkpoint (.pt), or a packed model.mpq")
     ev.add_argument("--batch-size", type=positive_int, default=500)
+    _add_allow_factory(ev)
     add_common_args(ev, recipe=False)
     ex = sub.add_parser("export", help="int8 ONNX, PyTorch int8 and packed model.mpq from a QAT "
                                        "checkpoint or a model.mpq, checked on the test split")
@@ -191,7 +205,11 @@ def main(argv: list[str] | None = None) -> None:
                          "int8 kernels can saturate; export.json records the top-1 before")
     ex.add_argument("--out", required=True, help="folder for the exported files")
     ex.add_argument("--force", action="store_true", help="replace an existing export there")
+    ex.add_argument("--openvino", action="store_true",
+                    help="also write an OpenVINO IR (model_int8.xml/.bin, needs "
+                         "pip install 'mpq[openvino]'), checked like the other int8 models")
     ex.add_argument("--batch-size", type=positive_int, default=500)
+    _add_allow_factory(ex)
     add_common_args(ex, recipe=False)
     wr = sub.add_parser("wrap", help="an mpq FP32 checkpoint from a plain state dict (or "
                                      "torchvision:<Weights>) and the recipe it belongs to")

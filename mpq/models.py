@@ -3,6 +3,10 @@
 `build_model("resnet20")`, `build_model("mobilenet_v2", num_classes=10)` or
 `build_model("mypackage.nets:small_net")` all return an `nn.Module` with random weights; the
 name is what checkpoints record, so a checkpoint can rebuild its own model.
+
+Building a factory imports its module and calls it, so a factory name read from a file (a
+checkpoint, a `model.mpq` header) is built only when the caller names the same factory or opts
+in (`check_factory_allowed`); registry and torchvision names build from any file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["ResNet20", "build_model", "model_names"]
+__all__ = ["ResNet20", "build_model", "check_factory_allowed", "model_names"]
 
 
 class BasicBlock(nn.Module):
@@ -77,10 +81,26 @@ def model_names() -> list[str]:
     return sorted(_OURS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def check_factory_allowed(name: str, *, source, expect_model: str | None = None,
+                          allow_factory: bool = False) -> None:
+    """Refuses a `package.module:factory` name read from the file `source` unless the caller
+    names the same factory (`expect_model`, e.g. the recipe's `model.name`) or trusts the file
+    (`allow_factory`): building it would import that module and call that function, so a file
+    from elsewhere could run any installed code. Registry and torchvision names always pass."""
+    if ":" not in name or allow_factory or name == expect_model:
+        return
+    module_name, _, attr = name.partition(":")
+    raise UsageError(f"{source} names the model factory {name!r}; building it would import "
+                     f"{module_name!r} and call {attr}(num_classes=...), so it is not done for "
+                     f"a file alone: pass --allow-factory (allow_factory=True in Python) if you "
+                     f"trust the file, or name that factory as the recipe's model.name")
+
+
 def build_model(name: str, *, num_classes: int = 10) -> nn.Module:
     """Builds a freshly initialised model by registry name or `package.module:factory`.
 
-    A factory is called as `factory(num_classes=num_classes)`.
+    A factory is called as `factory(num_classes=num_classes)`; for a name read from a file,
+    `check_factory_allowed` first.
     """
     if name in _OURS:
         return _OURS[name](num_classes=num_classes)

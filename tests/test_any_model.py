@@ -129,7 +129,8 @@ def test_sensitivity_plan_qat_steps_and_export(net_and_data, tmp_path):
         got_int8 = int8(probe).argmax(1)
     assert (got_onnx == ref).float().mean() >= 0.99
     assert (got_int8 == ref).float().mean() >= 0.99
-    rebuilt, _ = load_mpq(out / "model.mpq")  # the user's factory rebuilds it from the file
+    # the user's factory, named here as in a recipe, rebuilds it from the file
+    rebuilt, _ = load_mpq(out / "model.mpq", expect_model=META["model"]["name"])
     with torch.no_grad():
         assert torch.equal(rebuilt(probe), student(probe))
 

@@ -1,13 +1,16 @@
 """Bad input through the scripts, as a user would give it: each case exits with code 2 and one
 line on stderr naming what was wrong and what to do, before any file is written or changed."""
 
+import inspect
 import os
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, run_script
 from imagenet_layout import make_imagenet_layout
+from mpq.errors import UsageError
 
 
 def refused(args, match, *, watch=()):
@@ -142,3 +145,75 @@ def test_an_output_folder_this_user_cannot_write_is_refused(tmp_path, recipe):
         refused(["train.py", "--recipe", recipe, "--out", locked / "run"], "is not writable")
     finally:
         locked.chmod(0o700)
+
+
+# Whose fault a failure is: a user's model that fails is named with its own exception, file and
+# line (one line, exit code 2); mpq's own failures keep their traceback (exit code 1).
+
+class _RaisesWhileTraced(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        raise ValueError("this net needs its config file")
+
+
+class _BranchesOnData(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = y * 2
+        return y
+
+
+def _line_of(cls, text: str) -> str:
+    """`file:line` of the line of `cls`'s source that contains `text`."""
+    lines, start = inspect.getsourcelines(cls)
+    line = start + next(i for i, ln in enumerate(lines) if text in ln)
+    return f"{__file__}:{line}"
+
+
+@pytest.mark.parametrize("cls, text, message", [
+    (_RaisesWhileTraced, "raise ValueError",
+     "your model raised ValueError: this net needs its config file at {where} (in "
+     "_RaisesWhileTraced.forward) while torch.fx traced it"),
+    (_BranchesOnData, "if y.sum()",
+     "the model cannot be traced with torch.fx in _BranchesOnData.forward at {where}: TraceError"),
+])
+def test_a_model_that_fails_while_traced_is_named_at_its_own_line(cls, text, message):
+    from mpq.quant import prepare_qat, uniform_plan
+
+    with pytest.raises(UsageError) as info:
+        prepare_qat(cls(), uniform_plan("m", ["conv"], w_bits=8),
+                    example_inputs=(torch.zeros(1, 3, 8, 8),))
+    assert message.format(where=_line_of(cls, text)) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_mpqs_own_failure_while_tracing_or_exporting_keeps_its_traceback(monkeypatch, tmp_path):
+    from mpq.export import onnx_qdq
+    from mpq.quant import calibrate_, prepare_qat, quantization_of, uniform_plan
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    plan = uniform_plan("m", ["0"], w_bits=8)
+    q = prepare_qat(net, plan, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    calibrate_(q, [torch.randn(4, 3, 8, 8)])
+    with monkeypatch.context() as patch:  # a bug in mpq's code that tracing runs: a TypeError
+        patch.setattr(torch.fx, "symbolic_trace", quantization_of)
+        with pytest.raises(TypeError, match="was not prepared by mpq"):
+            prepare_qat(net, plan, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    # a bug in mpq's QDQ modules, which only the exporter runs: the exporter's error, with the
+    # AttributeError raised in mpq/export/onnx_qdq.py as its cause
+    monkeypatch.setattr(onnx_qdq, "_qd", lambda: object())
+    with pytest.raises(Exception) as info:
+        onnx_qdq.export_onnx(q.eval(), tmp_path / "m.onnx", input_shape=(3, 8, 8))
+    assert not isinstance(info.value, UsageError)
+    causes = [info.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert any(isinstance(e, AttributeError) and "quantize_per_tensor" in str(e) for e in causes)

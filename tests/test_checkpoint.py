@@ -1,3 +1,7 @@
+import json
+import re
+import zlib
+
 import pytest
 import torch
 
@@ -44,6 +48,43 @@ def test_other_architecture_is_refused(tmp_path):
     loaded["model"]["name"] = "resnet20"  # a mislabelled file: the weights do not fit
     with pytest.raises(UsageError, match="does not fit the model"):
         model_from_checkpoint(loaded)
+
+
+def test_a_malformed_checkpoint_names_the_file_and_the_field(tmp_path):
+    from mpq.quant import quantizable_layers, uniform_plan
+
+    good = payload()
+    plan = uniform_plan("resnet20", quantizable_layers(build_model("resnet20")), w_bits=8)
+    cases = [({**good, "kind": "qat"}, "has no 'plan'"),
+             ({"model": good["model"]}, "has no 'state_dict'"),
+             ({**good, "model": {"num_classes": 10}}, "has no 'model.name'"),
+             ({**good, "model": {"name": "resnet20", "num_classes": "ten"}},
+              "its 'model.num_classes' should be an integer >= 1, not 'ten'"),
+             ({**good, "kind": "qat", "plan": {**plan.to_dict(), "layers": [1]}},
+              "has a malformed plan: a plan needs"),
+             ({**good, "input_size": "32"}, "its 'input_size' should be an integer"),
+             ({**good, "normalization": {"mean": [0.5]}}, "its 'normalization' should be"),
+             ({**good, "state_dict": {"fc.weight": [1.0]}}, "its 'state_dict' should be")]
+    for i, (bad, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.pt"
+        save_checkpoint(path, bad)
+        with pytest.raises(UsageError, match=rf"checkpoint {re.escape(str(path))}.* "
+                                             rf"{re.escape(message)}"):
+            model_from_checkpoint(load_checkpoint(path), path=path)
+
+
+def test_a_model_mpq_with_a_malformed_header_names_the_field(tmp_path):
+    from mpq.export import load_mpq
+    from mpq.mpqformat import CRC, MAGIC, MPQ_VERSION, PREFIX
+
+    # A header that passes the length and checksum tests but lacks the class count.
+    head = json.dumps({"format": "mpq.model", "model": {"name": "resnet20"}, "input_size": 32,
+                       "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
+                       "w_bits": "", "a_bits": ""}).encode()
+    body = PREFIX.pack(MAGIC, MPQ_VERSION, len(head), 0) + head
+    (tmp_path / "model.mpq").write_bytes(body + CRC.pack(zlib.crc32(body)))
+    with pytest.raises(UsageError, match=r"model.mpq is malformed: it has no 'model.num_classes'"):
+        load_mpq(tmp_path / "model.mpq")
 
 
 def test_a_teacher_comes_as_a_state_dict_a_wrapped_one_or_torchvision_weights(tmp_path,

@@ -80,6 +80,10 @@ def test_eval_bad_checkpoints(tmp_path):
     save_checkpoint(tmp_path / "wrong.pt", wrong)
     assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "wrong.pt"),
                        "does not fit the model")
+    no_plan = {**wrong, "kind": "qat"}  # the right format, a key missing
+    save_checkpoint(tmp_path / "no_plan.pt", no_plan)
+    assert_usage_error(run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "no_plan.pt"),
+                       f"checkpoint {tmp_path / 'no_plan.pt'} is malformed: it has no 'plan'")
 
 
 def test_wrap_turns_a_state_dict_into_a_checkpoint_and_eval_reads_one_without_recipe(

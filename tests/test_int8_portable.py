@@ -209,7 +209,7 @@ def test_cli_reencodes_an_old_packed_file_onto_the_portable_grid(tmp_path, monke
     monkeypatch.undo()
     env_path = {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}
     args = ["-m", "mpq", "export", "--checkpoint", tmp_path / "v2.mpq", "--data-root",
-            tmp_path / "data", "--quiet"]
+            tmp_path / "data", "--quiet", "--allow-factory"]  # the file names a factory
     refused = run_script(*args, "--out", tmp_path / "refused", env=env_path)
     assert refused.returncode == 1 and "--reencode-int8" in refused.stderr, refused.stderr
     assert not (tmp_path / "refused").exists()

@@ -106,7 +106,7 @@ def test_the_network_goes_through_sensitivity_plan_qat_and_export(net_and_data, 
         got_int8 = int8(probe)
     assert (onnx.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
     assert (got_int8.argmax(1) == ref.argmax(1)).float().mean() >= 0.99
-    rebuilt, _ = load_mpq(tmp_path / "export" / "model.mpq")
+    rebuilt, _ = load_mpq(tmp_path / "export" / "model.mpq", expect_model=META["model"]["name"])
     with torch.no_grad():
         assert torch.equal(rebuilt(probe), ref)
 

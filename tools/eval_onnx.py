@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
@@ -36,21 +35,40 @@ def load_image(path: Path, size: int, resize: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def onnxruntime_model(path: Path):
+    """`predict(x) -> logits` of the ONNX model at `path` in ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, as every other bad input (mpq.cli.Parser)
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
-def main() -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> Parser:
+    """The command line both evaluators share (this one and eval_openvino.py)."""
+    parser = Parser(description=description)
     parser.add_argument("--export", required=True,
                         help="folder with model_int8.onnx and export.json")
     parser.add_argument("--data-root", required=True, help="ImageFolder root with test/ or val/")
     parser.add_argument("--model", default="model_int8.onnx")
     parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = arguments(__doc__.splitlines()[0]).parse_args()
+    return run(lambda: evaluate(args, onnxruntime_model, runtime="ONNX Runtime"))
+
+
+def run(evaluation) -> int:
+    """`evaluation()`'s exit code; a `BadInput` it raises is one line on stderr and exit 2."""
     try:
-        return evaluate(args)
+        return evaluation()
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,7 +78,9 @@ class BadInput(Exception):
     """What the user passed cannot be used: one line on stderr, exit code 2."""
 
 
-def evaluate(args) -> int:
+def evaluate(args, load_model, *, runtime: str) -> int:
+    """Prints the images counted and the top-1 of `load_model(path)`, a `predict(x) -> logits`
+    on (N, 3, H, W) float32 arrays, on the test split; `runtime` names it in errors."""
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be >= 1, got {args.batch_size}")
     export = Path(args.export)
@@ -89,11 +109,10 @@ def evaluate(args) -> int:
     if not files:
         raise BadInput(f"{split} holds no images in class folders")
     try:
-        session = ort.InferenceSession(str(export / args.model),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own types for missing and malformed files
+        predict = load_model(export / args.model)
+    except Exception as exc:  # runtimes raise their own types for missing and malformed files
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{export / args.model} cannot be loaded by ONNX Runtime ({first}); "
+        raise BadInput(f"{export / args.model} cannot be loaded by {runtime} ({first}); "
                        f"export again") from None
     correct = 0
     for start in range(0, len(files), args.batch_size):
@@ -106,7 +125,7 @@ def evaluate(args) -> int:
                 raise BadInput(f"cannot decode image {f}: {exc}; fix or remove it") from None
         images = np.stack(images).transpose(0, 3, 1, 2)
         x = ((images.astype(np.float32) / 255 - mean) / std).astype(np.float32)
-        logits = session.run(None, {meta["input"]["name"]: x})[0]
+        logits = predict(x)
         correct += int((logits.argmax(1) == np.array([label for _, label in chunk])).sum())
     print(f"images={len(files)}")
     print(f"top1={100 * correct / len(files):.2f}")

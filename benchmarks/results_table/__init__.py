@@ -12,10 +12,12 @@ import json
 import shutil
 import time
 
+import onnxruntime
 import torch
 
 from mpq.errors import UsageError
 from mpq.files import write_atomic
+from mpq.timing import cpu_summary, openvino_version
 from .compute import RowFailed, make_row, smallest_plan, stale
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
@@ -68,8 +70,9 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
     measured = {name: row for name, row in rows.items() if not row.get("infeasible")}
     lat, rebuilt = latency(layout, measured, threads, seconds, data_root)
     write_atomic(layout.results / "latency.json", json.dumps(
-        {"threads": threads, "ms": lat, "torch": torch.__version__, "rebuilt": rebuilt},
-        indent=2) + "\n")
+        {"threads": threads, "ms": lat, "cpu": cpu_summary(), "torch": torch.__version__,
+         "onnxruntime": onnxruntime.__version__, "openvino": openvino_version(),
+         "rebuilt": rebuilt}, indent=2) + "\n")
     table = write_table(rows, lat, fp32_bytes, stale_rows)
     if "fp32" in rows:
         log_curve(layout, measured)

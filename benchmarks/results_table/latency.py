@@ -1,5 +1,6 @@
 """Every finished row's latency, measured side by side: batch 1 and 256, each row's runtimes
-(ONNX Runtime, PyTorch), rebuilding from committed files what a fresh clone lacks."""
+(ONNX Runtime, PyTorch, and OpenVINO where it is installed), rebuilding from committed files
+what a fresh clone lacks."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import warnings
 
 import torch
 
-from mpq.timing import ort_runner, side_by_side
+from mpq.timing import openvino_runner, openvino_version, ort_runner, side_by_side
 from .compute import ao_int8_ptq, fp32_onnx
 from .layout import Layout
 
 __all__ = ["latency"]
 
 
-def _models_to_time(layout: Layout, rows: dict, data_root) -> tuple[dict, list]:
-    """Each row's model files to time, by runtime ("<row>/onnxruntime", "<row>/pytorch"), and
-    the ones rebuilt because their run's folder is gone (a fresh clone keeps only the committed
+def _models_to_time(layout: Layout, rows: dict, data_root, *,
+                    openvino: bool = False) -> tuple[dict, list]:
+    """Each row's model files to time, by runtime ("<row>/onnxruntime", "<row>/pytorch", with
+    `openvino` also "<row>/openvino": the same ONNX files ONNX Runtime times), and the ones
+    rebuilt because their run's folder is gone (a fresh clone keeps only the committed
     artifacts). Rebuilt: the FP32 ONNX from the teacher, torch.ao's int8 model from the same
     calibration batches, each exported row's PyTorch int8 model from its committed `model.mpq`
     (which computes what the exported model computed)."""
@@ -64,6 +67,13 @@ def _models_to_time(layout: Layout, rows: dict, data_root) -> tuple[dict, list]:
                     rebuilt.append(f"{name}/pytorch")
             if path.exists():
                 files[f"{name}/pytorch"] = path
+    if openvino:  # OpenVINO reads the QDQ and FP32 ONNX models directly: timed beside ORT
+        paired = {}
+        for key, path in files.items():
+            paired[key] = path
+            if key.endswith("/onnxruntime"):
+                paired[key.replace("/onnxruntime", "/openvino")] = path
+        files = paired
     return files, rebuilt
 
 
@@ -76,7 +86,11 @@ def latency(layout: Layout, rows: dict, threads: int, seconds: float,
     torch.set_num_threads(threads)
     torch.backends.quantized.engine = "x86"
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.load's notice
-    files, rebuilt = _models_to_time(layout, rows, data_root)
+    openvino = openvino_version()
+    if openvino is None:
+        print("  openvino not installed (pip install 'mpq[openvino]'): OpenVINO not timed",
+              flush=True)
+    files, rebuilt = _models_to_time(layout, rows, data_root, openvino=openvino is not None)
     if rebuilt:
         print(f"  rebuilt to time them (their {layout.rel(layout.runs)}/ files are gone): "
               f"{', '.join(rebuilt)}", flush=True)
@@ -86,9 +100,10 @@ def latency(layout: Layout, rows: dict, threads: int, seconds: float,
         model = model.to(memory_format=torch.channels_last)
         runtimes["fp32/pytorch"] = lambda x, m=model: m(
             x.contiguous(memory_format=torch.channels_last))
+    load = {"onnxruntime": ort_runner, "openvino": openvino_runner,
+            "pytorch": lambda path, _: torch.jit.load(str(path))}
     for key, path in files.items():
-        runtimes[key] = (ort_runner(path, threads) if key.endswith("/onnxruntime")
-                         else torch.jit.load(str(path)))
+        runtimes[key] = load[key.split("/")[1]](path, threads)
     missing = [name for name in rows if name != "fp16"
                and not any(k.startswith(f"{name}/") for k in runtimes)]
     if missing:

@@ -162,22 +162,39 @@ def _plan_from_header(header: dict, names: list[str], path) -> Plan:
 
 
 @torch.no_grad()
-def load_mpq(path: str | os.PathLike, *, architecture=None) -> tuple[nn.Module, dict]:
+def load_mpq(path: str | os.PathLike, *, architecture=None, expect_model: str | None = None,
+             allow_factory: bool = False) -> tuple[nn.Module, dict]:
     """Rebuilds the fake-quantized model a `model.mpq` file holds, and its header.
 
     The model computes exactly what the exported model computed: weights on their grid with
     their stored scales (weight quantizers in `fixed` mode), BN folded, stored activation scales.
-    `architecture(num_classes=...)` builds the bare FP32 model; by default the header's model
-    name does (`mpq.models.build_model`: registry names and `package.module:factory`).
+
+    Args:
+        architecture: `architecture(num_classes=...)` builds the bare FP32 model; by default
+            the header's model name does (`mpq.models.build_model`: registry names and
+            `package.module:factory`).
+        expect_model: the model name the caller expects; a file of another is refused, and a
+            `package.module:factory` it names is built.
+        allow_factory: build a `package.module:factory` the header names even when the
+            caller named none: that imports the module and calls the factory, so only for a
+            file you trust (`mpq.models.check_factory_allowed`).
     """
-    from ..models import build_model
+    from ..checkpoint import check_payload
+    from ..models import build_model, check_factory_allowed
     from ..quant import prepare_qat
 
     header, payload, version = read_mpq(path)
+    check_payload(header, source=str(path),
+                  require=("input_size", "normalization", "w_bits", "a_bits"))
     spec = header["model"]
-    model = (architecture or (lambda num_classes: build_model(spec["name"],
-                                                          num_classes=num_classes)))(
-        num_classes=spec["num_classes"])
+    if expect_model is not None and spec["name"] != expect_model:
+        raise UsageError(f"{path} holds a {spec['name']!r} model, but {expect_model!r} was "
+                         f"expected; pass a file of that architecture")
+    if architecture is None:
+        check_factory_allowed(spec["name"], source=str(path), expect_model=expect_model,
+                              allow_factory=allow_factory)
+        architecture = (lambda num_classes: build_model(spec["name"], num_classes=num_classes))
+    model = architecture(num_classes=spec["num_classes"])
     plan = _plan_from_header(header, quantizable_layers(model), path)
     size = header["input_size"]
     config = QuantConfig(weight_scale="fixed", quantize_joins=header.get("quantize_joins", True))

@@ -20,7 +20,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import torch.nn.functional as F                #  before the ONNX exporter builds its registry)
 from torch import fx, nn
 
-from ..errors import UsageError
+from ..errors import UsageError, blame
+from ..files import atomic_path
 from ..quant.modules import ActQuantizer, QuantLinear, _QuantLayer
 from .graph import act_params
 from .mpqfile import int_bias, int_weight
@@ -142,15 +143,24 @@ def export_onnx(qmodel: fx.GraphModule, path: str | os.PathLike, *, input_shape)
                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                 verbose=False)
         except Exception as exc:  # the exporter raises many kinds; name the op it could not
+            who = blame(exc)
+            if who.owner == "mpq":  # mpq's QDQ modules or their ops: a bug, not the model's
+                raise
+            if who.raised_there:
+                raise UsageError(f"your model raised {who.describe()} at {who.where} (in "
+                                 f"{who.function}) while it was exported to ONNX; fix it "
+                                 f"there, or train with --no-export") from None
             detail = next((ln.strip() for ln in str(exc).splitlines()
                            if "No ONNX function" in ln or "Unsupported" in ln), None)
-            detail = detail or f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-            raise UsageError(f"the model cannot be exported to ONNX ({detail[:300]}); leave "
-                             f"the layer using that op in float in the plan, or train with "
-                             f"--no-export") from None
+            detail = detail or who.describe()
+            where = f" at {who.where} (in {who.function})" if who.where else ""
+            raise UsageError(f"the model cannot be exported to ONNX{where} ({detail[:300]}); "
+                             f"leave the layer using that op in float in the plan, or train "
+                             f"with --no-export") from None
     model = program.model_proto
     for node in model.graph.node:  # the exporter's per-node stack traces: half the file
         del node.metadata_props[:]
         node.doc_string = ""
     onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))  # one file: weights inside, not beside it
+    with atomic_path(path, suffix=".onnx") as tmp:
+        onnx.save(model, str(tmp))  # one file: weights inside, not beside it

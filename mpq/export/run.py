@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..files import write_atomic
 from ..models import build_model
 from ..quant import quantization_of
 from ..size import fp32_parameter_bytes, weight_bytes
 from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
 from .onnx_qdq import export_onnx
+from .openvino_ir import OPENVINO_FILES, openvino_predict, require_openvino, save_openvino_ir
 from .overflow import Int8OverflowRisk, check_int8_overflow, reencode_int8_
 from .torch_int8 import save_torch_int8
 
@@ -64,7 +66,7 @@ def _predictions(fn, batches) -> tuple[np.ndarray, np.ndarray]:
 def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
                  test_batches=None, force: bool = False, extra: dict | None = None,
                  threads: int | None = None, architecture=None,
-                 resize: int | None = None) -> dict:
+                 resize: int | None = None, openvino: bool = False) -> dict:
     """Exports a fake-quantized model and checks the exports on `test_batches`.
 
     Args:
@@ -80,6 +82,8 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         threads: ONNX Runtime threads for the check.
         architecture: builds the bare FP32 model, `architecture(num_classes=...)`; by default
             `meta["model"]["name"]` through `mpq.models.build_model`.
+        openvino: also write the int8 model as an OpenVINO IR (`model_int8.xml` and `.bin`,
+            needs `mpq[openvino]`), checked as the other int8 models are.
     Returns the content of `export.json`. Raises `ExportCheckFailed` when an int8 kernel could
     saturate on some CPU (nothing written), or (after writing the files) when an exported model
     misses the tolerances.
@@ -87,10 +91,12 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
     import onnxruntime as ort
 
     out = Path(out_dir)
-    existing = [name for name in EXPORT_FILES if (out / name).exists()]
+    existing = [name for name in EXPORT_FILES + OPENVINO_FILES if (out / name).exists()]
     if existing and not force:
         raise UsageError(f"{out} already holds an export ({', '.join(existing)}); pass --force "
                          f"to replace it, or choose another --out")
+    if openvino:
+        require_openvino()  # before anything is written
     qmodel = qmodel.cpu().eval()
     size = meta["input_size"]
     shape = (3, size, size)
@@ -109,10 +115,14 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
     expected = weight_bytes(qmodel, meta)
     if mpq_bytes != expected:  # the size the solver budgets with is the size on disk
         raise AssertionError(f"model.mpq has {mpq_bytes} bytes, mpq.size says {expected}")
-    rebuilt, _ = load_mpq(tmp / "model.mpq", architecture=architecture)
+    rebuilt, _ = load_mpq(tmp / "model.mpq", architecture=architecture,
+                          expect_model=meta["model"]["name"])  # the caller's meta names it
     overflow = check_int8_overflow(rebuilt)  # what the int8 models are built from
     export_onnx(rebuilt, tmp / "model_int8.onnx", input_shape=shape)
     int8 = save_torch_int8(rebuilt, tmp / "model_int8.pt", input_shape=shape)
+    written = EXPORT_FILES + (OPENVINO_FILES if openvino else ())
+    if openvino:
+        save_openvino_ir(tmp / "model_int8.onnx", tmp / "model_int8.xml")
 
     plan = quantization_of(qmodel).plan
     build = architecture or (lambda num_classes: build_model(meta["model"]["name"],
@@ -130,12 +140,14 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         "output": {"name": "logits", "shape": ["batch", meta["model"]["num_classes"]]},
         "plan": plan.to_dict(),
         "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                  for name in EXPORT_FILES[:3]},
+                  for name in written if name != "export.json"},
         "mpq_bytes": mpq_bytes, "fp32_bytes": fp32_bytes,
         "compression": fp32_bytes / mpq_bytes,
         "plan_size_bytes": (plan.extra or {}).get("size_bytes"),
         "int8_overflow_proof": overflow,
-        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
+                     **({"openvino": require_openvino().__version__.split("-")[0]}
+                        if openvino else {})},
         **(extra or {}),
     }
     failures = []
@@ -148,6 +160,9 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         fq, labels = _predictions(lambda x: qmodel(x).numpy(), test_batches)
         runs = {"onnx": lambda x: session.run(None, {"input": x.numpy()})[0],
                 "torch_int8": lambda x: int8(x).numpy()}
+        if openvino:
+            predict = openvino_predict(tmp / "model_int8.xml", threads=threads)
+            runs["openvino"] = lambda x: predict(x.numpy())
         report["test_images"] = int(len(labels))
         report["fake_quant_top1"] = float((fq == labels).mean() * 100)
         for name, fn in runs.items():
@@ -160,9 +175,11 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
                                 f"{report['fake_quant_top1']:.2f}, agreement {agreement:.2f}%")
         report["checks"] = {"min_agreement": MIN_AGREEMENT, "max_top1_drop": MAX_TOP1_DROP,
                             "passed": not failures, "failures": failures}
-    (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name in EXPORT_FILES:
+    write_atomic(tmp / "export.json", json.dumps(report, indent=2) + "\n")
+    for name in written:
         os.replace(tmp / name, out / name)
+    for name in set(OPENVINO_FILES) - set(written):  # a replaced export's IR is not this one
+        (out / name).unlink(missing_ok=True)
     tmp.rmdir()
     if failures:
         raise ExportCheckFailed(f"export check failed ({'; '.join(failures)}); the files are "
@@ -189,16 +206,23 @@ def test_batches_for(payload: dict, *, data_root=None, batch_size: int = 500,
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                       data_root=None, force: bool = False, batch_size: int = 500,
-                      progress: bool = True, reencode_int8: bool = False) -> dict:
+                      progress: bool = True, reencode_int8: bool = False,
+                      expect_model: str | None = None, allow_factory: bool = False,
+                      openvino: bool = False) -> dict:
     """`export_model` for a QAT checkpoint (it carries its plan) or a packed `model.mpq`,
     checked on its test split. With `reencode_int8`, 8-bit layers on the full [-127, 127] grid
     are moved onto the portable one first (`reencode_int8_`), and `export.json` records which,
-    with the fake-quantized top-1 before."""
-    from ..checkpoint import data_config, load_checkpoint, model_from_checkpoint
+    with the fake-quantized top-1 before; with `openvino`, an OpenVINO IR too (`export_model`).
+    `expect_model` and `allow_factory` are `mpq.checkpoint.model_from_checkpoint`'s: a
+    `package.module:factory` the file names is built only when the caller names it or trusts
+    the file."""
+    from ..checkpoint import check_payload, data_config, load_checkpoint, model_from_checkpoint
     from .mpqfile import is_mpq_file
 
+    trust = {"expect_model": expect_model, "allow_factory": allow_factory}
+
     if is_mpq_file(checkpoint):  # any ImageFolder or CIFAR-10 root at the file's input size
-        qmodel, payload = load_mpq(checkpoint)
+        qmodel, payload = load_mpq(checkpoint, **trust)
         qat_top1 = None
     else:
         payload = load_checkpoint(checkpoint)
@@ -206,7 +230,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             raise UsageError(f"{checkpoint} is an FP32 checkpoint; export needs a QAT "
                              f"checkpoint (train.py --teacher {checkpoint} --bits 8, or --plan "
                              f"PLAN.json) or a packed model.mpq")
-        qmodel = model_from_checkpoint(payload, path=checkpoint)
+        check_payload(payload, source=f"checkpoint {checkpoint}",
+                      require=("input_size", "normalization"))  # what the export records
+        qmodel = model_from_checkpoint(payload, path=checkpoint, **trust)
         qat_top1 = (payload.get("metrics") or {}).get("top1")
     meta = {key: payload[key] for key in ("model", "input_size", "normalization")}
     batches = test_batches_for(payload, data_root=data_root, batch_size=batch_size,
@@ -221,4 +247,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                    "fake_quant_top1_before": float((before == labels).mean()
                                                                    * 100)}
     return export_model(qmodel, meta, out_dir, test_batches=batches, force=force, extra=extra,
-                        resize=data_config(payload).resize)
+                        resize=data_config(payload).resize, openvino=openvino)

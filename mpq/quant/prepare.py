@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import UsageError
+from ..errors import UsageError, blame
 from .modules import SCALE_MODES, ActQuantizer, QuantConv, QuantLinear, _QuantLayer
 from .plan import Plan
 
@@ -120,21 +120,23 @@ def _shared_batchnorm(nodes: list[fx.Node], modules: dict) -> nn.Module | None:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """`torch.fx.symbolic_trace`, with a failure turned into an actionable `UsageError`."""
+    """`torch.fx.symbolic_trace`. A failure of the user's model is an actionable `UsageError`
+    naming the user's file and line; one of mpq's own code keeps its traceback."""
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-        where = ""
-        tb = exc.__traceback__
-        while tb is not None:  # the innermost frame inside a module's forward names the culprit
-            frame_self = tb.tb_frame.f_locals.get("self")
-            if isinstance(frame_self, nn.Module):
-                where = f" in {type(frame_self).__name__}.forward"
-            tb = tb.tb_next
-        raise UsageError(f"the model cannot be traced with torch.fx{where}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}; make that code "
-                         f"traceable: no Python branch or loop on tensor values (torch.where "
-                         f"or a fixed shape instead), no op torch.fx cannot record") from None
+        who = blame(exc)
+        if who.owner == "mpq":
+            raise
+        if who.raised_there:  # the user's forward raised it itself
+            raise UsageError(f"your model raised {who.describe()} at {who.where} (in "
+                             f"{who.function}) while torch.fx traced it; its forward runs on "
+                             f"symbolic values then, not tensors: fix it there") from None
+        where = f" in {who.function} at {who.where}" if who.where else ""
+        raise UsageError(f"the model cannot be traced with torch.fx{where}: {who.describe()}; "
+                         f"make that code traceable: no Python branch or loop on tensor "
+                         f"values (torch.where or a fixed shape instead), no op torch.fx "
+                         f"cannot record") from None
 
 
 def _is_tensor(node) -> bool:
