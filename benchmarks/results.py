@@ -16,6 +16,9 @@ Each row runs the commands a user would (recorded in its JSON), on the committed
                     13x gets 60 epochs (its target, <= 0.3 points lost, was missed at 10
                     and 30), 16x 30, 8x the recipe's 10. A budget below the smallest plan
                     (every layer at 2 bits) is recorded as infeasible, with that size.
+    abl13_*         QAT ablations: the committed 13x plan (checkpoints/resnet20_cifar10/
+                    mpq_13x/plan.json) fine-tuned by the QAT recipe, one change each
+                    (results_table/layout.py ABLATIONS), precision pinned.
 
 A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it to redo one);
 the searches and QAT runs under `runs/results/` resume where a killed run stopped. An mpq row

@@ -234,3 +234,19 @@ def test_an_mpq_row_searches_with_the_repair_its_committed_plan_was_found_with(t
     search = [str(a) for a in ran[0]]
     assert search[0] == "search.py" and "search.repair=perturbation" in search
     assert search[search.index("search.repair=perturbation") - 1] == "--set"
+
+
+def test_an_ablation_row_trains_the_committed_13x_plan_with_its_one_change(tmp_path,
+                                                                          monkeypatch):
+    from results_table import compute
+
+    ran = []
+    monkeypatch.setattr(compute, "_exported_row",
+                        lambda layout, commands, export_dir, log: ran.extend(commands) or {})
+    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), "abl13_lsq")
+    (train,) = [[str(a) for a in cmd] for cmd in ran]
+    assert train[0] == "train.py" and "--bits" not in train
+    assert train[train.index("--plan") + 1] == str(ROOT / results.layout.ABLATION_PLAN)
+    sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
+    assert sets == ["train.precision=fp32", "qat.weight_scale=lsq"]  # no epochs: the recipe's
+    assert (ROOT / results.layout.ABLATION_PLAN).is_file()

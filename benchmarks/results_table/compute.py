@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from mpq.files import atomic_path
-from .layout import AO_CALIBRATION_BATCHES, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE, Layout
+from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, QAT_EPOCHS, QAT_RECIPE,
+                     SEARCH_RECIPE, Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
 
@@ -59,6 +60,10 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
     qat = ["train.py", "--recipe", QAT_RECIPE, "--teacher", layout.teacher, *data, "--quiet"]
     if name in QAT_EPOCHS:
         qat += ["--set", f"train.epochs={QAT_EPOCHS[name]}"]
+    if name in ABLATIONS:
+        sets = [arg for setting in ABLATIONS[name][1] for arg in ("--set", setting)]
+        return _exported_row(layout, [[*qat, "--plan", layout.root / ABLATION_PLAN, *sets,
+                                       "--out", run / "qat"]], run / "qat" / "export", log)
     if name in ("ptq_w4", "ptq_w2"):
         return _exported_row(layout, [[*qat, "--bits", name[-1], "--ptq", "--out", run / "qat"]],
                              run / "qat" / "export", log)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "COMPUTE_ORDER", "QAT_EPOCHS",
-           "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
+__all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES",
+           "COMPUTE_ORDER", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -30,8 +30,20 @@ ROWS = {
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30}
 AO_CALIBRATION_BATCHES = 8
+# QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
+# at a time, each with its precision pinned so that a row means the same on every CPU.
+ABLATION_PLAN = "checkpoints/resnet20_cifar10/mpq_13x/plan.json"
+ABLATIONS = {
+    "abl13_fp32": ("13x plan, QAT recipe as shipped (10 epochs), float32",
+                   ["train.precision=fp32"]),
+    "abl13_bf16": ("13x plan, QAT recipe, bf16 autocast", ["train.precision=bf16"]),
+    "abl13_lsq": ("13x plan, QAT recipe, LSQ learned weight scales",
+                  ["train.precision=fp32", "qat.weight_scale=lsq"]),
+    "abl13_lr2": ("13x plan, QAT recipe, lr 0.02", ["train.precision=fp32", "train.lr=0.02"]),
+}
+ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
-                 "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x"]
+                 "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", *ABLATIONS]
 
 
 @dataclass(frozen=True)
