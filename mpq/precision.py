@@ -2,7 +2,9 @@
 
 `auto` is bf16 autocast on CUDA GPUs that support it, fp16 autocast with a GradScaler on older
 GPUs, bf16 on CPUs with native bf16 arithmetic (AMX or AVX-512 BF16), and float32 on other CPUs,
-where bf16 is emulated and slower than float32 (see `benchmarks/train_speed.py`).
+where bf16 is emulated and slower than float32 (see `benchmarks/train_speed.py`; README,
+"Training runs under autocast", for the measurement behind the CPU choice). `$MPQ_AUTO_PRECISION`
+(`fp32` or `bf16`) overrides what `auto` is on a CPU.
 The fake quantizers always compute in float32 (`mpq.quant.modules`): a step of an 8-bit grid is
 1/256 of its range, and bf16 keeps 8 significant bits, so x / scale rounded in bf16 would land
 on the wrong integer.
@@ -18,7 +20,8 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_has_fast_bf16", "grad_scaler"]
+__all__ = ["AUTO_ENV", "PRECISIONS", "autocast", "autocast_dtype", "cpu_has_fast_bf16",
+           "grad_scaler"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
