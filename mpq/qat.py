@@ -258,9 +258,8 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
     student = quantized_model(teacher, plan, cfg, example_inputs=example_inputs)
     student = student.to(device).to(memory_format=memory_format)
     teacher = teacher.to(device).eval().to(memory_format=memory_format)
-    if calibration is None:
-        calibration = (x for x, _ in islice(batches.epoch(0), cfg.calibration_batches))
-    calibrate_(student, (batches.move(x) for x in calibration))
+    calibrate_(student, (x for x, _ in islice(batches.epoch(0), cfg.calibration_batches))
+               if calibration is None else (batches.move(x) for x in calibration))
     freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
 
     def on_epoch_start(epoch: int) -> None:

@@ -24,6 +24,7 @@ from ..files import write_atomic
 from ..models import build_model
 from ..quant import quantization_of
 from ..size import fp32_parameter_bytes, weight_bytes
+from ..timing import openvino_version
 from .mpqfile import MPQ_VERSION, load_mpq, save_mpq
 from .onnx_qdq import export_onnx
 from .openvino_ir import OPENVINO_FILES, openvino_predict, require_openvino, save_openvino_ir
@@ -146,8 +147,7 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         "plan_size_bytes": (plan.extra or {}).get("size_bytes"),
         "int8_overflow_proof": overflow,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
-                     **({"openvino": require_openvino().__version__.split("-")[0]}
-                        if openvino else {})},
+                     **({"openvino": openvino_version()} if openvino else {})},
         **(extra or {}),
     }
     failures = []
