@@ -119,4 +119,7 @@ def test_committed_mobilenet_v2_packed_file_alone_reproduces_its_top1():
                         DATA, "--quiet", timeout=600)
     assert result.returncode == 0, result.stderr
     top1 = float(result.stdout.strip().splitlines()[-1].split("=")[1])
-    assert abs(top1 - report["fake_quant_top1"]) < 0.01
+    # The fake-quantized model computes in float32, whose conv kernels round differently on
+    # different CPUs: recorded 70.63 on a Zen 3 (AVX2), 70.62 on Zen 4/5 (AVX-512), one image
+    # moved across an activation step. The int8 runtimes are the ones that compute the same.
+    assert abs(top1 - report["fake_quant_top1"]) <= 0.05
