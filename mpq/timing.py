@@ -45,8 +45,9 @@ def ort_runner(path, threads: int):
 
 
 def openvino_runner(path, threads: int, *, precision: str | None = "f32"):
-    """`fn(x)` running an ONNX model (input `input`; or an OpenVINO IR) in OpenVINO's CPU plugin
-    with `threads` threads, set up for each batch size as OpenVINO advises: at batch 1 the
+    """`fn(x)` running an ONNX model (input `input`; read through
+    `mpq.export.openvino_ir.openvino_model`) or an OpenVINO IR in OpenVINO's CPU plugin with
+    `threads` threads, set up for each batch size as OpenVINO advises: at batch 1 the
     latency hint, one request; above it the throughput hint, the batch split across the
     parallel requests it recommends (one per stream) and run asynchronously (one request with
     the latency hint where the batch does not split evenly). Each is compiled for its static
@@ -66,8 +67,10 @@ def openvino_runner(path, threads: int, *, precision: str | None = "f32"):
     if precision:
         base[hints.inference_precision] = getattr(ov.Type, precision)
 
+    from .export.openvino_ir import openvino_model
+
     def compiled_for(batch: int, mode, streams: int | None = None):
-        model = core.read_model(str(path))
+        model = openvino_model(path)
         shape = model.input(0).get_partial_shape()
         shape[0] = batch
         model.reshape(shape)

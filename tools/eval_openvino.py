@@ -8,10 +8,15 @@ int8 kernels; this checks what it computes.
 As tools/eval_onnx.py (the same arguments, preprocessing from export.json and output), on
 OpenVINO's CPU plugin. `--precision` is that of the graph's float parts (default f32, as the
 ONNX model states them; `default` leaves OpenVINO's choice, bf16 on CPUs with native bf16).
-`--model` also takes an OpenVINO IR (.xml). It imports eval_onnx.py beside it (copy both).
+The model is the export's OpenVINO IR (`model_int8.xml`, from `python -m mpq export --openvino`)
+when it has one, else `model_int8.onnx`; `--model` names another. Read from the ONNX file,
+OpenVINO skips rounding a conv's output where a residual add follows (its Conv-Add fusion), so
+its top-1 can differ from ONNX Runtime's by a few tenths; the IR rounds there explicitly and
+computes what the ONNX file states. It imports eval_onnx.py beside it (copy both).
 """
 
 import sys
+from pathlib import Path
 
 from eval_onnx import arguments, evaluate, run
 
@@ -52,7 +57,11 @@ def main() -> int:
                         help="INFERENCE_NUM_THREADS (default: OpenVINO's, every core)")
     parser.add_argument("--precision", choices=("f32", "bf16", "default"), default="f32",
                         help="precision of the graph's float parts (int8 parts stay int8)")
+    parser.set_defaults(model=None)
     args = parser.parse_args()
+    if args.model is None:
+        ir = Path(args.export) / "model_int8.xml"
+        args.model = ir.name if ir.is_file() else "model_int8.onnx"
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
