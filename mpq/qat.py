@@ -1,11 +1,5 @@
-"""The QAT stage: fine-tune a fake-quantized student from its FP32 teacher by distillation.
-
-    loss = alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE(student, labels)
-
-with p = softmax(logits / T), KL averaged over the batch (`batchmean`, Hinton et al. 2015): in
-torch's argument order, `kl_div(log p_student, log p_teacher)`. The teacher runs in eval mode
-without gradients.
-"""
+"""The QAT stage: fine-tune a fake-quantized student from its FP32 teacher by distillation
+(`mpq.distill`: logits, and each quantized layer's output where `qat.feature_weight` > 0)."""
 
 from __future__ import annotations
 
@@ -15,13 +9,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
 from .checkpoint import fp32_payload, load_teacher, model_meta, save_checkpoint
 from .config import Recipe, TrainConfig, recipe_to_dict
 from .data import make_loader
+from .distill import distillation_loss, distillation_step_loss
 from .errors import UsageError
 from .report import log_qat_layout
 from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
@@ -45,6 +39,9 @@ class QATConfig:
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
     exact average over this many augmented training batches (`mpq.quant.reestimate_bn_`);
     0 (the default) keeps the running averages of training.
+    `feature_weight`: weight of the feature term of the loss (`mpq.distill`: each quantized
+    layer's output against the teacher's at the same point); 0 (the default) distils logits
+    only.
     """
 
     alpha: float = 0.9
@@ -56,6 +53,7 @@ class QATConfig:
     act_bits: int = 8
     quantize_joins: bool = True
     bn_reestimate_batches: int = 0
+    feature_weight: float = 0.0
 
     def quant_config(self) -> QuantConfig:
         """The settings `prepare_qat` takes."""
@@ -73,6 +71,9 @@ class QATConfig:
             raise UsageError(f"qat.act_bits must be in 2..8, got {self.act_bits}")
         if self.calibration_batches < 1:
             raise UsageError("qat.calibration_batches must be >= 1")
+        if self.feature_weight < 0:
+            raise UsageError(f"qat.feature_weight must be >= 0 (0: logits only), got "
+                             f"{self.feature_weight}")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")
@@ -83,30 +84,6 @@ class QATRecipe(Recipe):
     """A recipe with a `qat` section; `train` then holds the fine-tuning schedule."""
 
     qat: QATConfig = field(default_factory=QATConfig)
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor, *, alpha: float, temperature: float):
-    """Returns (loss, {"kd": ..., "ce": ...}); see the module docstring for the formula."""
-    t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1),
-                  F.log_softmax(teacher_logits / t, dim=1),
-                  reduction="batchmean", log_target=True) * (t * t)
-    ce = F.cross_entropy(student_logits, labels)
-    return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
-
-
-def distillation_step_loss(teacher: nn.Module, cfg: QATConfig):
-    """The loss of one QAT step, `(student, x, y) -> (loss, logits, terms)`: distillation from
-    `teacher` (eval mode, no gradients) with the settings of `cfg`."""
-    def loss_fn(student, x, y):
-        with torch.no_grad():
-            t_logits = teacher(x)
-        logits = student(x)
-        loss, terms = distillation_loss(logits, t_logits, y, alpha=cfg.alpha,
-                                        temperature=cfg.temperature)
-        return loss, logits, terms
-    return loss_fn
 
 
 def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size: int = 32,
@@ -206,7 +183,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     else:
         metrics = fit(student, recipe=recipe, train_loader=train_loader,
                       test_loader=test_loader, out_dir=out_dir, meta=meta,
-                      loss_fn=distillation_step_loss(teacher_model, cfg),
+                      loss_fn=distillation_step_loss(teacher_model, cfg, student),
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
                       epoch_logger=epoch_logger, on_train_end=on_train_end)
     metrics.update(teacher_top1=teacher_top1,
@@ -267,7 +244,7 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
             freeze_bn_(student)
 
     fit(student, train_loader=batches, train_cfg=train,
-        loss_fn=distillation_step_loss(teacher, cfg), progress=progress, log=False,
+        loss_fn=distillation_step_loss(teacher, cfg, student), progress=progress, log=False,
         on_epoch_start=on_epoch_start)
     freeze_bn_(student)
     return student.eval()

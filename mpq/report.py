@@ -12,6 +12,7 @@ import numpy as np
 
 __all__ = ["FIGURE_WIDTH", "bits_figure", "log_qat_layout", "log_search", "log_sensitivity",
            "log_trials_hparams", "pareto_points", "perturbation_figure", "scatter_figure",
+           "series_figure",
            "sensitivity_figure", "trials_figure"]
 
 # TensorBoard's IMAGES tab fits each image into a card about 330 pixels wide (a 1400-pixel
@@ -130,6 +131,17 @@ def bits_figure(bits: dict, numel: dict, nbytes: dict):
     return fig
 
 
+def _finish(fig, ax, *, title: str, xlabel: str, ylabel: str):
+    """Labels, title, grid and legend of a one-panel chart."""
+    ax.set_xlabel(xlabel, fontsize=_FONT)
+    ax.set_ylabel(ylabel, fontsize=_FONT)
+    ax.tick_params(labelsize=_FONT)
+    ax.set_title(title, fontsize=_FONT + 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=_FONT - 0.5)
+    return fig
+
+
 def scatter_figure(points: list[tuple[float, float]], *, title: str, xlabel: str, ylabel: str):
     """(x, y) points with their Pareto front (lower y at lower x)."""
     fig = _figure(0, extra=2.8)
@@ -139,13 +151,26 @@ def scatter_figure(points: list[tuple[float, float]], *, title: str, xlabel: str
         front = pareto_points(points)
         ax.plot(*zip(*front), color=_RED, marker="o", markersize=3, linewidth=1,
                 label="Pareto front")
-    ax.set_xlabel(xlabel, fontsize=_FONT)
-    ax.set_ylabel(ylabel, fontsize=_FONT)
-    ax.tick_params(labelsize=_FONT)
-    ax.set_title(title, fontsize=_FONT + 0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=_FONT - 0.5)
-    return fig
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
+
+
+def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
+                  ylabel: str, logx: bool = False):
+    """One marked line per named series of (x, y) points, each point labelled with its y."""
+    fig = _figure(0, extra=2.8)
+    ax = fig.add_subplot()
+    colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000")
+    for (name, points), color in zip(series.items(), colors * len(series)):
+        if not points:
+            continue
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1, label=name)
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(3, 3),
+                        fontsize=_FONT - 1.5, color=color)
+    if logx:
+        ax.set_xscale("log")
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def trials_figure(trials: list[dict], *, budget_bytes: int | None = None,

@@ -250,3 +250,60 @@ def test_an_ablation_row_trains_the_committed_13x_plan_with_its_one_change(tmp_p
     sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
     assert sets == ["train.precision=fp32", "qat.weight_scale=lsq"]  # no epochs: the recipe's
     assert (ROOT / results.layout.ABLATION_PLAN).is_file()
+
+
+def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layout = dataclasses.replace(LAYOUT, runs=tmp_path)
+    rows = {"fp32": row(89.57, "model_fp32.onnx", 1_171_834),
+            "abl13_ep1": row(88.50, "model.mpq", 83_799, epochs=1),
+            "abl13_fp32": row(89.07, "model.mpq", 83_799, epochs=10),
+            "abl13_bf16": row(89.36, "model.mpq", 83_799, epochs=10),
+            "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60)}
+    assert results.table.epoch_points(rows) == {
+        "float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
+        "bf16 autocast / seed 1 / 60-epoch row": [(10, 0.21, "abl13_bf16"),
+                                                 (60, 0.2, "mpq_13x")]}
+    results.log_curve(layout, rows)
+    png = tmp_path / "figures" / "epochs.png"
+    results.log_epochs(layout, rows, png=png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    lost = events.Scalars("epochs_13x/points_lost")
+    assert [(e.step, round(e.value, 2)) for e in lost] == [(1, 1.07), (10, 0.5)]
+    assert "epochs_13x/points_lost_vs_epochs" in events.Tags()["images"]
+    assert len(events.Scalars("accuracy_vs_size/top1")) == 2  # fp32 and mpq_13x, kept
+
+
+def test_the_make_run_row_runs_the_makefiles_search_and_qat_with_precision_pinned(tmp_path,
+                                                                                 monkeypatch):
+    from results_table import compute
+
+    ran = []
+    monkeypatch.setattr(compute, "_exported_row",
+                        lambda layout, commands, export_dir, log: ran.extend(commands) or {})
+    (tmp_path / "make_run" / "search").mkdir(parents=True)
+    (tmp_path / "make_run" / "search" / "plan.json").write_text(
+        json.dumps({"budget_bytes": 83_838, "size_bytes": 83_799}))
+    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), "make_run")
+    search, train = [[str(a) for a in cmd] for cmd in ran]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "search.py --recipe recipes/resnet20_cifar10.yaml" in makefile
+    assert search[:3] == ["search.py", "--recipe", "recipes/resnet20_cifar10.yaml"]
+    assert "--set" not in search and search[search.index("--budget") + 1] == "13x"
+    assert train[train.index("--plan") + 1] == str(tmp_path / "make_run" / "search" / "plan.json")
+    assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]
+
+
+def test_the_w4a4_row_keeps_the_image_at_8_bits_and_everything_else_at_4(tmp_path):
+    if not LAYOUT.teacher.exists():
+        pytest.skip(f"needs the committed teacher {LAYOUT.teacher}")
+    from mpq.quant import load_plan
+    from results_table import compute
+
+    plan = load_plan(compute.w4a4_plan(LAYOUT, tmp_path / "plan.json"))
+    first, *rest = plan.layers.items()
+    assert first == ("conv1", {"w_bits": 4, "a_bits": 8})
+    assert len(rest) == 21 and all(v == {"w_bits": 4, "a_bits": 4} for _, v in rest)

@@ -21,7 +21,7 @@ from mpq.timing import cpu_summary, openvino_version
 from .compute import RowFailed, make_row, smallest_plan, stale
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
-from .table import copy_artifacts, log_curve, update_readme, write_table
+from .table import EPOCHS_FIGURE, copy_artifacts, log_curve, log_epochs, update_readme, write_table
 
 __all__ = ["COMPUTE_ORDER", "ROWS", "Layout", "RowFailed", "copy_artifacts", "latency",
            "log_curve", "make_row", "run", "smallest_plan", "stale", "update_readme",
@@ -76,6 +76,7 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
     table = write_table(rows, lat, fp32_bytes, stale_rows)
     if "fp32" in rows:
         log_curve(layout, measured)
+        log_epochs(layout, measured, png=layout.root / EPOCHS_FIGURE if publish else None)
     if publish:
         update_readme(table, layout.root / "README.md")
         copy_artifacts(layout, measured)

@@ -64,6 +64,20 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         sets = [arg for setting in ABLATIONS[name][1] for arg in ("--set", setting)]
         return _exported_row(layout, [[*qat, "--plan", layout.root / ABLATION_PLAN, *sets,
                                        "--out", run / "qat"]], run / "qat" / "export", log)
+    if name == "make_run":
+        # The Makefile's two commands, precision pinned so the row means the same on every CPU.
+        search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", layout.teacher, *data,
+                  "--budget", "13x", "--out", run / "search", "--quiet"]
+        train = [*qat, "--plan", run / "search" / "plan.json", "--set", "train.precision=fp32",
+                 "--out", run / "qat"]
+        row = _exported_row(layout, [search, train], run / "qat" / "export", log)
+        plan = json.loads((run / "search" / "plan.json").read_text())
+        row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
+        return row
+    if name == "qat_w4a4":
+        plan = w4a4_plan(layout, run / "plan.json")
+        return _exported_row(layout, [[*qat, "--plan", plan, "--set", "train.precision=fp32",
+                                       "--out", run / "qat"]], run / "qat" / "export", log)
     if name in ("ptq_w4", "ptq_w2"):
         return _exported_row(layout, [[*qat, "--bits", name[-1], "--ptq", "--out", run / "qat"]],
                              run / "qat" / "export", log)
@@ -86,6 +100,21 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
         return row
     return _baseline_row(layout, name, run, data_root)
+
+
+def w4a4_plan(layout: Layout, path: Path) -> Path:
+    """Writes the uniform W4A4 plan to `path`: 4-bit weights, 4-bit activations entering every
+    layer but the first, whose input is the image (8 bits, as HAWQ and most A4 work keep it)."""
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.quant import quantizable_layers, uniform_plan
+
+    teacher = model_from_checkpoint(load_checkpoint(layout.teacher))
+    names = quantizable_layers(teacher)
+    plan = uniform_plan("resnet20", names, w_bits=4, a_bits=4)
+    plan.layers[names[0]]["a_bits"] = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return path
 
 
 def smallest_plan(layout: Layout, budget: str) -> dict | None:

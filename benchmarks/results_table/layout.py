@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES",
-           "COMPUTE_ORDER", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
+           "COMPUTE_ORDER", "EPOCH_CURVE", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -26,6 +26,8 @@ ROWS = {
     "mpq_8x": "mpq, 8x budget",
     "mpq_13x": "mpq, 13x budget",
     "mpq_16x": "mpq, 16x budget",
+    "qat_w4a4": "uniform W4A4 QAT (the image entering conv1 at 8 bits)",
+    "make_run": "`make run`: 13x search, QAT recipe (10 epochs), float32",
 }
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30}
@@ -40,10 +42,25 @@ ABLATIONS = {
     "abl13_lsq": ("13x plan, QAT recipe, LSQ learned weight scales",
                   ["train.precision=fp32", "qat.weight_scale=lsq"]),
     "abl13_lr2": ("13x plan, QAT recipe, lr 0.02", ["train.precision=fp32", "train.lr=0.02"]),
+    "abl13_s1": ("13x plan, QAT recipe as shipped, float32, seed 1",
+                 ["train.precision=fp32", "train.seed=1"]),
+    "abl13_kd": ("13x plan, QAT recipe, distillation loss only (alpha 1)",
+                 ["train.precision=fp32", "qat.alpha=1.0"]),
+    "abl13_feat": ("13x plan, QAT recipe, each layer's output distilled too (weight 1)",
+                   ["train.precision=fp32", "qat.feature_weight=1.0"]),
+    # Points lost against epochs (the 10-epoch point is abl13_fp32).
+    **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
+                        ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
 }
 ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
+# Points lost against QAT epochs on ABLATION_PLAN: float32 seed-0 runs of 1..20 epochs, and
+# the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row) beside them.
+EPOCH_CURVE = {"float32, seed 0": ["abl13_ep1", "abl13_ep2", "abl13_ep5", "abl13_fp32",
+                                   "abl13_ep20"],
+               "bf16 autocast / seed 1 / 60-epoch row": ["abl13_bf16", "abl13_s1", "mpq_13x"]}
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
-                 "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", *ABLATIONS]
+                 "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
+                 *ABLATIONS]
 
 
 @dataclass(frozen=True)

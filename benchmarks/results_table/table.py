@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 from mpq.errors import UsageError
-from mpq.files import write_atomic
-from .layout import ARTIFACT_FILES, ROWS, Layout
+from mpq.files import atomic_path, write_atomic
+from .layout import ARTIFACT_FILES, EPOCH_CURVE, ROWS, Layout
 
-__all__ = ["copy_artifacts", "log_curve", "update_readme", "write_table"]
+__all__ = ["copy_artifacts", "epoch_points", "log_curve", "log_epochs", "update_readme",
+           "write_table"]
+
+EPOCHS_FIGURE = "docs/figures/points_lost_vs_epochs_13x.png"
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -79,6 +82,36 @@ def log_curve(layout: Layout, rows: dict) -> None:
                       scatter_figure(points, title="ResNet20 / CIFAR-10: points lost vs size",
                                      xlabel="KB on disk", ylabel="points lost"))
     writer.close()
+
+
+def epoch_points(rows: dict) -> dict[str, list[tuple[int, float, str]]]:
+    """EPOCH_CURVE's series as (epochs, points lost, row) of the finished rows."""
+    teacher = rows["fp32"]["top1"]
+    return {series: [(rows[n]["epochs"], round(teacher - rows[n]["top1"], 2), n)
+                     for n in names if n in rows]
+            for series, names in EPOCH_CURVE.items()}
+
+
+def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
+    """Points lost against QAT epochs on the 13x plan, in TensorBoard under `layout.runs / "tb"`
+    (call after `log_curve`, which clears that folder) and, with `png`, as an image file."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mpq.report import series_figure
+
+    series = {name: [(e, lost) for e, lost, _ in points]
+              for name, points in epoch_points(rows).items()}
+    writer = SummaryWriter(str(layout.runs / "tb"))
+    for epochs, lost in sorted(series[next(iter(series))]):
+        writer.add_scalar("epochs_13x/points_lost", lost, epochs)
+    fig = series_figure(series, title="ResNet20 13x plan: points lost vs QAT epochs",
+                        xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True)
+    writer.add_figure("epochs_13x/points_lost_vs_epochs", fig, close=False)
+    writer.close()
+    if png is not None:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=150)
 
 
 def copy_artifacts(layout: Layout, rows: dict) -> None:
