@@ -4,8 +4,8 @@ which runs it on its own int8 kernels. Optional: `pip install 'mpq[openvino]'`.
 Read as it is, OpenVINO does not compute our QDQ graph: its CPU plugin fuses a residual add into
 the conv before it (Conv -> FakeQuantize -> Add -> ... -> FakeQuantize) and skips rounding that
 conv's output onto its grid, by design (openvinotoolkit/openvino#5405). On ResNet20 that moved
-0.2-18% of a block's outputs by a step and top-1 by -0.08 to +0.21 points against ONNX Runtime.
-`for_openvino` rounds those conv outputs explicitly (Div, Round, Clip, Mul: the identity on a
+up to a fifth of a block's outputs by a step and top-1 by -0.08 to +0.21 points against ONNX
+Runtime. `for_openvino` rounds those conv outputs explicitly (Div, Round, Clip, Mul: the identity on a
 value already on its grid), and everything here that hands a model to OpenVINO (the IR, the
 evaluations, the timings) reads it through that: then every committed ResNet20 row's top-1 in
 OpenVINO is within 0.03 of ONNX Runtime's, and batch 256 ran faster (36 against 59 ms, Zen 4).
