@@ -21,7 +21,7 @@ from .report import log_qat_layout
 from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
                     quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
-from .trainer import Batches, evaluate, fit, make_loaders, write_metrics
+from .trainer import Batches, evaluate, fit, make_loaders, schedule_length, write_metrics
 
 __all__ = ["QATConfig", "QATRecipe", "distillation_loss", "distillation_step_loss",
            "fine_tune_qat", "quantized_model", "train_qat"]
@@ -42,6 +42,10 @@ class QATConfig:
     `feature_weight`: weight of the feature term of the loss (`mpq.distill`: each quantized
     layer's output against the teacher's at the same point); 0 (the default) distils logits
     only.
+    `progressive_bits`: k > 0 trains each layer k bits above its plan in the first epoch (at
+    most 8), one bit fewer each epoch after, so from epoch k on every layer trains, and is
+    exported, at its own width (Zhuang et al. 2018's progressive quantization); 0: the plan's
+    bits from the start.
     """
 
     alpha: float = 0.9
@@ -54,6 +58,7 @@ class QATConfig:
     quantize_joins: bool = True
     bn_reestimate_batches: int = 0
     feature_weight: float = 0.0
+    progressive_bits: int = 0
 
     def quant_config(self) -> QuantConfig:
         """The settings `prepare_qat` takes."""
@@ -71,6 +76,12 @@ class QATConfig:
             raise UsageError(f"qat.act_bits must be in 2..8, got {self.act_bits}")
         if self.calibration_batches < 1:
             raise UsageError("qat.calibration_batches must be >= 1")
+        if not 0 <= self.progressive_bits <= 6:
+            raise UsageError(f"qat.progressive_bits must be in 0..6 (0: the plan's bits from "
+                             f"the start), got {self.progressive_bits}")
+        if self.progressive_bits and self.weight_scale == "lsq":
+            raise UsageError("qat.progressive_bits moves weights between grids, which a learned "
+                             "(lsq) scale cannot follow: use qat.weight_scale mse or max")
         if self.feature_weight < 0:
             raise UsageError(f"qat.feature_weight must be >= 0 (0: logits only), got "
                              f"{self.feature_weight}")
@@ -84,6 +95,27 @@ class QATRecipe(Recipe):
     """A recipe with a `qat` section; `train` then holds the fine-tuning schedule."""
 
     qat: QATConfig = field(default_factory=QATConfig)
+
+
+def epoch_start(student: nn.Module, cfg: QATConfig, train: TrainConfig, steps_per_epoch: int):
+    """What QAT does before each epoch (`fit`'s `on_epoch_start`): from `qat.freeze_bn_epoch`
+    on, BN folded for good; under `qat.progressive_bits`, each layer's weight grid for that
+    epoch. Set from the epoch alone, so a resumed run trains on the grid it stopped on."""
+    epochs = schedule_length(train, steps_per_epoch)[1]  # fewer under train.max_steps
+    if cfg.progressive_bits >= epochs:
+        raise UsageError(f"qat.progressive_bits ({cfg.progressive_bits}) leaves no epoch at the "
+                         f"plan's bits in {epochs}: lower it or train longer")
+    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
+    layers = [m for m in quant_layers(student).values() if m.w_bits is not None]
+
+    def on_epoch_start(epoch: int) -> None:
+        if cfg.progressive_bits:
+            for layer in layers:
+                layer.weight_quant.set_bits(
+                    min(8, layer.w_bits + max(0, cfg.progressive_bits - epoch)))
+        if epoch >= freeze_at:
+            freeze_bn_(student)
+    return on_epoch_start
 
 
 def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size: int = 32,
@@ -135,12 +167,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                         train=False, device=device, channels_last=recipe.train.channels_last)
     calibrate_(student, (x for i, (x, _) in zip(range(cfg.calibration_batches), calib.epoch(0))))
 
-    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else \
-        recipe.train.epochs
-
-    def on_epoch_start(epoch: int) -> None:
-        if epoch >= freeze_at:
-            freeze_bn_(student)
+    on_epoch_start = epoch_start(student, cfg, recipe.train, len(train_loader))
 
     def epoch_logger(writer, model, epoch):
         layers = {n: m for n, m in quant_layers(model).items() if m.w_bits is not None}
@@ -237,12 +264,7 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
     teacher = teacher.to(device).eval().to(memory_format=memory_format)
     calibrate_(student, (x for x, _ in islice(batches.epoch(0), cfg.calibration_batches))
                if calibration is None else (batches.move(x) for x in calibration))
-    freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
-
-    def on_epoch_start(epoch: int) -> None:
-        if epoch >= freeze_at:
-            freeze_bn_(student)
-
+    on_epoch_start = epoch_start(student, cfg, train, len(batches))
     fit(student, train_loader=batches, train_cfg=train,
         loss_fn=distillation_step_loss(teacher, cfg, student), progress=progress, log=False,
         on_epoch_start=on_epoch_start)

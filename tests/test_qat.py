@@ -249,9 +249,51 @@ def test_qat_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_t
 
     tiny_recipe_dict["train"]["epochs"] = 4
     tiny_recipe_dict["data"]["synthetic_train_size"] = 960
-    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 2}
+    # Killed in epoch 2 of 4, which progressive lowering trains a bit above the plan's 3 bits.
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_bn_epoch": 2,
+                               "progressive_bits": 2}
     kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
                                "--teacher", tiny_teacher, "--bits", "3", "--no-export"], tmp_path)
+
+
+def test_progressive_lowering_resumes_exactly_from_inside_an_epoch(tmp_path, tiny_teacher,
+                                                                    tiny_recipe_dict,
+                                                                    write_recipe):
+    """Killed right after a mid-epoch checkpoint of an epoch trained above the plan's bits: the
+    grid it resumes on, and the clipping ratio searched for it, are those of the straight run."""
+    from conftest import kill_mid_epoch_and_resume
+
+    tiny_recipe_dict["train"].update(epochs=3, checkpoint_steps=3)
+    tiny_recipe_dict["data"]["synthetic_train_size"] = 960
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "progressive_bits": 2}
+    kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
+                               "--teacher", tiny_teacher, "--bits", "2", "--no-export"], tmp_path,
+                              from_partial=True)
+
+
+def test_progressive_lowering_trains_above_the_plan_then_at_it():
+    from mpq.config import TrainConfig
+    from mpq.errors import UsageError
+    from mpq.qat import QATConfig, epoch_start
+    from mpq.quant.primitives import weight_range
+
+    model = _trained_bn_resnet20()
+    names = quantizable_layers(model)
+    plan = uniform_plan("resnet20", names, w_bits=2)
+    plan.layers["conv1"]["w_bits"], plan.layers["fc"]["w_bits"] = 8, 4
+    student = prepare_qat(model, plan, example_inputs=(torch.zeros(1, 3, 16, 16),))
+    layers = quant_layers(student)
+    hook = epoch_start(student, QATConfig(progressive_bits=2), TrainConfig(epochs=5), 10)
+    for epoch, want in ((0, (8, 4, 6)), (1, (8, 3, 5)), (2, (8, 2, 4)), (4, (8, 2, 4))):
+        hook(epoch)
+        got = tuple(layers[n].weight_quant for n in ("conv1", "layer1.0.conv1", "fc"))
+        assert tuple(q.bits for q in got) == want, epoch
+        assert all((q.qmin, q.qmax) == weight_range(q.bits) for q in got)
+    with pytest.raises(UsageError, match="leaves no epoch"):  # 15 steps of 10: 2 epochs
+        epoch_start(student, QATConfig(progressive_bits=2),
+                    TrainConfig(epochs=5, max_steps=15), 10)
+    with pytest.raises(UsageError, match="lsq"):
+        QATConfig(progressive_bits=1, weight_scale="lsq")
 
 
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(

@@ -48,6 +48,8 @@ ABLATIONS = {
                  ["train.precision=fp32", "qat.alpha=1.0"]),
     "abl13_feat": ("13x plan, QAT recipe, each layer's output distilled too (weight 1)",
                    ["train.precision=fp32", "qat.feature_weight=1.0"]),
+    "abl13_prog": ("13x plan, QAT recipe, bits lowered progressively (+2, +1, then the plan)",
+                   ["train.precision=fp32", "qat.progressive_bits=2"]),
     # Points lost against epochs (the 10-epoch point is abl13_fp32).
     **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},

@@ -95,6 +95,16 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self.compute_scale(w), self.qmin, self.qmax)
 
+    def set_bits(self, bits: int) -> None:
+        """Moves the weight to a `bits`-bit grid (progressive lowering in QAT). Nothing stored
+        changes, so a run resumed from a checkpoint computes what it did: `max` scales follow at
+        once, the `mse` clipping ratio at its next regular refresh (`refresh_every` steps); a
+        learned `lsq` scale is in steps of the old grid and is refused."""
+        if self.mode not in ("mse", "max"):
+            raise ValueError(f"a {self.mode!r} weight scale cannot move to another grid")
+        self.bits = bits
+        self.qmin, self.qmax = weight_range(bits)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}"
 
