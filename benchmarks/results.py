@@ -16,9 +16,13 @@ Each row runs the commands a user would (recorded in its JSON), on the committed
                     13x gets 60 epochs (its target, <= 0.3 points lost, was missed at 10
                     and 30), 16x 30, 8x the recipe's 10. A budget below the smallest plan
                     (every layer at 2 bits) is recorded as infeasible, with that size.
+    qat_w4a4        uniform W4A4 QAT (the image entering conv1 at 8 bits), float32
+    make_run        `make run`'s two commands (13x search on the recipe's defaults, QAT
+                    recipe), float32
     abl13_*         QAT ablations: the committed 13x plan (checkpoints/resnet20_cifar10/
                     mpq_13x/plan.json) fine-tuned by the QAT recipe, one change each
-                    (results_table/layout.py ABLATIONS), precision pinned.
+                    (results_table/layout.py ABLATIONS), precision pinned; abl13_ep1/2/5/20
+                    are its points-lost-against-epochs curve (10: abl13_fp32).
 
 A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it to redo one);
 the searches and QAT runs under `runs/results/` resume where a killed run stopped. An mpq row
@@ -27,10 +31,11 @@ the file format changed since; or its search, run again, picks other bits) is na
 console and marked stale in the table, not silently kept. Then every finished row's latency
 is measured side by side (batch 1 and 256, 2 threads, each row's best runtime; on a fresh
 clone, models whose run folders are gone are rebuilt from the teacher and the committed
-`model.mpq` files first), and the script writes `benchmarks/results/latency.json` and the
-accuracy-vs-size curve to TensorBoard (`runs/results/tb`), and prints the table. With
-`--publish` it also writes the table into the README (between its `results:begin` /
-`results:end` markers) and each exported row's small artifacts to
+`model.mpq` files first), and the script writes `benchmarks/results/latency.json`, the
+accuracy-vs-size curve and the 13x plan's points lost against QAT epochs to TensorBoard
+(`runs/results/tb`), and prints the table. With `--publish` it also writes the table into the
+README (between its `results:begin` / `results:end` markers), the epochs figure to
+`docs/figures/points_lost_vs_epochs_13x.png`, and each exported row's small artifacts to
 `checkpoints/resnet20_cifar10/`. The logic is the package `results_table` beside this script; this is its command.
 """
 
