@@ -53,6 +53,23 @@ def write_recipe(tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _default_sigchld():
+    # A DataLoader with workers installs a process-wide SIGCHLD handler in the test process
+    # (torch.utils.data._utils.signal_handling); left behind, it runs when a later test
+    # SIGKILLs its own child. Under xdist a test doing that after the stream tests took the
+    # worker down ("node down: Not properly terminated") three runs in three: each test starts
+    # with the default handler.
+    yield
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+
+    if signal_handling._SIGCHLD_handler_set:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal_handling._SIGCHLD_handler_set = False
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     # Decoded-image caches of test data go to the test's own folder, never the user's cache.
     monkeypatch.setenv("MPQ_CACHE", str(tmp_path / "cache"))
