@@ -13,6 +13,8 @@ whatever its scale. The teacher runs in eval mode without gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,7 +60,9 @@ def teacher_points(teacher: nn.Module) -> dict[str, str]:
 
 class FeatureTaps:
     """Forward hooks keeping, for one step, each quantized layer's output in the student and the
-    teacher's output at the same point (`teacher_points`); `loss()` is the feature term."""
+    teacher's output at the same point (`teacher_points`); `loss()` is the feature term. They
+    keep outputs only inside `recording()` (the step's two forwards): an evaluation pass would
+    otherwise hold every layer's output of its batch alive."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module):
         points = teacher_points(teacher)
@@ -70,17 +74,26 @@ class FeatureTaps:
                              "with the teacher's")
         self.student: dict[str, torch.Tensor] = {}
         self.teacher: dict[str, torch.Tensor] = {}
+        self.on = False
         self.handles = []
         for name in self.names:
             self.handles.append(layers[name].register_forward_hook(self._keep(self.student, name)))
             self.handles.append(teacher_modules[points[name]].register_forward_hook(
                 self._keep(self.teacher, name)))
 
-    @staticmethod
-    def _keep(store: dict, name: str):
+    def _keep(self, store: dict, name: str):
         def hook(module, args, output):
-            store[name] = output
+            if self.on:
+                store[name] = output
         return hook
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
 
     def loss(self) -> torch.Tensor:
         """The mean over layers of the normalised squared error; clears what it read."""
@@ -101,15 +114,16 @@ def distillation_step_loss(teacher: nn.Module, cfg, student: nn.Module | None = 
     `teacher` (eval mode, no gradients) with the settings of `cfg` (a `QATConfig`). The feature
     term (`cfg.feature_weight` > 0) needs the `student` whose layers it taps."""
     taps = None
-    if getattr(cfg, "feature_weight", 0.0) > 0:
+    if cfg.feature_weight > 0:
         if student is None:
             raise ValueError("feature distillation needs the student to tap its layers")
         taps = FeatureTaps(teacher, student)
 
     def loss_fn(model, x, y):
-        with torch.no_grad():
-            t_logits = teacher(x)
-        logits = model(x)
+        with taps.recording() if taps is not None else contextlib.nullcontext():
+            with torch.no_grad():
+                t_logits = teacher(x)
+            logits = model(x)
         loss, terms = distillation_loss(logits, t_logits, y, alpha=cfg.alpha,
                                         temperature=cfg.temperature)
         if taps is not None:

@@ -155,8 +155,9 @@ def scatter_figure(points: list[tuple[float, float]], *, title: str, xlabel: str
 
 
 def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
-                  ylabel: str, logx: bool = False):
-    """One marked line per named series of (x, y) points, each point labelled with its y."""
+                  ylabel: str, logx: bool = False, unjoined=()):
+    """One marked line per named series of (x, y) points, each point labelled with its y; the
+    series named in `unjoined` as points only (separate runs, not a curve)."""
     fig = _figure(0, extra=2.8)
     ax = fig.add_subplot()
     colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000")
@@ -164,7 +165,8 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
         if not points:
             continue
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1, label=name)
+        ax.plot(xs, ys, color=color, marker="o", markersize=3, label=name,
+                linewidth=0 if name in unjoined else 1)
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(3, 3),
                         fontsize=_FONT - 1.5, color=color)

@@ -46,6 +46,9 @@ def test_the_feature_term_is_the_error_quantization_adds_growing_as_bits_fall():
         taps = FeatureTaps(teacher, student)
         with torch.no_grad():
             teacher(x), student(x)
+        assert not taps.student and not taps.teacher  # an evaluation keeps nothing
+        with torch.no_grad(), taps.recording():
+            teacher(x), student(x)
         terms[bits] = taps.loss().item()
         taps.remove()
     assert terms[8] < 0.01 < terms[4] < terms[2], terms  # measured 0.004, 0.12, 0.77
@@ -56,7 +59,7 @@ def test_the_feature_term_is_the_error_quantization_adds_growing_as_bits_fall():
     teacher.bn1.register_forward_hook(lambda m, a, o: seen.update(t=o))
     taps = FeatureTaps(teacher, student)
     taps.names = ["conv1"]
-    with torch.no_grad():
+    with torch.no_grad(), taps.recording():
         teacher(x), student(x)
     want = (seen["s"] - seen["t"]).pow(2).mean() / seen["t"].pow(2).mean()
     assert taps.loss().item() == pytest.approx(want.item(), rel=1e-6)

@@ -105,7 +105,8 @@ def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
     for epochs, lost in sorted(series[next(iter(series))]):
         writer.add_scalar("epochs_13x/points_lost", lost, epochs)
     fig = series_figure(series, title="ResNet20 13x plan: points lost vs QAT epochs",
-                        xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True)
+                        xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True,
+                        unjoined=list(series)[1:])
     writer.add_figure("epochs_13x/points_lost_vs_epochs", fig, close=False)
     writer.close()
     if png is not None:

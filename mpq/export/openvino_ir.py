@@ -8,9 +8,9 @@ up to a fifth of a block's outputs by a step and top-1 by -0.08 to +0.21 points 
 Runtime. `for_openvino` rounds those conv outputs explicitly (Div, Round, Clip, Mul: the identity on a
 value already on its grid), and everything here that hands a model to OpenVINO (the IR, the
 evaluations, the timings) reads it through that: then every committed ResNet20 row's top-1 in
-OpenVINO is within 0.03 of ONNX Runtime's, and batch 256 ran faster (36 against 59 ms, Zen 4).
+OpenVINO is within 0.03 of ONNX Runtime's.
 The rewrite is OpenVINO's only: in ONNX Runtime it would stop DQ -> Add -> Q fusing into
-QLinearAdd (batch 256 took 2.2x as long), so `model_int8.onnx` itself stays as it is.
+QLinearAdd (a one-off timing found it about twice as slow), so `model_int8.onnx` stays as is.
 The export checks the IR on the test set as it checks the other int8 models (`mpq.export.run`).
 """
 
