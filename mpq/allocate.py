@@ -76,6 +76,10 @@ def perturbations(model: nn.Module, sensitivity: dict, bit_choices, *,
             scale = mse_optimal_scale(w, qmin, qmax, dim=0)
             q = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
             out[name][b] = weight * (q - w).pow(2).sum().item()
+        if not all(math.isfinite(v) for v in out[name].values()):
+            raise UsageError(f"layer {name}: its quantization error is not finite (largest "
+                             f"|weight| {w.abs().max().item():.3g}, Hessian trace "
+                             f"{s['trace']:.3g}); the model's training diverged: retrain it")
     return out
 
 

@@ -8,6 +8,11 @@ where bf16 is emulated and slower than float32 (see `benchmarks/train_speed.py`;
 The fake quantizers always compute in float32 (`mpq.quant.modules`): a step of an 8-bit grid is
 1/256 of its range, and bf16 keeps 8 significant bits, so x / scale rounded in bf16 would land
 on the wrong integer.
+
+On the CPU, bf16 autocast runs a conv in float32 where oneDNN's bf16 backward-weights kernel
+(v3.12, `jit_bf16:avx512_core_bf16`) returns garbage: a stride larger than the padded input's
+side (a 3x3/s2 conv on a 1x1 map, as in resnet18's last stage at 16 px) leaves the gradient of
+the taps that see only padding unwritten, and one such step took weights to 1e30.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import os
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .errors import UsageError
 
 __all__ = ["AUTO_ENV", "PRECISIONS", "autocast", "autocast_dtype", "cpu_has_fast_bf16",
-           "grad_scaler"]
+           "grad_scaler", "stride_passes_input"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -69,10 +75,43 @@ def _cpu_auto() -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """`torch.autocast` for `dtype`, or a no-op for float32."""
+    """`torch.autocast` for `dtype`, or a no-op for float32; on the CPU in bf16, convs whose
+    stride passes their padded input run in float32 (see the module's docstring)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type="cpu", dtype=dtype))
+    stack.enter_context(_StridePastInputConvInFloat32())
+    return stack
+
+
+def stride_passes_input(input_shape, weight_shape, stride, padding) -> bool:
+    """Whether a conv2d's stride exceeds a side of its input while that side is padded: the
+    geometry whose bf16 weight gradient oneDNN gets wrong on the CPU."""
+    if isinstance(padding, str):  # 'valid' pads nothing; 'same' refuses strides above 1
+        return False
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return any(s > side and p > 0 for s, side, p in
+               zip(pair(stride), input_shape[-2:], pair(padding)))
+
+
+class _StridePastInputConvInFloat32(TorchFunctionMode):
+    """Runs `F.conv2d` outside autocast, in float32, where `stride_passes_input`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d:
+            call = dict(zip(("input", "weight", "bias", "stride", "padding"), args), **kwargs)
+            if stride_passes_input(call["input"].shape, call["weight"].shape,
+                                   call.get("stride", 1), call.get("padding", 0)):
+                cast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+                kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v
+                          for k, v in kwargs.items()}
+                with torch.autocast(device_type="cpu", enabled=False):
+                    return func(*cast, **kwargs)
+        return func(*args, **kwargs)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

@@ -1,4 +1,5 @@
 import itertools
+import math
 import os
 import random
 
@@ -93,3 +94,17 @@ def test_native_solver_chatter_is_silenced_and_stdout_restored(capfd):
         os.write(1, b"HighsMipSolverData chatter\n")  # what a C library writes to fd 1
     print("after", flush=True)
     assert capfd.readouterr().out == "before\nafter\n"
+
+
+def test_a_diverged_layer_is_named_before_the_solver_sees_an_infinite_cost():
+    """A teacher whose weights reached 1e30 (oneDNN's bf16 conv gradient once did that) gave the
+    MILP an infinite cost and a scipy ValueError; the layer is named instead."""
+    model = build_model("resnet20", num_classes=4)
+    names = quantizable_layers(model)
+    sens = {n: {"trace": 1.0, "top_eigenvalue": 1.0} for n in names}
+    finite = perturbations(model, sens, [2, 8])
+    assert all(all(map(math.isfinite, v.values())) for v in finite.values())
+    with torch.no_grad():
+        model.get_submodule(names[3]).weight.mul_(1e30)
+    with pytest.raises(UsageError, match=rf"layer {names[3]}: its quantization error is not finite"):
+        perturbations(model, sens, [2, 4, 8])
