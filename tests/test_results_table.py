@@ -16,7 +16,7 @@ from mpq.errors import UsageError
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import results_table as results  # noqa: E402  (the table's logic lives beside its command)
-from results_table.latency import _models_to_time  # noqa: E402
+from results_table.latency import _models_to_time, runtime_ranges  # noqa: E402
 
 LAYOUT = results.Layout.of(ROOT)
 
@@ -307,3 +307,12 @@ def test_the_w4a4_row_keeps_the_image_at_8_bits_and_everything_else_at_4(tmp_pat
     first, *rest = plan.layers.items()
     assert first == ("conv1", {"w_bits": 4, "a_bits": 8})
     assert len(rest) == 21 and all(v == {"w_bits": 4, "a_bits": 4} for _, v in rest)
+
+
+def test_runtime_ranges_span_the_int8_rows_and_name_the_fastest_fp32():
+    lat = {"1": {"fp32/pytorch": 1.3, "fp32/onnxruntime": 0.29, "ao_int8_ptq/pytorch": 0.1,
+                 "a/onnxruntime": 0.2, "a/openvino": 0.15, "b/onnxruntime": 0.25,
+                 "b/openvino": 0.12}}
+    assert runtime_ranges(lat) == [
+        "batch 1: onnxruntime int8 0.20-0.25 ms (2 rows); openvino int8 0.12-0.15 ms (2 rows); "
+        "best FP32 0.29 ms (onnxruntime)"]

@@ -12,7 +12,7 @@ from mpq.timing import openvino_runner, openvino_version, ort_runner, side_by_si
 from .compute import ao_int8_ptq, fp32_onnx
 from .layout import Layout
 
-__all__ = ["latency"]
+__all__ = ["latency", "runtime_ranges"]
 
 
 def _models_to_time(layout: Layout, rows: dict, data_root, *,
@@ -116,4 +116,26 @@ def latency(layout: Layout, rows: dict, threads: int, seconds: float,
             out[str(batch)] = side_by_side(runtimes, x, seconds=seconds)
         print(f"  batch {batch}: " + ", ".join(f"{k} {v:.2f} ms"
                                                for k, v in out[str(batch)].items()), flush=True)
+    for line in runtime_ranges(out):
+        print(f"  {line}", flush=True)
     return out, rebuilt
+
+
+def runtime_ranges(lat: dict) -> list[str]:
+    """Per batch, each int8 runtime's fastest and slowest over the exported rows, and the
+    fastest FP32 runtime: the README's "which runtime" table."""
+    lines = []
+    for batch, times in lat.items():
+        spans = {}
+        for key, ms in times.items():
+            row, runtime = key.split("/")
+            if row not in ("fp32", "ao_int8_ptq"):
+                spans.setdefault(runtime, []).append(ms)
+        fp32 = {k.split("/")[1]: v for k, v in times.items() if k.startswith("fp32/")}
+        cells = [f"{rt} int8 {min(v):.2f}-{max(v):.2f} ms ({len(v)} rows)"
+                 for rt, v in sorted(spans.items())]
+        if fp32:
+            best = min(fp32, key=fp32.get)
+            cells.append(f"best FP32 {fp32[best]:.2f} ms ({best})")
+        lines.append(f"batch {batch}: " + "; ".join(cells))
+    return lines
