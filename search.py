@@ -2,6 +2,7 @@
 
     python search.py --recipe recipes/resnet20_cifar10.yaml --budget 13x --out runs/search13x
     python search.py ... --budget 120KB        # bytes with a unit: B, KB, MB, KiB, MiB, ...
+    python search.py ... --budget 13x --bops 32x   # and at most 1/32 of FP32's bit operations
 
 Writes plan.json (feed it to train.py --plan), sensitivity.json, search.json and TensorBoard
 logs in tb/. The Optuna study lives in study.db in --out (or --storage URL) and resumes.
@@ -18,6 +19,8 @@ def main() -> None:
     parser.add_argument("--recipe", required=True, help="YAML recipe with a search section")
     parser.add_argument("--budget", required=True,
                         help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x)")
+    parser.add_argument("--bops", help="a budget of bit operations beside --budget: a ratio to "
+                        "FP32's (32x) or a figure (400M, 2.5e9)")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--checkpoint", help="FP32 model: an mpq checkpoint, a state dict file or "
                         "torchvision:<Weights> (default: the recipe's)")
@@ -44,10 +47,12 @@ def run(args) -> None:
     recipe = load_recipe(args.recipe, overrides, cls=SearchRecipe)
     plan = run_search(recipe, budget=args.budget, out_dir=args.out, data_root=args.data_root,
                       checkpoint=args.checkpoint, storage=args.storage, device=args.device,
-                      progress=not args.quiet)
+                      progress=not args.quiet, bops=args.bops)
     e = plan.extra
+    bops = (f" bops={e['bops']:.4g} ({e['fp32_bops'] / e['bops']:.2f}x fewer than FP32)"
+            if "bops" in e else "")
     print(f"size_bytes={e['size_bytes']} budget_bytes={e['budget_bytes']} "
-          f"compression={e['compression']:.2f}x score={e.get('score', float('nan')):.5f}")
+          f"compression={e['compression']:.2f}x{bops} score={e.get('score', float('nan')):.5f}")
     print(f"plan={args.out}/plan.json")
 
 

@@ -2,8 +2,10 @@
 
     python benchmarks/solver.py [--repeats 20]
 
-Both use 7 bit choices (2..8) per layer; the budget is the uniform-4-bit size. ResNet20 uses its
-real layer shapes with a stand-in sensitivity (the solve time does not depend on the values).
+Both use 7 bit choices (2..8) per layer; the byte budget is the uniform-4-bit size, and each
+is solved again with a BOPs budget beside it (uniform W3A8's BOPs, so both bind). ResNet20 uses
+its real layer shapes and MACs with a stand-in sensitivity (the solve time does not depend on
+the values); the 54 layers get random MACs.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpq.allocate import solve  # noqa: E402
+from mpq.budgets import Bops, Limits  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
 from mpq.size import Footprint, LayerShape  # noqa: E402
@@ -30,13 +33,21 @@ def omega_for(shapes, rng):
                                      reverse=True))) for n in shapes}
 
 
-def timed(omega, footprint, repeats):
+def timed(omega, footprint, repeats, bops=None):
     budget = footprint.smallest([4])
+    extra = []
+    if bops is not None:
+        a_bits = dict.fromkeys(footprint.shapes, 8)
+        limits = Limits(footprint, budget, a_bits, bops,
+                        bops.total(dict.fromkeys(footprint.shapes, 3), a_bits))
+        extra = limits.constraints(omega)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        solve(omega, footprint, budget_bytes=budget)
+        alloc = solve(omega, footprint, budget_bytes=budget, extra_constraints=extra)
         times.append(time.perf_counter() - start)
+    if bops is not None:
+        assert limits.fits(alloc.bits)
     return statistics.median(times)
 
 
@@ -49,14 +60,17 @@ def main():
     q = prepare_qat(model, uniform_plan("resnet20", quantizable_layers(model), w_bits=8),
                     example_inputs=(torch.zeros(1, 3, 32, 32),))
     resnet20 = Footprint.of(q)
+    resnet20_bops = Bops.of(model, list(resnet20.shapes), (torch.zeros(1, 3, 32, 32),))
     big = {f"l{i}": LayerShape(rng.randint(1000, 2_400_000), rng.choice([64, 256, 1024]), True)
            for i in range(54)}
-    print(f"{'problem':28s} {'layers':>6s} {'choices':>8s} {'median ms':>10s}")
-    for name, (om, fp) in {"ResNet20": (omega_for(resnet20.shapes, rng), resnet20),
-                           "54 layers (ResNet50-sized)": (omega_for(big, rng),
-                                                          Footprint(big))}.items():
-        ms = timed(om, fp, args.repeats) * 1e3
-        print(f"{name:28s} {len(fp.shapes):6d} {len(BITS):8d} {ms:10.1f}")
+    big_bops = Bops({n: rng.randint(10**6, 10**8) for n in big})
+    print(f"{'problem':28s} {'layers':>6s} {'choices':>8s} {'budgets':>13s} {'median ms':>10s}")
+    for name, (om, fp, bops) in {
+            "ResNet20": (omega_for(resnet20.shapes, rng), resnet20, resnet20_bops),
+            "54 layers (ResNet50-sized)": (omega_for(big, rng), Footprint(big), big_bops)}.items():
+        for budgets, counted in (("bytes", None), ("bytes + BOPs", bops)):
+            ms = timed(om, fp, args.repeats, counted) * 1e3
+            print(f"{name:28s} {len(fp.shapes):6d} {len(BITS):8d} {budgets:>13s} {ms:10.1f}")
 
 
 if __name__ == "__main__":

@@ -14,26 +14,27 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-from .size import Footprint
+from .budgets import Limits
 
 __all__ = ["REPAIRS", "fill", "neighbours", "plan_key", "polish", "repair", "undo_raises"]
 
 Bits = dict[str, int]
 
 
-def repair(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequence[int],
-           budget: int, *, keep: frozenset = frozenset()) -> Bits:
-    """Lowers bits, cheapest perturbation per byte saved first, until the plan fits; layers in
-    `keep` stay as they are."""
+def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int], *,
+           keep: frozenset = frozenset()) -> Bits:
+    """Lowers bits, cheapest perturbation per unit of the exceeded budgets saved first (per
+    byte, with bytes alone), until the plan fits; layers in `keep` stay as they are."""
     bits = dict(bits)
-    while footprint.bytes(bits) > budget:
+    while not limits.fits(bits):
+        over = limits.exceeded(bits)
         best, best_cost = None, float("inf")
         for n, b in bits.items():
             i = choices.index(b)
             if i == 0 or n in keep:
                 continue
             lower = choices[i - 1]
-            saved = footprint.layer(n, b) - footprint.layer(n, lower)
+            saved = -limits.delta(n, b, lower, only=over)
             cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
             if cost < best_cost:
                 best, best_cost = (n, lower), cost
@@ -46,36 +47,34 @@ def repair(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequen
 REPAIRS = ("perturbation", "undo")
 
 
-def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], footprint: Footprint,
-                budget: int) -> Bits:
+def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], limits: Limits) -> Bits:
     """Moves the layers `bits` raises above `base` (a plan that fits) back to it, the most
-    bytes first, until the plan fits. It ranks nothing by sensitivity, so two estimators whose
-    solver plans agree propose, repair and score the same trials."""
+    bytes (or budget units) first, until the plan fits. It ranks nothing by sensitivity, so two
+    estimators whose solver plans agree propose, repair and score the same trials."""
     bits = dict(bits)
     raised = sorted((n for n in bits if bits[n] > base[n]),
-                    key=lambda n: (footprint.layer(n, base[n]) - footprint.layer(n, bits[n]), n))
+                    key=lambda n: (limits.delta(n, bits[n], base[n]), n))
     for n in raised:
-        if footprint.bytes(bits) <= budget:
+        if limits.fits(bits):
             break
         bits[n] = base[n]
     return bits
 
 
-def fill(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequence[int],
-         budget: int, *, keep: frozenset = frozenset()) -> Bits:
-    """Raises bits, largest perturbation drop per byte first, while the plan still fits; layers
-    in `keep` stay as they are."""
+def fill(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int], *,
+         keep: frozenset = frozenset()) -> Bits:
+    """Raises bits, largest perturbation drop per byte (budget unit) first, while the plan
+    still fits; layers in `keep` stay as they are."""
     bits = dict(bits)
     while True:
-        room = budget - footprint.bytes(bits)
         best, best_gain = None, 0.0
         for n, b in bits.items():
             i = choices.index(b)
             if i == len(choices) - 1 or n in keep:
                 continue
             higher = choices[i + 1]
-            cost = footprint.layer(n, higher) - footprint.layer(n, b)
-            if cost > room:
+            cost = limits.delta(n, b, higher)
+            if not limits.fits({**bits, n: higher}):
                 continue
             gain = (omega[n][b] - omega[n][higher]) / max(cost, 1)
             if gain > best_gain:
@@ -85,8 +84,8 @@ def fill(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequence
         bits[best[0]] = best[1]
 
 
-def neighbours(bits: Mapping[str, int], omega, footprint: Footprint, choices: Sequence[int],
-               budget: int) -> list[Bits]:
+def neighbours(bits: Mapping[str, int], omega, limits: Limits,
+               choices: Sequence[int]) -> list[Bits]:
     """The plans one step from `bits` within the budget, in layer order: each layer one bit
     choice up (the others repaired to fit) and one down (the freed bytes spent on the others)."""
     out, seen = [], {plan_key(bits)}
@@ -94,13 +93,13 @@ def neighbours(bits: Mapping[str, int], omega, footprint: Footprint, choices: Se
         i = choices.index(b)
         moves = []
         if i + 1 < len(choices):
-            moves.append(repair({**bits, n: choices[i + 1]}, omega, footprint, choices, budget,
+            moves.append(repair({**bits, n: choices[i + 1]}, omega, limits, choices,
                                 keep=frozenset([n])))
         if i > 0:
-            moves.append(fill({**bits, n: choices[i - 1]}, omega, footprint, choices, budget,
+            moves.append(fill({**bits, n: choices[i - 1]}, omega, limits, choices,
                               keep=frozenset([n])))
         for m in moves:
-            if footprint.bytes(m) <= budget and plan_key(m) not in seen:
+            if limits.fits(m) and plan_key(m) not in seen:
                 seen.add(plan_key(m))
                 out.append(m)
     return out
@@ -112,7 +111,7 @@ def plan_key(bits: Mapping[str, int]) -> tuple:
 
 
 def polish(start: Mapping[str, int], start_score: float, score: Callable[[Bits], float], *,
-           omega, footprint: Footprint, choices: Sequence[int], budget: int,
+           omega, limits: Limits, choices: Sequence[int],
            max_evaluations: int) -> tuple[Bits, float, int]:
     """First-improvement local search from `start` over `neighbours`, the plans the
     perturbation table ranks best scored first; returns the plan, its score and the evaluations
@@ -121,7 +120,7 @@ def polish(start: Mapping[str, int], start_score: float, score: Callable[[Bits],
     current, value, spent = dict(start), start_score, 0
     scored = {plan_key(current): value}
     while spent < max_evaluations:
-        candidates = [m for m in neighbours(current, omega, footprint, choices, budget)
+        candidates = [m for m in neighbours(current, omega, limits, choices)
                       if plan_key(m) not in scored]
         candidates.sort(key=lambda m: sum(omega[n][m[n]] - omega[n][current[n]] for n in m))
         for m in candidates[:max_evaluations - spent]:

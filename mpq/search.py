@@ -27,6 +27,7 @@ from torch import nn
 
 from .allocate import Allocation, perturbations, solve
 from .config import Recipe
+from .budgets import Bops, Limits, parse_bops
 from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
@@ -151,7 +152,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
                 meta: dict | None = None, progress: bool = True,
-                on_trial=None) -> tuple[Plan, dict]:
+                on_trial=None, max_bops: int | None = None) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -169,6 +170,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             with it, sizes are those of the `model.mpq` file, header included.
         progress: show progress bars.
         on_trial: called with each completed trial (an `optuna.trial.FrozenTrial`).
+        max_bops: a BOPs budget beside the bytes (`mpq.budgets`): the solver, the trials'
+            repairs and the local search meet both.
     """
     import optuna
     from tqdm import tqdm
@@ -178,8 +181,12 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                      example_inputs=example_inputs)
     footprint = Footprint.of(q8, meta)
     choices = cfg.bit_choices
+    a_bits = {n: cfg.a_bits for n in names}
+    bops = Bops.of(model, names, example_inputs)
+    limits = Limits(footprint, budget_bytes, a_bits, bops, max_bops)
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
-    solver = solve(omega, footprint, budget_bytes=budget_bytes)
+    solver = solve(omega, footprint, budget_bytes=budget_bytes,
+                   extra_constraints=limits.constraints(omega))
     with torch.no_grad():
         teacher_logits = [model(x) for x in holdout]
 
@@ -196,12 +203,12 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
             i = choices.index(solver.bits[n])
             step = trial.suggest_categorical(n, [-1, 0, 1])
             proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
-        bits = (undo_raises(proposal, solver.bits, footprint, budget_bytes)
-                if cfg.repair == "undo" else
-                repair(proposal, omega, footprint, choices, budget_bytes))
+        bits = (undo_raises(proposal, solver.bits, limits) if cfg.repair == "undo" else
+                repair(proposal, omega, limits, choices))
         value = score(bits)
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", footprint.bytes(bits))
+        trial.set_user_attr("bops", bops.total(bits, a_bits))
         for n, b in bits.items():  # one attribute per layer: readable in optuna-dashboard
             trial.set_user_attr(f"bits.{n}", b)
         return value
@@ -213,16 +220,19 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     # (each repair proposes other plans, so each has its own study; a `perturbation` study,
     # the repair before `undo`, keeps the name it had)
     pinned = [budget_bytes, choices, solver.bits, cfg.seed] + (
-        [cfg.repair] if cfg.repair != "perturbation" else [])
+        [cfg.repair] if cfg.repair != "perturbation" else []) + (
+        [{"bops": max_bops}] if max_bops is not None else [])
     basis = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
     # The solver's plan at the budget, then at budgets a little below it: the search starts
     # from the exact optimum of the Hessian model.
-    seeds = [solver] + [solve(omega, footprint, budget_bytes=int(budget_bytes * f))
+    seeds = [solver] + [_solve_or_none(omega, footprint, int(budget_bytes * f), limits)
                         for f in (0.97, 0.94) if budget_bytes * f >= footprint.smallest(choices)]
+    seeds = [alloc for alloc in seeds if alloc is not None]
     study = open_study(name, storage, {
         "model": model_name, "budget_bytes": budget_bytes, "bit_choices": list(choices),
         "a_bits": cfg.a_bits, "solver_bits": solver.bits, "solver_size_bytes": solver.size_bytes,
+        **({"bops_budget": max_bops} if max_bops is not None else {}),
         "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"},
         seeds=[{n: max(-1, min(1, choices.index(alloc.bits[n]) - choices.index(solver.bits[n])))
                 for n in names} for alloc in seeds])
@@ -246,8 +256,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         best = min(sampled, key=lambda t: (t.value, t.number))
         bits, value = best.user_attrs["bits"], best.value
     if cfg.polish_evaluations:
-        bits, value = _polish(study, bits, value, score, omega=omega, footprint=footprint,
-                              choices=choices, budget=budget_bytes,
+        bits, value = _polish(study, bits, value, score, omega=omega, limits=limits,
+                              choices=choices,
                               evaluations=cfg.polish_evaluations, progress=progress,
                               on_trial=on_trial)
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -257,19 +267,21 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     uniform = {}
     for b in tqdm(choices, desc="scoring uniform plans", disable=not progress, leave=False):
         flat = {n: b for n in names}
-        size = footprint.bytes(flat)
-        uniform[b] = {"size_bytes": size, "within_budget": size <= budget_bytes,
-                      "score": score(flat)}
+        uniform[b] = {"size_bytes": footprint.bytes(flat), "bops": bops.total(flat, a_bits),
+                      "within_budget": limits.fits(flat), "score": score(flat)}
     plan = Allocation(bits, footprint.bytes(bits),
                       float(sum(omega[n][b] for n, b in bits.items()))).plan(
         model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
         extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
-               "solver_score": solver_score, "solver_bits": solver.bits})
-    assert plan.extra["size_bytes"] <= budget_bytes
+               "solver_score": solver_score, "solver_bits": solver.bits,
+               "bops": bops.total(bits, a_bits), "fp32_bops": bops.fp32,
+               **({"bops_budget": max_bops} if max_bops is not None else {})})
+    assert limits.fits(bits)
     summary = {"study": {"name": name, "storage": storage, "metric": METRIC},
                "trials": [{"number": t.number, "score": t.value,
                            "stage": t.user_attrs.get("stage", "sampled"),
                            "size_bytes": t.user_attrs.get("size_bytes"),
+                           "bops": t.user_attrs.get("bops"),
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
                           "objective": solver.objective},
@@ -279,7 +291,16 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     return plan, summary
 
 
-def _polish(study, bits, value, score, *, omega, footprint, choices, budget, evaluations,
+def _solve_or_none(omega, footprint: Footprint, budget_bytes: int, limits: Limits):
+    """The solver's plan at a lower byte budget, within the other budgets; None if none fits."""
+    try:
+        return solve(omega, footprint, budget_bytes=budget_bytes,
+                     extra_constraints=limits.constraints(omega))
+    except UsageError:
+        return None
+
+
+def _polish(study, bits, value, score, *, omega, limits, choices, evaluations,
             progress, on_trial):
     """`mpq.refine.polish` from the study's best plan. Each plan it scores is added to the
     study as a trial (`stage: polish`, bits as attributes, no sampled parameters, so the
@@ -305,7 +326,8 @@ def _polish(study, bits, value, score, *, omega, footprint, choices, budget, eva
         if key in cache:
             return cache[key]
         cache[key] = score(plan)
-        attrs = {"stage": "polish", "bits": plan, "size_bytes": footprint.bytes(plan),
+        attrs = {"stage": "polish", "bits": plan, "size_bytes": limits.footprint.bytes(plan),
+                 **({"bops": limits.bops.total(plan, limits.a_bits)} if limits.bops else {}),
                  **{f"bits.{n}": b for n, b in plan.items()}}
         trial = add_scored(study, cache[key], attrs)
         if on_trial is not None:
@@ -313,8 +335,8 @@ def _polish(study, bits, value, score, *, omega, footprint, choices, budget, eva
         return cache[key]
 
     try:
-        bits, value, _ = polish(bits, value, cached_score, omega=omega, footprint=footprint,
-                                choices=choices, budget=budget, max_evaluations=evaluations)
+        bits, value, _ = polish(bits, value, cached_score, omega=omega, limits=limits,
+                                choices=choices, max_evaluations=evaluations)
     finally:
         bar.close()
     return bits, value
@@ -354,24 +376,44 @@ def plan_floor(model: nn.Module, recipe: Recipe) -> PlanFloor:
                                       for s in footprint.shapes.values()))
 
 
-def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes: int) -> None:
+def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes: int, *,
+                 max_bops: int | None = None, bops: Bops | None = None) -> None:
     """Refuses, before any work, a budget below the smallest plan the recipe allows, saying
-    the most compression it can reach."""
+    the most compression it can reach; with `max_bops` (and the model's `bops`) the same for
+    BOPs, naming the tighter of the two when neither can be met."""
     floor = plan_floor(model, recipe)
+    short = {}
     if budget_bytes < floor.bytes:
+        short["bytes"] = floor.bytes / budget_bytes
+    if max_bops is not None:
+        layers = list(bops.macs)
+        least = bops.total(dict.fromkeys(layers, floor.bits),
+                           dict.fromkeys(layers, recipe.search.a_bits))
+        if max_bops < least:
+            short["bops"] = least / max_bops
+    if not short:
+        return
+    also = " (the other budget cannot be met either)" if len(short) == 2 else ""
+    if max(short, key=short.get) == "bytes":
         raise UsageError(
             f"budget {budget_bytes} bytes ({fp32_bytes / budget_bytes:.2f}x) is below the smallest "
             f"possible model.mpq, {floor.bytes} bytes ({fp32_bytes / floor.bytes:.2f}x): every "
             f"layer at {floor.bits} bits, {floor.weight_bytes} bytes of weights plus "
             f"{floor.bytes - floor.weight_bytes} of per-channel scales, biases and the header; "
-            f"ask for {fp32_bytes / floor.bytes:.2f}x or less (--budget {floor.bytes}B)")
+            f"ask for {fp32_bytes / floor.bytes:.2f}x or less (--budget {floor.bytes}B){also}")
+    raise UsageError(
+        f"BOPs budget {max_bops:.4g} ({bops.fp32 / max_bops:.2f}x of FP32's {bops.fp32:.4g}) is "
+        f"below the fewest any plan reaches, {least:.4g} ({bops.fp32 / least:.2f}x): every layer "
+        f"at {floor.bits}-bit weights and {recipe.search.a_bits}-bit activations; ask for "
+        f"--bops {bops.fp32 / least:.2f}x or less{also}")
 
 
 def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                data_root=None, checkpoint: str | None = None, storage: str | None = None,
-               device: str = "auto", progress: bool = True) -> Plan:
+               device: str = "auto", progress: bool = True, bops: str | None = None) -> Plan:
     """The whole search stage for a recipe: writes `plan.json`, `sensitivity.json`,
-    `search.json`, `study.db` (unless `storage` is given) and TensorBoard logs in `tb/`."""
+    `search.json`, `study.db` (unless `storage` is given) and TensorBoard logs in `tb/`.
+    `bops` adds a BOPs budget (`mpq.budgets.parse_bops`: `16x` of FP32's, or a figure)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from .allocate import parse_budget
@@ -389,7 +431,12 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                         "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
-    check_budget(model, recipe, budget_bytes, fp32_bytes)
+    max_bops = counter = None
+    if bops is not None:
+        size = recipe.data.image_size
+        counter = Bops.of(model, quantizable_layers(model), (torch.zeros(1, 3, size, size),))
+        max_bops = parse_bops(bops, fp32_bops=counter.fp32)
+    check_budget(model, recipe, budget_bytes, fp32_bytes, max_bops=max_bops, bops=counter)
     train = load_split(recipe.data, "train", root=data_root, progress=progress,
                        num_classes=recipe.model.num_classes)
     out = Path(out_dir)
@@ -430,7 +477,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     names = list(sensitivity)
 
     example = (holdout[0][:1],)
-    if budget_bytes >= fp32_bytes:
+    if budget_bytes >= fp32_bytes and max_bops is None:
         plan = uniform_plan(recipe.model.name, names, w_bits=8, a_bits=cfg.a_bits)
         print(f"note: the budget {budget_bytes} bytes is at or above the FP32 size "
               f"{fp32_bytes}: every layer gets 8 bits")
@@ -446,7 +493,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     holdout=holdout, calibration=calibration, cfg=cfg,
                                     storage=storage, example_inputs=example,
                                     meta=model_meta(recipe), progress=progress,
-                                    on_trial=lambda t: _log_trial(writer, t))
+                                    on_trial=lambda t: _log_trial(writer, t),
+                                    max_bops=max_bops)
     layers = summary.get("layers", {})
     log_search(writer, plan.layers, summary.get("trials", []), omega=summary.get("omega"),
                numel={n: v["weights"] for n, v in layers.items()} if layers else None,

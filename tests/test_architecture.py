@@ -118,6 +118,7 @@ def test_solver_search_and_packed_file_agree_on_a_plans_size(kind, tmp_path):
     from mpq.hessian import LayerSensitivity
     from mpq.models import build_model
     from mpq.quant import calibrate_, freeze_bn_, prepare_qat, quantizable_layers, uniform_plan
+    from mpq.budgets import Limits
     from mpq.refine import repair
     from mpq.size import Footprint, weight_bytes
 
@@ -144,7 +145,7 @@ def test_solver_search_and_packed_file_agree_on_a_plans_size(kind, tmp_path):
     lo, hi = footprint.smallest(choices), footprint.largest(choices)
     budget = lo + (hi - lo) // 3
     alloc = solve(omega, footprint, budget_bytes=budget)
-    repaired = repair({n: 8 for n in names}, omega, footprint, choices, budget)  # the search's
+    repaired = repair({n: 8 for n in names}, omega, Limits(footprint, budget), choices)  # the search's
     plan = alloc.plan(kind, budget_bytes=budget)
     q = prepare_qat(model, plan, example_inputs=example)
     calibrate_(q, [torch.randn(4, 3, size, size)])

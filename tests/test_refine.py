@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 
+from mpq.budgets import Limits
 from mpq.refine import fill, neighbours, polish, repair, undo_raises
 from mpq.mpqformat import LayerShape
 from mpq.size import Footprint
@@ -31,14 +32,14 @@ def interacting_score(bits):
 def test_moves_stay_within_the_budget_and_differ(setting):
     footprint, omega, budget = setting
     start = {n: 4 for n in NAMES}
-    moves = neighbours(start, omega, footprint, CHOICES, budget)
+    moves = neighbours(start, omega, Limits(footprint, budget), CHOICES)
     assert moves and all(footprint.bytes(m) <= budget for m in moves)
     assert len({tuple(sorted(m.items())) for m in moves}) == len(moves)
     assert start not in moves
-    lowered = repair({**start, "l0": 8}, omega, footprint, CHOICES, budget,
+    lowered = repair({**start, "l0": 8}, omega, Limits(footprint, budget), CHOICES,
                      keep=frozenset(["l0"]))
     assert lowered["l0"] == 8 and footprint.bytes(lowered) <= budget
-    raised = fill({**start, "l5": 2}, omega, footprint, CHOICES, budget, keep=frozenset(["l5"]))
+    raised = fill({**start, "l5": 2}, omega, Limits(footprint, budget), CHOICES, keep=frozenset(["l5"]))
     assert raised["l5"] == 2 and footprint.bytes(raised) <= budget
     assert footprint.bytes(raised) > footprint.bytes({**start, "l5": 2})  # the room is spent
 
@@ -46,8 +47,8 @@ def test_moves_stay_within_the_budget_and_differ(setting):
 def test_polish_ends_at_a_plan_no_step_improves(setting):
     footprint, omega, budget = setting
     start = {n: c for n, c in zip(NAMES, itertools.cycle([2, 8, 3, 6]))}
-    start = repair(start, omega, footprint, CHOICES, budget)
-    kwargs = dict(omega=omega, footprint=footprint, choices=CHOICES, budget=budget)
+    start = repair(start, omega, Limits(footprint, budget), CHOICES)
+    kwargs = dict(omega=omega, limits=Limits(footprint, budget), choices=CHOICES)
     bits, value, spent = polish(start, interacting_score(start), interacting_score,
                                 max_evaluations=10_000, **kwargs)
     assert value < interacting_score(start) and value == interacting_score(bits)
@@ -66,7 +67,7 @@ def test_a_resumed_polish_walks_the_same_path_from_the_stored_scores(setting, tm
     from mpq.study import open_study
 
     footprint, omega, budget = setting
-    start = repair({n: 8 for n in NAMES}, omega, footprint, CHOICES, budget)
+    start = repair({n: 8 for n in NAMES}, omega, Limits(footprint, budget), CHOICES)
     scored = []
 
     def score(bits):
@@ -75,7 +76,7 @@ def test_a_resumed_polish_walks_the_same_path_from_the_stored_scores(setting, tm
 
     def run(study, evaluations):
         return _polish(study, start, interacting_score(start), score, omega=omega,
-                       footprint=footprint, choices=CHOICES, budget=budget,
+                       limits=Limits(footprint, budget), choices=CHOICES,
                        evaluations=evaluations, progress=False, on_trial=None)
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -101,7 +102,7 @@ def test_undo_repair_fits_without_ranking_by_sensitivity(setting):
     import random
 
     footprint, omega, budget = setting
-    base = repair({n: 8 for n in NAMES}, omega, footprint, CHOICES, budget)
+    base = repair({n: 8 for n in NAMES}, omega, Limits(footprint, budget), CHOICES)
     rng = random.Random(0)
     shaken = {n: {b: v * (1 + 0.3 * rng.uniform(-1, 1)) for b, v in row.items()}
               for n, row in omega.items()}  # another estimator's values, within 30%
@@ -109,10 +110,10 @@ def test_undo_repair_fits_without_ranking_by_sensitivity(setting):
     for _ in range(200):
         proposal = {n: CHOICES[min(max(CHOICES.index(b) + rng.choice([-1, 0, 1]), 0),
                                    len(CHOICES) - 1)] for n, b in base.items()}
-        undone = undo_raises(proposal, base, footprint, budget)
+        undone = undo_raises(proposal, base, Limits(footprint, budget))
         assert footprint.bytes(undone) <= budget
         assert all(undone[n] in (proposal[n], base[n]) for n in NAMES)
         assert all(undone[n] == proposal[n] for n in NAMES if proposal[n] <= base[n])
-        differed += repair(proposal, omega, footprint, CHOICES, budget) != \
-            repair(proposal, shaken, footprint, CHOICES, budget)
+        differed += repair(proposal, omega, Limits(footprint, budget), CHOICES) != \
+            repair(proposal, shaken, Limits(footprint, budget), CHOICES)
     assert differed > 0  # what undo_raises is for

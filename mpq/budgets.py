@@ -1,0 +1,147 @@
+"""What a plan costs besides its bytes, and the set of budgets a plan must meet.
+
+Bit operations (BOPs), the compute measure of HAWQ-V3 and NNCF: a quantizable layer's are its
+multiply-accumulates per image times its weight bits times the bits of the activation entering
+it (32 for a part left in float); the FP32 model's are every quantizable layer's MACs at 32 x 32.
+MACs come from one forward pass of one example image through the FP32 model, each call of a
+shared layer counted.
+
+`Limits` holds the budgets one search must meet (bytes always, BOPs when asked), answers
+whether a plan meets them all, and weighs a change of one layer's bits in each budget's units
+(its share of that budget), which the repairs of `mpq.refine` rank by.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .size import Footprint
+
+__all__ = ["Bops", "Limits", "parse_bops"]
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class Bops:
+    """Multiply-accumulates per image of each quantizable layer, and the BOPs they make."""
+
+    macs: Mapping[str, int]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: nn.Module, layers: list[str], example_inputs: tuple) -> Bops:
+        """MACs of `layers` in `model` (FP32, eval mode) for one image of `example_inputs`."""
+        macs = dict.fromkeys(layers, 0)
+        modules = {name: model.get_submodule(name) for name in layers}
+
+        def hook(name):
+            def count(module, args, out):
+                per_output = module.weight[0].numel()  # cin/groups * kernel, or in_features
+                macs[name] += out[0].numel() * per_output
+            return count
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        try:
+            model(*(x[:1] for x in example_inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        return cls(macs)
+
+    def layer(self, name: str, w_bits: int | None, a_bits: int | None) -> int:
+        return self.macs[name] * (w_bits or FLOAT_BITS) * (a_bits or FLOAT_BITS)
+
+    def total(self, w_bits: Mapping[str, int | None], a_bits: Mapping[str, int | None]) -> int:
+        return sum(self.layer(n, w_bits[n], a_bits[n]) for n in self.macs)
+
+    @property
+    def fp32(self) -> int:
+        return sum(self.macs.values()) * FLOAT_BITS * FLOAT_BITS
+
+
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bops(text: str, *, fp32_bops: int) -> int:
+    """BOPs from a ratio of the FP32 model's (`16x`: a sixteenth of them) or an absolute figure
+    (`2.5e9`, `400M`, `2.5G`); anything not positive and finite, or a ratio under 1x, is a
+    `UsageError`."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zA-Z]?)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in (*_SUFFIX, "x"):
+        raise UsageError(f"--bops {text!r} is not understood; give a ratio of the FP32 model's "
+                         f"BOPs ({fp32_bops:.4g}) such as 16x, or a figure such as 400M or 2.5e9")
+    value = float(m.group(1))
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--bops {text!r} must be a positive, finite figure or ratio (16x)")
+    if unit == "x" and value < 1:
+        raise UsageError(f"--bops {text!r} asks for more than the FP32 model's BOPs; a ratio is "
+                         f"FP32 BOPs / budget: ask for 1x or more (16x)")
+    return math.floor(fp32_bops / value if unit == "x" else value * _SUFFIX[unit])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The budgets a plan of weight bits must meet: `bytes` on disk (as `footprint` weighs
+    them) and, if `max_bops` is set, BOPs with the activations at `a_bits` per layer."""
+
+    footprint: Footprint
+    bytes: int
+    a_bits: Mapping[str, int | None] = field(default_factory=dict)
+    bops: Bops | None = None
+    max_bops: int | None = None
+
+    def usage(self, bits: Mapping[str, int]) -> dict[str, int]:
+        """Each budgeted figure of a plan."""
+        out = {"bytes": self.footprint.bytes(bits)}
+        if self.max_bops is not None:
+            out["bops"] = self.bops.total(bits, self.a_bits)
+        return out
+
+    def budgets(self) -> dict[str, int]:
+        out = {"bytes": self.bytes}
+        if self.max_bops is not None:
+            out["bops"] = self.max_bops
+        return out
+
+    def fits(self, bits: Mapping[str, int]) -> bool:
+        used = self.usage(bits)
+        return all(used[k] <= limit for k, limit in self.budgets().items())
+
+    def _layer(self, name: str, w_bits: int) -> dict[str, int]:
+        out = {"bytes": self.footprint.layer(name, w_bits)}
+        if self.max_bops is not None:
+            out["bops"] = self.bops.layer(name, w_bits, self.a_bits[name])
+        return out
+
+    def delta(self, name: str, old: int, new: int, *, only=None) -> float:
+        """What moving layer `name` from `old` to `new` bits changes, summed over the budgets
+        (or those in `only`), each in bytes-budget units (its change times bytes / its limit):
+        positive when the plan grows. With bytes alone it is the change in bytes itself, so
+        the repairs move as they did before BOPs existed."""
+        a, b = self._layer(name, old), self._layer(name, new)
+        total = 0
+        for k, limit in self.budgets().items():
+            if only is None or k in only:
+                change = b[k] - a[k]
+                total += change if k == "bytes" else change * self.bytes / limit
+        return total
+
+    def constraints(self, omega) -> list:
+        """The solver's constraints beyond bytes (`mpq.allocate.solve`'s extra_constraints)."""
+        if self.max_bops is None:
+            return []
+        costs = {n: {b: self.bops.layer(n, b, self.a_bits[n]) for b in omega[n]} for n in omega}
+        return [(costs, self.max_bops)]
+
+    def exceeded(self, bits: Mapping[str, int]) -> set[str]:
+        used = self.usage(bits)
+        return {k for k, limit in self.budgets().items() if used[k] > limit}
