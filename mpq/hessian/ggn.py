@@ -120,6 +120,19 @@ def _chunks(total: int, size: int):
         yield start, min(total, start + max(1, size))
 
 
+def class_rows(model: nn.Module, x: torch.Tensor, clear):
+    """Runs `x` forward, then per class c one backward pass of sum_n sqrt(p_nc) (z_nc - p_n.z_n)
+    (p held constant), `clear()` called before each: after it, a gradient the hooks caught is
+    that class's row sqrt(p_c) J^T (e_c - p) of every image. Yields c after each pass."""
+    logits = model(x)
+    p = F.softmax(logits, dim=1).detach()
+    centred = logits - (p * logits).sum(1, keepdim=True)     # z_c - p.z
+    for c in range(logits.shape[1]):
+        clear()
+        (p[:, c].sqrt() * centred[:, c]).sum().backward(retain_graph=True)
+        yield c
+
+
 def exact_ggn_bytes(numel: int, samples: int, classes: int) -> int:
     """What `exact_ggn` keeps for one layer: its float32 rows while they are fewer than its
     weights, else its n x n matrix in float64 and one batch's in float32."""
@@ -173,13 +186,8 @@ def exact_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int
             for x, _ in batches:
                 capture.clear()
                 x = x.to(device).requires_grad_(True)
-                logits = model(x)
-                p = F.softmax(logits, dim=1).detach()
-                centred = logits - (p * logits).sum(1, keepdim=True)     # z_c - p.z
                 n = len(x)
-                for c in range(classes):
-                    capture.clear(grads_only=True)
-                    (p[:, c].sqrt() * centred[:, c]).sum().backward(retain_graph=True)
+                for _ in class_rows(model, x, lambda: capture.clear(grads_only=True)):
                     for name in group:
                         rows = capture.per_sample(name, 0, n)                  # (N, n_i)
                         # row-wise dot products summed in float64: one float32 reduction
@@ -196,7 +204,6 @@ def exact_ggn(model: nn.Module, layers: list[str], batches, *, memory_bytes: int
                 for name, gram in batch_gram.items():
                     normal[name] = normal[name] + gram.double() if name in normal else gram.double()
                 batch_gram.clear()
-                del logits, centred
         finally:
             capture.remove()
         for name in group:
