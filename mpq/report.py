@@ -112,21 +112,32 @@ def perturbation_figure(omega: dict, bits: dict):
     return fig
 
 
-def bits_figure(bits: dict, numel: dict, nbytes: dict):
-    """Weight bits per layer; on the right each layer's weights and stored bytes."""
+def bits_figure(bits: dict, numel: dict, nbytes: dict, a_bits: dict | None = None):
+    """Weight bits per layer (the upper bar of each row) beside the bits of the activation
+    entering it (the lower bar, when `a_bits` is given); on the right each layer's weights and
+    stored bytes."""
     names = list(bits)
     fig = _figure(len(names))
     ax = fig.add_subplot()
-    shown = [32 if bits[n] is None else bits[n] for n in names]
-    ax.barh(np.arange(len(names)), shown,
-            color=[_GREY if bits[n] is None else _BLUE for n in names])
+    y = np.arange(len(names))
+    parts = [("w", bits, _BLUE)] + ([("a", a_bits, _RED)] if a_bits is not None else [])
+    height = 0.8 / len(parts)
+    top = 0
+    for k, (tag, values, colour) in enumerate(parts):
+        shown = [32 if values[n] is None else values[n] for n in names]
+        top = max(top, *shown)
+        offset = (k - (len(parts) - 1) / 2) * height
+        ax.barh(y + offset, shown, height=height * 0.95,
+                color=[_GREY if values[n] is None else colour for n in names])
+        for i, n in enumerate(names):
+            ax.text(shown[i] - 0.2, i + offset, f"{tag} " + (
+                "float" if values[n] is None else str(values[n])), ha="right", va="center",
+                color="white", fontsize=_FONT - (1 if a_bits is not None else 0))
     _rows(ax, names, [f"{numel[n]:,} w, {nbytes[n]:,} B" for n in names])
-    for i, n in enumerate(names):
-        ax.text(shown[i] - 0.2, i, "float" if bits[n] is None else str(bits[n]), ha="right",
-                va="center", color="white", fontsize=_FONT)
-    ax.set_xlim(0, max(shown) + 0.5)
+    ax.set_xlim(0, top + 0.5)
     ax.set_xticks([])
-    ax.set_title(f"Weight bits per layer\n({sum(nbytes.values()):,} B of layers)",
+    what = "Weight (blue) and activation (red) bits" if a_bits is not None else "Weight bits"
+    ax.set_title(f"{what} per layer\n({sum(nbytes.values()):,} B of layers)",
                  fontsize=_FONT + 0.5)
     return fig
 
@@ -207,15 +218,17 @@ def log_sensitivity(writer, sensitivity: dict) -> None:
 def log_search(writer, plan_layers: dict, trials: list[dict], *, omega: dict | None = None,
                numel: dict | None = None, nbytes: dict | None = None,
                budget_bytes: int | None = None, chosen: dict | None = None) -> None:
-    """The chosen bits (with each layer's weights and bytes), the perturbation table with them
-    marked, the trials' size against score, and every trial as HPARAMS."""
+    """The chosen weight and activation bits (with each layer's weights and bytes), the
+    perturbation table with the weight bits marked, the trials' size against score, and every trial as HPARAMS."""
     bits = {n: plan_layers[n]["w_bits"] for n in plan_layers}
+    a_bits = {n: plan_layers[n].get("a_bits") for n in plan_layers}
     if numel is not None and nbytes is not None:
-        writer.add_figure("plan/w_bits", bits_figure(bits, numel, nbytes), 0)
+        writer.add_figure("plan/w_bits", bits_figure(bits, numel, nbytes, a_bits), 0)
     if omega:
         writer.add_figure("plan/perturbation", perturbation_figure(omega, bits), 0)
     for n, b in bits.items():
         writer.add_scalar(f"plan/w_bits/{n}", 32 if b is None else b, 0)
+        writer.add_scalar(f"plan/a_bits/{n}", 32 if a_bits[n] is None else a_bits[n], 0)
     writer.add_figure("plan/size_vs_score", trials_figure(trials, budget_bytes=budget_bytes,
                                                             chosen=chosen), 0)
     for t in trials:

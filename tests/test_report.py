@@ -44,6 +44,8 @@ def _pixels(fig) -> np.ndarray:
     (lambda: sensitivity_figure(SENS, what="top_eigenvalue"), FIGURE_WIDTH),
     (lambda: perturbation_figure(OMEGA, BITS), FIGURE_WIDTH),
     (lambda: bits_figure(BITS, {n: 100 for n in NAMES}, {n: 60 for n in NAMES}), FIGURE_WIDTH),
+    (lambda: bits_figure(BITS, {n: 100 for n in NAMES}, {n: 60 for n in NAMES},
+                         {n: 4 if n != "layer1.conv1" else 8 for n in NAMES}), FIGURE_WIDTH),
     (lambda: trials_figure(TRIALS, budget_bytes=1000, chosen=TRIALS[-1]), FIGURE_WIDTH),
 ])
 def test_each_figure_renders_at_its_width_with_something_drawn(make, width):
@@ -81,7 +83,8 @@ def _post(url, body: dict):
 def test_tensorboard_serves_every_view_of_a_search_and_a_qat_run(tmp_path):
     writer = SummaryWriter(str(tmp_path / "tb"))
     log_sensitivity(writer, SENS)
-    log_search(writer, {n: {"w_bits": BITS[n]} for n in NAMES}, TRIALS, omega=OMEGA,
+    log_search(writer, {n: {"w_bits": BITS[n], "a_bits": 4 if n != "fc" else 8} for n in NAMES},
+               TRIALS, omega=OMEGA,
                numel={n: 100 for n in NAMES}, nbytes={n: 60 for n in NAMES},
                budget_bytes=1000, chosen=TRIALS[-1])
     log_qat_layout(writer, NAMES)
@@ -115,6 +118,9 @@ def test_tensorboard_serves_every_view_of_a_search_and_a_qat_run(tmp_path):
         query = urllib.parse.urlencode({"run": ".", "tag": "plan/w_bits/fc"})
         scalars = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
         assert scalars[0][2] == BITS["fc"]  # (wall time, step, value)
+        query = urllib.parse.urlencode({"run": ".", "tag": "plan/a_bits/layer1.conv1"})
+        scalars = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
+        assert scalars[0][2] == 4
         experiment = json.loads(_post(f"{base}/experiment/defaultExperimentId/data/plugin/"
                                       f"hparams/experiment", {"experimentName": ""}))
         hparams = {h["name"] for h in experiment["hparamInfos"]}
