@@ -2,10 +2,11 @@
 
     python benchmarks/solver.py [--repeats 20]
 
-Both use 7 bit choices (2..8) per layer; the byte budget is the uniform-4-bit size, and each
-is solved again with a BOPs budget beside it (uniform W3A8's BOPs, so both bind). ResNet20 uses
-its real layer shapes and MACs with a stand-in sensitivity (the solve time does not depend on
-the values); the 54 layers get random MACs.
+Both use 7 weight bit choices (2..8) per layer; the byte budget is the uniform-4-bit size, and
+each is solved again with a BOPs budget beside it (uniform W3A8's BOPs, so both bind), then with
+activation bits chosen too (4 or 8 per layer: 14 (weights, activation) pairs per layer, one
+integer programme). ResNet20 uses its real layer shapes and MACs with a stand-in sensitivity
+(the solve time does not depend on the values); the 54 layers get random MACs.
 """
 
 import argparse
@@ -19,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpq.allocate import solve  # noqa: E402
-from mpq.budgets import Bops, Limits  # noqa: E402
+from mpq.allocate import solve, solve_within  # noqa: E402
+from mpq.budgets import Bops, Limits, act_key  # noqa: E402
 from mpq.models import build_model  # noqa: E402
 from mpq.quant import prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
 from mpq.size import Footprint, LayerShape  # noqa: E402
@@ -33,20 +34,27 @@ def omega_for(shapes, rng):
                                      reverse=True))) for n in shapes}
 
 
+def with_activations(omega, rng):
+    """`omega` plus a stand-in activation perturbation at 4 and 8 bits per layer."""
+    layers = list(omega)
+    return {**omega, **{act_key(n): {4: rng.random() * 10, 8: rng.random() * 0.1}
+                        for n in layers}}
+
+
 def timed(omega, footprint, repeats, bops=None):
     budget = footprint.smallest([4])
-    extra = []
+    limits = None
     if bops is not None:
         a_bits = dict.fromkeys(footprint.shapes, 8)
         limits = Limits(footprint, budget, a_bits, bops,
                         bops.total(dict.fromkeys(footprint.shapes, 3), a_bits))
-        extra = limits.constraints(omega)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        alloc = solve(omega, footprint, budget_bytes=budget, extra_constraints=extra)
+        alloc = (solve(omega, footprint, budget_bytes=budget) if limits is None else
+                 solve_within(omega, limits))
         times.append(time.perf_counter() - start)
-    if bops is not None:
+    if limits is not None:
         assert limits.fits(alloc.bits)
     return statistics.median(times)
 
@@ -68,9 +76,11 @@ def main():
     for name, (om, fp, bops) in {
             "ResNet20": (omega_for(resnet20.shapes, rng), resnet20, resnet20_bops),
             "54 layers (ResNet50-sized)": (omega_for(big, rng), Footprint(big), big_bops)}.items():
-        for budgets, counted in (("bytes", None), ("bytes + BOPs", bops)):
-            ms = timed(om, fp, args.repeats, counted) * 1e3
-            print(f"{name:28s} {len(fp.shapes):6d} {len(BITS):8d} {budgets:>13s} {ms:10.1f}")
+        for budgets, counted, table, pairs in (
+                ("bytes", None, om, len(BITS)), ("bytes + BOPs", bops, om, len(BITS)),
+                ("bytes + BOPs", bops, with_activations(om, rng), 2 * len(BITS))):
+            ms = timed(table, fp, args.repeats, counted) * 1e3
+            print(f"{name:28s} {len(fp.shapes):6d} {pairs:8d} {budgets:>13s} {ms:10.1f}")
 
 
 if __name__ == "__main__":

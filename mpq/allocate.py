@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .budgets import ACT, Limits, act_key
 from .errors import UsageError
 from .quant.plan import Plan
 from .quant.primitives import mse_optimal_scale, weight_range
 from .size import Footprint
 
 __all__ = ["Allocation", "parse_budget", "pareto_front", "perturbations", "plan_for_budget",
-           "solve"]
+           "solve", "solve_within"]
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
@@ -129,35 +130,75 @@ def solve(omega: dict[str, dict[int, float]], footprint: Footprint, *, budget_by
         extra_constraints: `(costs, upper)` pairs, `costs[name][b]` summed over the choice
             must be <= `upper` (e.g. bit operations).
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    names = list(omega)
-    choices = [(name, b) for name in names for b in sorted(omega[name])]
-    sizes = np.array([footprint.layer(n, b) for n, b in choices], dtype=float)
     smallest = footprint.smallest(omega)
     if budget_bytes < smallest:
         raise UsageError(f"budget {budget_bytes} bytes ({budget_bytes / 1000:.1f}KB) is below "
                          f"the smallest possible size {smallest} bytes ({smallest / 1000:.1f}KB,"
                          f" every layer at its fewest bits)")
-    cost = np.array([omega[n][b] for n, b in choices], dtype=float)
+    options = {n: {b: omega[n][b] for b in sorted(omega[n])} for n in omega}
+    rows = [({n: {b: footprint.layer(n, b) for b in omega[n]} for n in omega},
+             budget_bytes - footprint.fixed)] + list(extra_constraints or [])
+    bits = _multiple_choice(options, rows)
+    return Allocation(bits, footprint.bytes(bits),
+                      float(sum(omega[n][b] for n, b in bits.items())))
+
+
+def solve_within(omega: dict[str, dict[int, float]], limits: Limits) -> Allocation:
+    """The plan of least summed perturbation that meets every budget of `limits`, exactly.
+
+    `omega` has a key per layer (its weight widths) and, where the search chooses them,
+    `act_key(layer)` (its input activation's widths, `mpq.hessian.activation`); each layer then
+    picks one (weights, activation) pair, whose BOPs are their product, so both kinds of bits
+    are chosen in one integer programme."""
+    layers = [n for n in omega if not n.endswith(ACT)]
+    options, size_rows, bops_rows = {}, {}, {}
+    for n in layers:
+        acts = sorted(omega[act_key(n)]) if act_key(n) in omega else [None]
+        options[n], size_rows[n], bops_rows[n] = {}, {}, {}
+        for w in sorted(omega[n]):
+            for a in acts:
+                pair = (w, a)
+                options[n][pair] = omega[n][w] + (omega[act_key(n)][a] if a is not None else 0)
+                size_rows[n][pair] = limits.footprint.layer(n, w)
+                if limits.max_bops is not None:
+                    bops_rows[n][pair] = limits.bops.layer(
+                        n, w, a if a is not None else limits.a_bits[n])
+    rows = [(size_rows, limits.bytes - limits.footprint.fixed)]
+    if limits.max_bops is not None:
+        rows.append((bops_rows, limits.max_bops))
+    picked = _multiple_choice(options, rows)
+    bits = {}
+    for n, (w, a) in picked.items():
+        bits[n] = w
+        if a is not None:
+            bits[act_key(n)] = a
+    return Allocation(bits, limits.usage(bits)["bytes"],
+                      float(sum(options[n][pair] for n, pair in picked.items())))
+
+
+def _multiple_choice(options: dict[str, dict], rows: list) -> dict:
+    """One option per layer minimising the summed cost, `options[layer][option]`, subject to
+    each row `(coefficients[layer][option], upper)`: sum of the chosen coefficients <= upper.
+    Exact: an integer programme solved by HiGHS through `scipy.optimize.milp`."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(options)
+    choices = [(n, o) for n in names for o in options[n]]
+    cost = np.array([options[n][o] for n, o in choices], dtype=float)
     one_per_layer = np.zeros((len(names), len(choices)))
     for j, (n, _) in enumerate(choices):
         one_per_layer[names.index(n), j] = 1
-    constraints = [LinearConstraint(one_per_layer, 1, 1),
-                   LinearConstraint(sizes[None, :], -np.inf, budget_bytes - footprint.fixed)]
-    for costs, upper in extra_constraints or []:
+    constraints = [LinearConstraint(one_per_layer, 1, 1)]
+    for coefficients, upper in rows:
         constraints.append(LinearConstraint(
-            np.array([[costs[n][b] for n, b in choices]], dtype=float), -np.inf, upper))
+            np.array([[coefficients[n][o] for n, o in choices]], dtype=float), -np.inf, upper))
     with _native_stdout_silenced():  # HiGHS prints solver chatter from C on some models
         result = milp(cost, integrality=np.ones(len(choices)), bounds=Bounds(0, 1),
                       constraints=constraints, options={"mip_rel_gap": 0})
     if result.x is None:
         raise UsageError(f"no plan satisfies the constraints ({result.message})")
-    picked = [choices[j] for j in np.flatnonzero(result.x > 0.5)]
-    bits = {n: b for n, b in picked}
-    bits = {n: bits[n] for n in names}
-    return Allocation(bits, footprint.bytes(bits),
-                      float(sum(omega[n][b] for n, b in bits.items())))
+    picked = dict(choices[j] for j in np.flatnonzero(result.x > 0.5))
+    return {n: picked[n] for n in names}
 
 
 def pareto_front(omega, footprint: Footprint, *, points: int = 25) -> list[Allocation]:

@@ -88,10 +88,28 @@ def parse_bops(text: str, *, fp32_bops: int) -> int:
     return math.floor(fp32_bops / value if unit == "x" else value * _SUFFIX[unit])
 
 
+ACT = "@a"
+
+
+def act_key(layer: str) -> str:
+    """The key of a layer's input-activation bits in a search's plan of bits (beside the layer's
+    own key, which holds its weight bits)."""
+    return layer + ACT
+
+
+def split_bits(bits: Mapping[str, int], a_bits: Mapping[str, int | None]
+               ) -> tuple[dict[str, int], dict[str, int | None]]:
+    """(weight bits, activation bits) per layer of a search's plan of bits: a layer without an
+    activation key keeps `a_bits`' width."""
+    w = {n: b for n, b in bits.items() if not n.endswith(ACT)}
+    return w, {n: bits.get(act_key(n), a_bits.get(n)) for n in w}
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The budgets a plan of weight bits must meet: `bytes` on disk (as `footprint` weighs
-    them) and, if `max_bops` is set, BOPs with the activations at `a_bits` per layer."""
+    """The budgets a plan must meet: `bytes` on disk (as `footprint` weighs them) and, if
+    `max_bops` is set, BOPs. A plan maps each layer to its weight bits and, where the search
+    chooses them, `act_key(layer)` to its input activation's bits (else `a_bits`)."""
 
     footprint: Footprint
     bytes: int
@@ -101,9 +119,10 @@ class Limits:
 
     def usage(self, bits: Mapping[str, int]) -> dict[str, int]:
         """Each budgeted figure of a plan."""
-        out = {"bytes": self.footprint.bytes(bits)}
+        w, a = split_bits(bits, self.a_bits)
+        out = {"bytes": self.footprint.bytes(w)}
         if self.max_bops is not None:
-            out["bops"] = self.bops.total(bits, self.a_bits)
+            out["bops"] = self.bops.total(w, a)
         return out
 
     def budgets(self) -> dict[str, int]:
@@ -116,32 +135,23 @@ class Limits:
         used = self.usage(bits)
         return all(used[k] <= limit for k, limit in self.budgets().items())
 
-    def _layer(self, name: str, w_bits: int) -> dict[str, int]:
-        out = {"bytes": self.footprint.layer(name, w_bits)}
-        if self.max_bops is not None:
-            out["bops"] = self.bops.layer(name, w_bits, self.a_bits[name])
-        return out
-
-    def delta(self, name: str, old: int, new: int, *, only=None) -> float:
-        """What moving layer `name` from `old` to `new` bits changes, summed over the budgets
-        (or those in `only`), each in bytes-budget units (its change times bytes / its limit):
-        positive when the plan grows. With bytes alone it is the change in bytes itself, so
-        the repairs move as they did before BOPs existed."""
-        a, b = self._layer(name, old), self._layer(name, new)
-        total = 0
-        for k, limit in self.budgets().items():
-            if only is None or k in only:
-                change = b[k] - a[k]
-                total += change if k == "bytes" else change * self.bytes / limit
-        return total
-
-    def constraints(self, omega) -> list:
-        """The solver's constraints beyond bytes (`mpq.allocate.solve`'s extra_constraints)."""
-        if self.max_bops is None:
-            return []
-        costs = {n: {b: self.bops.layer(n, b, self.a_bits[n]) for b in omega[n]} for n in omega}
-        return [(costs, self.max_bops)]
-
     def exceeded(self, bits: Mapping[str, int]) -> set[str]:
         used = self.usage(bits)
         return {k for k, limit in self.budgets().items() if used[k] > limit}
+
+    def delta(self, bits: Mapping[str, int], key: str, new: int, *, only=None) -> float:
+        """What setting `key` of `bits` to `new` changes, summed over the budgets (or those in
+        `only`), each in bytes-budget units (its change times bytes / its limit): positive when
+        the plan grows. With bytes alone it is the change in bytes itself, so the repairs move
+        as they did before BOPs existed."""
+        layer = key[:-len(ACT)] if key.endswith(ACT) else key
+        w, a = bits[layer], bits.get(act_key(layer), self.a_bits.get(layer))
+        w2, a2 = (w, new) if key.endswith(ACT) else (new, a)
+        change = {"bytes": self.footprint.layer(layer, w2) - self.footprint.layer(layer, w)}
+        if self.max_bops is not None:
+            change["bops"] = self.bops.layer(layer, w2, a2) - self.bops.layer(layer, w, a)
+        total = 0
+        for k, limit in self.budgets().items():
+            if only is None or k in only:
+                total += change[k] if k == "bytes" else change[k] * self.bytes / limit
+        return total

@@ -16,12 +16,20 @@ from typing import Callable, Mapping, Sequence
 
 from .budgets import Limits
 
-__all__ = ["REPAIRS", "fill", "neighbours", "plan_key", "polish", "repair", "undo_raises"]
+__all__ = ["REPAIRS", "fill", "neighbours", "plan_key", "polish", "repair", "undo_raises",
+           "widths_of"]
 
 Bits = dict[str, int]
+Choices = Sequence[int] | Mapping[str, Sequence[int]]
 
 
-def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int], *,
+def widths_of(choices: Choices, key: str) -> Sequence[int]:
+    """The widths `key` may take: one list for every key, or a list per key (weights and
+    activations choose from their own)."""
+    return choices[key] if isinstance(choices, Mapping) else choices
+
+
+def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Choices, *,
            keep: frozenset = frozenset()) -> Bits:
     """Lowers bits, cheapest perturbation per unit of the exceeded budgets saved first (per
     byte, with bytes alone), until the plan fits; layers in `keep` stay as they are."""
@@ -30,11 +38,12 @@ def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int
         over = limits.exceeded(bits)
         best, best_cost = None, float("inf")
         for n, b in bits.items():
-            i = choices.index(b)
+            widths = widths_of(choices, n)
+            i = widths.index(b)
             if i == 0 or n in keep:
                 continue
-            lower = choices[i - 1]
-            saved = -limits.delta(n, b, lower, only=over)
+            lower = widths[i - 1]
+            saved = -limits.delta(bits, n, lower, only=over)
             cost = (omega[n][lower] - omega[n][b]) / max(saved, 1)
             if cost < best_cost:
                 best, best_cost = (n, lower), cost
@@ -53,7 +62,7 @@ def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], limits: Limits
     estimators whose solver plans agree propose, repair and score the same trials."""
     bits = dict(bits)
     raised = sorted((n for n in bits if bits[n] > base[n]),
-                    key=lambda n: (limits.delta(n, bits[n], base[n]), n))
+                    key=lambda n: (limits.delta(bits, n, base[n]), n))
     for n in raised:
         if limits.fits(bits):
             break
@@ -61,7 +70,7 @@ def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], limits: Limits
     return bits
 
 
-def fill(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int], *,
+def fill(bits: Mapping[str, int], omega, limits: Limits, choices: Choices, *,
          keep: frozenset = frozenset()) -> Bits:
     """Raises bits, largest perturbation drop per byte (budget unit) first, while the plan
     still fits; layers in `keep` stay as they are."""
@@ -69,11 +78,12 @@ def fill(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int],
     while True:
         best, best_gain = None, 0.0
         for n, b in bits.items():
-            i = choices.index(b)
-            if i == len(choices) - 1 or n in keep:
+            widths = widths_of(choices, n)
+            i = widths.index(b)
+            if i == len(widths) - 1 or n in keep:
                 continue
-            higher = choices[i + 1]
-            cost = limits.delta(n, b, higher)
+            higher = widths[i + 1]
+            cost = limits.delta(bits, n, higher)
             if not limits.fits({**bits, n: higher}):
                 continue
             gain = (omega[n][b] - omega[n][higher]) / max(cost, 1)
@@ -84,19 +94,19 @@ def fill(bits: Mapping[str, int], omega, limits: Limits, choices: Sequence[int],
         bits[best[0]] = best[1]
 
 
-def neighbours(bits: Mapping[str, int], omega, limits: Limits,
-               choices: Sequence[int]) -> list[Bits]:
+def neighbours(bits: Mapping[str, int], omega, limits: Limits, choices: Choices) -> list[Bits]:
     """The plans one step from `bits` within the budget, in layer order: each layer one bit
     choice up (the others repaired to fit) and one down (the freed bytes spent on the others)."""
     out, seen = [], {plan_key(bits)}
     for n, b in bits.items():
-        i = choices.index(b)
+        widths = widths_of(choices, n)
+        i = widths.index(b)
         moves = []
-        if i + 1 < len(choices):
-            moves.append(repair({**bits, n: choices[i + 1]}, omega, limits, choices,
+        if i + 1 < len(widths):
+            moves.append(repair({**bits, n: widths[i + 1]}, omega, limits, choices,
                                 keep=frozenset([n])))
         if i > 0:
-            moves.append(fill({**bits, n: choices[i - 1]}, omega, limits, choices,
+            moves.append(fill({**bits, n: widths[i - 1]}, omega, limits, choices,
                               keep=frozenset([n])))
         for m in moves:
             if limits.fits(m) and plan_key(m) not in seen:
@@ -111,7 +121,7 @@ def plan_key(bits: Mapping[str, int]) -> tuple:
 
 
 def polish(start: Mapping[str, int], start_score: float, score: Callable[[Bits], float], *,
-           omega, limits: Limits, choices: Sequence[int],
+           omega, limits: Limits, choices: Choices,
            max_evaluations: int) -> tuple[Bits, float, int]:
     """First-improvement local search from `start` over `neighbours`, the plans the
     perturbation table ranks best scored first; returns the plan, its score and the evaluations

@@ -18,23 +18,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocate import Allocation, perturbations, solve
+from .allocate import perturbations, solve_within
+from .budgets import Bops, Limits, act_key, parse_bops, split_bits
 from .config import Recipe
-from .budgets import Bops, Limits, parse_bops
 from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
+from .hessian.activation import activation_perturbations, activation_traces
+from .mpqformat import ACT_QUANT_BYTES
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
-from .refine import REPAIRS, plan_key, polish, repair, undo_raises
+from .refine import REPAIRS, widths_of, plan_key, polish, repair, undo_raises
 from .report import log_search, log_sensitivity
-from .size import Footprint
+from .size import Footprint, weight_bytes
 from .study import METRIC, add_scored, check_storage, open_study, run_trials
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivity_cached",
@@ -44,11 +46,14 @@ __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "search_plan", "sensitivi
 @dataclass
 class SearchConfig:
     """Settings of sensitivity, allocation and search. `bit_choices` are weight widths: an
-    8-bit weight holds the 129 levels of `mpq.quant.weight_range(8)` in 8 bits."""
+    8-bit weight holds the 129 levels of `mpq.quant.weight_range(8)` in 8 bits. Activations
+    enter every layer at `a_bits`, or, with `a_bit_choices`, at widths the search chooses per
+    layer (they cost BOPs, not bytes: without `--bops` each layer takes the widest)."""
 
     checkpoint: str = "checkpoints/resnet20_cifar10.pt"
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
     a_bits: int = 8
+    a_bit_choices: list[int] | None = None
     estimator: str = "auto"
     rel_tol: float = 0.05
     min_probes: int = 30
@@ -74,6 +79,11 @@ class SearchConfig:
             raise UsageError(f"search.bit_choices must be bit widths in 2..8, got "
                              f"{self.bit_choices}")
         self.bit_choices = sorted(set(self.bit_choices))
+        if self.a_bit_choices is not None:
+            if not self.a_bit_choices or any(not 2 <= b <= 8 for b in self.a_bit_choices):
+                raise UsageError(f"search.a_bit_choices must be bit widths in 2..8 (or null: "
+                                 f"every layer at search.a_bits), got {self.a_bit_choices}")
+            self.a_bit_choices = sorted(set(self.a_bit_choices))
         if self.metric not in ("trace", "eigenvalue"):
             raise UsageError(f"search.metric must be trace or eigenvalue, got {self.metric!r}")
         if self.estimator not in ESTIMATORS:
@@ -152,7 +162,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
                 meta: dict | None = None, progress: bool = True,
-                on_trial=None, max_bops: int | None = None) -> tuple[Plan, dict]:
+                on_trial=None, max_bops: int | None = None,
+                activation_batches=None) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -172,6 +183,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         on_trial: called with each completed trial (an `optuna.trial.FrozenTrial`).
         max_bops: a BOPs budget beside the bytes (`mpq.budgets`): the solver, the trials'
             repairs and the local search meet both.
+        activation_batches: (inputs, labels) on which each layer's input curvature is
+            measured, with `cfg.a_bit_choices` (`mpq.hessian.activation`).
     """
     import optuna
     from tqdm import tqdm
@@ -180,35 +193,51 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
                      example_inputs=example_inputs)
     footprint = Footprint.of(q8, meta)
-    choices = cfg.bit_choices
+    choices, a_choices = cfg.bit_choices, cfg.a_bit_choices
+    if a_choices:  # a layer whose input takes other bits than its tensor's other consumers
+        # gets its own quantizer: the bound counts one per layer, the plan its exact bytes
+        footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
     a_bits = {n: cfg.a_bits for n in names}
     bops = Bops.of(model, names, example_inputs)
     limits = Limits(footprint, budget_bytes, a_bits, bops, max_bops)
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
-    solver = solve(omega, footprint, budget_bytes=budget_bytes,
-                   extra_constraints=limits.constraints(omega))
+    widths = choices
+    if a_choices:
+        traces, inputs = activation_traces(model, names, activation_batches)
+        omega.update({act_key(n): v for n, v in
+                      activation_perturbations(traces, inputs, a_choices).items()})
+        widths = {**{n: choices for n in names}, **{act_key(n): a_choices for n in names}}
+    solver = solve_within(omega, limits)
+
+    def plan_of(bits: dict[str, int]) -> Plan:
+        w, a = split_bits(bits, a_bits)
+        return Plan(model=model_name, layers={n: {"w_bits": w[n], "a_bits": a[n]} for n in w})
+
+    def steps(bits: dict[str, int]) -> dict[str, int]:
+        """Each key's step from the solver's plan, in its own widths."""
+        return {k: max(-1, min(1, widths_of(widths, k).index(bits[k]) -
+                               widths_of(widths, k).index(solver.bits[k]))) for k in solver.bits}
     with torch.no_grad():
         teacher_logits = [model(x) for x in holdout]
 
     def score(bits: dict[str, int]) -> float:
-        plan = Plan(model=model_name,
-                    layers={n: {"w_bits": b, "a_bits": cfg.a_bits} for n, b in bits.items()})
-        q = prepare_qat(model, plan, example_inputs=example_inputs)
+        q = prepare_qat(model, plan_of(bits), example_inputs=example_inputs)
         calibrate_(q, calibration)
         return kl_score(q, teacher_logits, holdout)
 
     def objective(trial: "optuna.Trial") -> float:
         proposal = {}
-        for n in names:
-            i = choices.index(solver.bits[n])
-            step = trial.suggest_categorical(n, [-1, 0, 1])
-            proposal[n] = choices[min(max(i + step, 0), len(choices) - 1)]
+        for k in solver.bits:  # each layer's weights, then (if chosen) its activation
+            options = widths_of(widths, k)
+            i = options.index(solver.bits[k])
+            step = trial.suggest_categorical(k, [-1, 0, 1])
+            proposal[k] = options[min(max(i + step, 0), len(options) - 1)]
         bits = (undo_raises(proposal, solver.bits, limits) if cfg.repair == "undo" else
-                repair(proposal, omega, limits, choices))
+                repair(proposal, omega, limits, widths))
         value = score(bits)
         trial.set_user_attr("bits", bits)
-        trial.set_user_attr("size_bytes", footprint.bytes(bits))
-        trial.set_user_attr("bops", bops.total(bits, a_bits))
+        trial.set_user_attr("size_bytes", limits.usage(bits)["bytes"])
+        trial.set_user_attr("bops", bops.total(*split_bits(bits, a_bits)))
         for n, b in bits.items():  # one attribute per layer: readable in optuna-dashboard
             trial.set_user_attr(f"bits.{n}", b)
         return value
@@ -221,21 +250,23 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     # the repair before `undo`, keeps the name it had)
     pinned = [budget_bytes, choices, solver.bits, cfg.seed] + (
         [cfg.repair] if cfg.repair != "perturbation" else []) + (
-        [{"bops": max_bops}] if max_bops is not None else [])
+        [{"bops": max_bops}] if max_bops is not None else []) + (
+        [{"a_bit_choices": a_choices}] if a_choices else [])
     basis = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
     # The solver's plan at the budget, then at budgets a little below it: the search starts
     # from the exact optimum of the Hessian model.
-    seeds = [solver] + [_solve_or_none(omega, footprint, int(budget_bytes * f), limits)
+    seeds = [solver] + [_solve_or_none(omega, replace(limits, bytes=int(budget_bytes * f)))
                         for f in (0.97, 0.94) if budget_bytes * f >= footprint.smallest(choices)]
     seeds = [alloc for alloc in seeds if alloc is not None]
     study = open_study(name, storage, {
         "model": model_name, "budget_bytes": budget_bytes, "bit_choices": list(choices),
         "a_bits": cfg.a_bits, "solver_bits": solver.bits, "solver_size_bytes": solver.size_bytes,
         **({"bops_budget": max_bops} if max_bops is not None else {}),
-        "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"},
-        seeds=[{n: max(-1, min(1, choices.index(alloc.bits[n]) - choices.index(solver.bits[n])))
-                for n in names} for alloc in seeds])
+        **({"a_bit_choices": a_choices} if a_choices else {}),
+        "parameters": "per layer, the step from solver_bits in bit_choices (-1, 0, +1)"
+                      + ("; per <layer>@a, in a_bit_choices" if a_choices else "")},
+        seeds=[steps(alloc.bits) for alloc in seeds])
     print(f"study {name} in {storage}", flush=True)
 
     def finished(trial) -> None:
@@ -257,7 +288,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         bits, value = best.user_attrs["bits"], best.value
     if cfg.polish_evaluations:
         bits, value = _polish(study, bits, value, score, omega=omega, limits=limits,
-                              choices=choices,
+                              choices=widths,
                               evaluations=cfg.polish_evaluations, progress=progress,
                               on_trial=on_trial)
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -269,14 +300,17 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         flat = {n: b for n in names}
         uniform[b] = {"size_bytes": footprint.bytes(flat), "bops": bops.total(flat, a_bits),
                       "within_budget": limits.fits(flat), "score": score(flat)}
-    plan = Allocation(bits, footprint.bytes(bits),
-                      float(sum(omega[n][b] for n, b in bits.items()))).plan(
-        model_name, a_bits=cfg.a_bits, budget_bytes=budget_bytes,
-        extra={"score": value, "score_metric": "kl_to_fp32_on_holdout",
-               "solver_score": solver_score, "solver_bits": solver.bits,
-               "bops": bops.total(bits, a_bits), "fp32_bops": bops.fp32,
-               **({"bops_budget": max_bops} if max_bops is not None else {})})
-    assert limits.fits(bits)
+    plan = plan_of(bits)
+    size = limits.usage(bits)["bytes"]
+    if a_choices:  # the exact bytes of its own quantizers, not the bound the search kept to
+        size = weight_bytes(prepare_qat(model, plan, example_inputs=example_inputs), meta)
+    plan.extra = {"size_bytes": size, "budget_bytes": budget_bytes,
+                  "objective": float(sum(omega[k][b] for k, b in bits.items())),
+                  "score": value, "score_metric": "kl_to_fp32_on_holdout",
+                  "solver_score": solver_score, "solver_bits": solver.bits,
+                  "bops": bops.total(*split_bits(bits, a_bits)), "fp32_bops": bops.fp32,
+                  **({"bops_budget": max_bops} if max_bops is not None else {})}
+    assert limits.fits(bits) and size <= budget_bytes
     summary = {"study": {"name": name, "storage": storage, "metric": METRIC},
                "trials": [{"number": t.number, "score": t.value,
                            "stage": t.user_attrs.get("stage", "sampled"),
@@ -285,17 +319,18 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
                           "objective": solver.objective},
-               "uniform": uniform, "omega": omega,
+               "uniform": uniform, "omega": {n: omega[n] for n in names},
+               **({"activation_omega": {n: omega[act_key(n)] for n in names}}
+                  if a_choices else {}),
                "layers": {n: {"weights": footprint.shapes[n].numel,
                               "bytes": footprint.layer(n, bits[n])} for n in names}}
     return plan, summary
 
 
-def _solve_or_none(omega, footprint: Footprint, budget_bytes: int, limits: Limits):
-    """The solver's plan at a lower byte budget, within the other budgets; None if none fits."""
+def _solve_or_none(omega, limits: Limits):
+    """The solver's plan within `limits`; None if no plan meets them."""
     try:
-        return solve(omega, footprint, budget_bytes=budget_bytes,
-                     extra_constraints=limits.constraints(omega))
+        return solve_within(omega, limits)
     except UsageError:
         return None
 
@@ -326,8 +361,9 @@ def _polish(study, bits, value, score, *, omega, limits, choices, evaluations,
         if key in cache:
             return cache[key]
         cache[key] = score(plan)
-        attrs = {"stage": "polish", "bits": plan, "size_bytes": limits.footprint.bytes(plan),
-                 **({"bops": limits.bops.total(plan, limits.a_bits)} if limits.bops else {}),
+        attrs = {"stage": "polish", "bits": plan, "size_bytes": limits.usage(plan)["bytes"],
+                 **({"bops": limits.bops.total(*split_bits(plan, limits.a_bits))}
+                    if limits.bops else {}),
                  **{f"bits.{n}": b for n, b in plan.items()}}
         trial = add_scored(study, cache[key], attrs)
         if on_trial is not None:
@@ -431,6 +467,11 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                         "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
+    if cfg.a_bit_choices and recipe.model.num_classes > cfg.max_exact_classes:
+        raise UsageError(f"search.a_bit_choices needs each layer's input curvature, measured "
+                         f"exactly with one backward pass per class: {recipe.model.num_classes} "
+                         f"classes is over search.max_exact_classes ({cfg.max_exact_classes}); "
+                         f"raise it to pay for them, or leave a_bit_choices unset")
     max_bops = counter = None
     if bops is not None:
         size = recipe.data.image_size
@@ -494,7 +535,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     storage=storage, example_inputs=example,
                                     meta=model_meta(recipe), progress=progress,
                                     on_trial=lambda t: _log_trial(writer, t),
-                                    max_bops=max_bops)
+                                    max_bops=max_bops, activation_batches=sens_batches)
     layers = summary.get("layers", {})
     log_search(writer, plan.layers, summary.get("trials", []), omega=summary.get("omega"),
                numel={n: v["weights"] for n, v in layers.items()} if layers else None,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from conftest import run_script
-from mpq.allocate import solve
-from mpq.budgets import Bops, Limits, parse_bops
+from mpq.allocate import solve_within
+from mpq.budgets import Bops, Limits, act_key, parse_bops, split_bits
 from mpq.errors import UsageError
 from mpq.refine import fill, repair, undo_raises
 from mpq.size import Footprint, LayerShape
@@ -93,10 +93,10 @@ def test_the_solver_meets_bytes_and_bops_and_is_optimal(seed):
     limits = Limits(footprint, budget, a_bits, bops, max_bops)
     if not feasible:
         with pytest.raises(UsageError, match="no plan satisfies"):
-            solve(omega, footprint, budget_bytes=budget, extra_constraints=limits.constraints(omega))
+            solve_within(omega, limits)
         return
     best = min(sum(omega[n][p[n]] for n in names) for p in feasible)
-    got = solve(omega, footprint, budget_bytes=budget, extra_constraints=limits.constraints(omega))
+    got = solve_within(omega, limits)
     assert limits.fits(got.bits) and got.objective == pytest.approx(best, rel=1e-9)
     # the trials' repairs land within both budgets from any proposal
     for _ in range(5):
@@ -114,8 +114,42 @@ def test_with_bytes_alone_the_repairs_move_in_bytes():
     are found again."""
     _, names, footprint, _, choices, omega = _instance(0)
     limits = Limits(footprint, footprint.bytes(dict.fromkeys(names, 4)))
-    assert limits.delta("l1", 2, 8) == footprint.layer("l1", 8) - footprint.layer("l1", 2)
+    plan = {**dict.fromkeys(names, 4), "l1": 2}
+    assert limits.delta(plan, "l1", 8) == footprint.layer("l1", 8) - footprint.layer("l1", 2)
     assert limits.usage(dict.fromkeys(names, 4)) == {"bytes": limits.bytes}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_weight_and_activation_bits_are_chosen_together_optimally(seed):
+    """Each layer picks a (weights, activation) pair: bytes depend on the first, BOPs on their
+    product; the solver's plan is the brute-force optimum over all pairs, and the repairs,
+    which move either key, land within both budgets."""
+    rng, names, footprint, bops, choices, omega = _instance(seed)
+    a_choices = [4, 8]
+    for n in names:
+        omega[act_key(n)] = {4: rng.random() * 0.1, 8: rng.random() * 0.001}
+    defaults = dict.fromkeys(names, 8)
+    widths = {**{n: choices for n in names}, **{act_key(n): a_choices for n in names}}
+    keys = list(widths)
+    combos = [dict(zip(keys, c)) for c in itertools.product(*(widths[k] for k in keys))]
+    size = lambda p: footprint.bytes(split_bits(p, defaults)[0])  # noqa: E731
+    ops = lambda p: bops.total(*split_bits(p, defaults))  # noqa: E731
+    budget = rng.randint(min(map(size, combos)), max(map(size, combos)))
+    max_bops = rng.randint(min(map(ops, combos)), max(map(ops, combos)))
+    limits = Limits(footprint, budget, defaults, bops, max_bops)
+    feasible = [p for p in combos if limits.fits(p)]
+    if not feasible:
+        return
+    best = min(sum(omega[k][p[k]] for k in keys) for p in feasible)
+    got = solve_within(omega, limits)
+    assert set(got.bits) == set(keys) and limits.fits(got.bits)
+    assert got.objective == pytest.approx(best, rel=1e-9)
+    for _ in range(5):
+        proposal = {k: rng.choice(widths[k]) for k in keys}
+        fixed = repair(proposal, omega, limits, widths)
+        assert limits.fits(fixed) or not limits.fits({k: widths[k][0] for k in keys})
+        grown = fill(got.bits, omega, limits, widths)
+        assert limits.fits(grown) and all(grown[k] >= got.bits[k] for k in keys)
 
 
 @pytest.fixture
@@ -158,3 +192,43 @@ def test_budgets_no_plan_meets_are_refused_before_any_work_naming_the_tightest(s
                                                      r"cannot be met either", bytes_first.stderr)
     bad = run_script(*search_args("r4", "--budget", "8x", "--bops", "fast"))
     assert bad.returncode == 2 and "--bops 'fast' is not understood" in bad.stderr
+
+
+def test_search_chooses_activation_bits_under_a_bops_budget(search_args, tmp_path,
+                                                           tiny_teacher):
+    """search.a_bit_choices [4, 8] with --bops 64x: W8A8 is 1/16 of FP32's BOPs and W2A8 1/64,
+    so the plan lowers activations too; its size is the exact model.mpq it makes."""
+    from mpq.checkpoint import load_teacher, model_meta
+    from mpq.config import load_recipe
+    from mpq.quant import Plan, prepare_qat
+    from mpq.search import SearchRecipe
+    from mpq.size import weight_bytes
+
+    args = search_args("a", "--budget", "4x", "--bops", "64x",
+                       "--set", "search.a_bit_choices=[4,8]")
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["bops"] <= plan["bops_budget"] and plan["size_bytes"] <= plan["budget_bytes"]
+    a_bits = [v["a_bits"] for v in plan["layers"].values()]
+    assert set(a_bits) == {4, 8}
+    summary = json.loads((tmp_path / "a" / "search.json").read_text())
+    assert all(t["bops"] <= plan["bops_budget"] for t in summary["trials"])
+    assert all(any(k.endswith("@a") for k in t["bits"]) for t in summary["trials"])
+    assert set(summary["activation_omega"]) == set(plan["layers"])
+    recipe = load_recipe(args[2], [], cls=SearchRecipe)
+    model = load_teacher(str(tiny_teacher), model_name="resnet20", num_classes=4).eval()
+    size = recipe.data.image_size
+    q = prepare_qat(model, Plan(model="resnet20", layers=plan["layers"]),
+                    example_inputs=(torch.zeros(1, 3, size, size),))
+    assert plan["size_bytes"] == weight_bytes(q, model_meta(recipe))
+
+
+def test_activation_choices_are_refused_where_their_curvature_would_cost_a_pass_per_class(
+        search_args, tmp_path):
+    result = run_script(*search_args("c", "--budget", "4x", "--set",
+                                     "search.a_bit_choices=[4,8]", "--set",
+                                     "search.max_exact_classes=2"))
+    assert result.returncode == 2 and "search.a_bit_choices needs" in result.stderr, result.stderr
+    bad = run_script(*search_args("d", "--budget", "4x", "--set", "search.a_bit_choices=[1,8]"))
+    assert bad.returncode == 2 and "search.a_bit_choices must be" in bad.stderr, bad.stderr
