@@ -19,6 +19,8 @@ Each row runs the commands a user would (recorded in its JSON), on the committed
     qat_w4a4        uniform W4A4 QAT (the image entering conv1 at 8 bits), float32
     make_run        `make run`'s two commands (13x search on the recipe's defaults, QAT
                     recipe), float32
+    mpq_13x_bops64  search.py --budget 13x --bops 64x with activation bits chosen per layer
+                    (search.a_bit_choices [4, 8]), QAT recipe, float32
     abl13_*         QAT ablations: the committed 13x plan (checkpoints/resnet20_cifar10/
                     mpq_13x/plan.json) fine-tuned by the QAT recipe, one change each
                     (results_table/layout.py ABLATIONS), precision pinned; abl13_ep1/2/5/20

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from mpq.files import atomic_path
-from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, QAT_EPOCHS, QAT_RECIPE,
-                     SEARCH_RECIPE, Layout)
+from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS, QAT_EPOCHS,
+                     QAT_RECIPE, SEARCH_RECIPE, Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
 
@@ -73,6 +73,19 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row = _exported_row(layout, [search, train], run / "qat" / "export", log)
         plan = json.loads((run / "search" / "plan.json").read_text())
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
+        return row
+    if name in BOPS_ROWS:
+        budget, bops, a_choices = BOPS_ROWS[name]
+        search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", layout.teacher, *data,
+                  "--budget", budget, "--bops", bops, "--set",
+                  f"search.a_bit_choices={json.dumps(a_choices)}", "--out", run / "search",
+                  "--quiet"]
+        train = [*qat, "--plan", run / "search" / "plan.json", "--set", "train.precision=fp32",
+                 "--out", run / "qat"]
+        row = _exported_row(layout, [search, train], run / "qat" / "export", log)
+        plan = json.loads((run / "search" / "plan.json").read_text())
+        row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"],
+                   bops=plan["bops"], fp32_bops=plan["fp32_bops"], bops_budget=plan["bops_budget"])
         return row
     if name == "qat_w4a4":
         plan = w4a4_plan(layout, run / "plan.json")
@@ -159,8 +172,8 @@ def stale(layout: Layout, name: str, row: dict) -> str | None:
     if trained is None or not trained.is_file():
         trained = layout.artifacts / name / "plan.json"
     if searched.is_file() and trained.is_file():
-        bits = [{k: v["w_bits"] for k, v in json.loads(f.read_text())["layers"].items()}
-                for f in (searched, trained)]
+        bits = [{k: (v["w_bits"], v.get("a_bits")) for k, v in
+                 json.loads(f.read_text())["layers"].items()} for f in (searched, trained)]
         if bits[0] != bits[1]:
             return (f"the search in {layout.rel(searched)} now picks other bits than the row's "
                     f"plan {layout.rel(trained)}")

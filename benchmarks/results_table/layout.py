@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES",
+__all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "BOPS_ROWS",
            "COMPUTE_ORDER", "EPOCH_CURVE", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
@@ -28,6 +28,7 @@ ROWS = {
     "mpq_16x": "mpq, 16x budget",
     "qat_w4a4": "uniform W4A4 QAT (the image entering conv1 at 8 bits)",
     "make_run": "`make run`: 13x search, QAT recipe (10 epochs), float32",
+    "mpq_13x_bops64": "mpq, 13x budget and 1/64 of FP32's BOPs, activations 4 or 8 bits",
 }
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30}
@@ -60,9 +61,12 @@ ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 EPOCH_CURVE = {"float32, seed 0": ["abl13_ep1", "abl13_ep2", "abl13_ep5", "abl13_fp32",
                                    "abl13_ep20"],
                "bf16 autocast / seed 1 / 60-epoch row": ["abl13_bf16", "abl13_s1", "mpq_13x"]}
+# Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
+# (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
+BOPS_ROWS = {"mpq_13x_bops64": ("13x", "64x", [4, 8])}
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
-                 *ABLATIONS]
+                 *BOPS_ROWS, *ABLATIONS]
 
 
 @dataclass(frozen=True)
