@@ -76,10 +76,10 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         return row
     if name in BOPS_ROWS:
         budget, bops, a_choices = BOPS_ROWS[name]
+        widths = json.dumps(a_choices, separators=(",", ":"))  # one shell word: [4,8]
         search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", layout.teacher, *data,
-                  "--budget", budget, "--bops", bops, "--set",
-                  f"search.a_bit_choices={json.dumps(a_choices)}", "--out", run / "search",
-                  "--quiet"]
+                  "--budget", budget, "--bops", bops, "--set", f"search.a_bit_choices={widths}",
+                  "--out", run / "search", "--quiet"]
         train = [*qat, "--plan", run / "search" / "plan.json", "--set", "train.precision=fp32",
                  "--out", run / "qat"]
         row = _exported_row(layout, [search, train], run / "qat" / "export", log)
