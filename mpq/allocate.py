@@ -8,7 +8,7 @@ with s_i the Hessian trace of the layer's block (or n_i times its top eigenvalue
 `eigenvalue` variant) and Q_b per-channel symmetric quantization with MSE-optimal clipping, as
 QAT starts from. Choosing one b per layer to minimise sum Omega subject to sum bytes <= budget
 is a multiple-choice knapsack, solved exactly as an integer programme by HiGHS through
-`scipy.optimize.milp`. Further linear constraints (e.g. bit operations) can be passed in.
+`scipy.optimize.milp`. `solve_within` adds a BOPs budget and activation bits (`mpq.budgets`).
 """
 
 from __future__ import annotations
@@ -119,28 +119,22 @@ def _native_stdout_silenced():
         os.close(saved)
 
 
-def solve(omega: dict[str, dict[int, float]], footprint: Footprint, *, budget_bytes: int,
-          extra_constraints: list | None = None) -> Allocation:
-    """Minimises sum Omega_i(b_i) subject to the stored size <= `budget_bytes`, exactly.
+def solve(omega: dict[str, dict[int, float]], footprint: Footprint, *,
+          budget_bytes: int) -> Allocation:
+    """Minimises sum Omega_i(b_i) subject to the stored size <= `budget_bytes`, exactly
+    (`solve_within` with bytes alone; it takes BOPs and activation bits too).
 
     Args:
         omega: per layer, the perturbation at each allowed bit width.
         footprint: the model's sizes (`mpq.size.Footprint`).
         budget_bytes: the whole model's budget, the footprint's fixed bytes included.
-        extra_constraints: `(costs, upper)` pairs, `costs[name][b]` summed over the choice
-            must be <= `upper` (e.g. bit operations).
     """
     smallest = footprint.smallest(omega)
     if budget_bytes < smallest:
         raise UsageError(f"budget {budget_bytes} bytes ({budget_bytes / 1000:.1f}KB) is below "
                          f"the smallest possible size {smallest} bytes ({smallest / 1000:.1f}KB,"
                          f" every layer at its fewest bits)")
-    options = {n: {b: omega[n][b] for b in sorted(omega[n])} for n in omega}
-    rows = [({n: {b: footprint.layer(n, b) for b in omega[n]} for n in omega},
-             budget_bytes - footprint.fixed)] + list(extra_constraints or [])
-    bits = _multiple_choice(options, rows)
-    return Allocation(bits, footprint.bytes(bits),
-                      float(sum(omega[n][b] for n, b in bits.items())))
+    return solve_within(omega, Limits(footprint, budget_bytes))
 
 
 def solve_within(omega: dict[str, dict[int, float]], limits: Limits) -> Allocation:

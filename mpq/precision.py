@@ -87,7 +87,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return stack
 
 
-def stride_passes_input(input_shape, weight_shape, stride, padding) -> bool:
+def stride_passes_input(input_shape, stride, padding) -> bool:
     """Whether a conv2d's stride exceeds a side of its input while that side is padded: the
     geometry whose bf16 weight gradient oneDNN gets wrong on the CPU."""
     if isinstance(padding, str):  # 'valid' pads nothing; 'same' refuses strides above 1
@@ -104,8 +104,8 @@ class _StridePastInputConvInFloat32(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.conv2d:
             call = dict(zip(("input", "weight", "bias", "stride", "padding"), args), **kwargs)
-            if stride_passes_input(call["input"].shape, call["weight"].shape,
-                                   call.get("stride", 1), call.get("padding", 0)):
+            if stride_passes_input(call["input"].shape, call.get("stride", 1),
+                                   call.get("padding", 0)):
                 cast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
                 kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v
                           for k, v in kwargs.items()}

@@ -162,7 +162,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                 holdout: list[torch.Tensor], calibration: list[torch.Tensor],
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
                 meta: dict | None = None, progress: bool = True,
-                on_trial=None, max_bops: int | None = None,
+                on_trial=None, max_bops: int | None = None, bops: Bops | None = None,
                 activation_batches=None) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
@@ -183,6 +183,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         on_trial: called with each completed trial (an `optuna.trial.FrozenTrial`).
         max_bops: a BOPs budget beside the bytes (`mpq.budgets`): the solver, the trials'
             repairs and the local search meet both.
+        bops: the model's `Bops` if already counted (else counted here).
         activation_batches: (inputs, labels) on which each layer's input curvature is
             measured, with `cfg.a_bit_choices` (`mpq.hessian.activation`).
     """
@@ -198,7 +199,7 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         # gets its own quantizer: the bound counts one per layer, the plan its exact bytes
         footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
     a_bits = {n: cfg.a_bits for n in names}
-    bops = Bops.of(model, names, example_inputs)
+    bops = bops or Bops.of(model, names, example_inputs)
     limits = Limits(footprint, budget_bytes, a_bits, bops, max_bops)
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
     widths = choices
@@ -421,10 +422,10 @@ def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes
     short = {}
     if budget_bytes < floor.bytes:
         short["bytes"] = floor.bytes / budget_bytes
+    a_floor = min(recipe.search.a_bit_choices or [recipe.search.a_bits])
     if max_bops is not None:
         layers = list(bops.macs)
-        least = bops.total(dict.fromkeys(layers, floor.bits),
-                           dict.fromkeys(layers, recipe.search.a_bits))
+        least = bops.total(dict.fromkeys(layers, floor.bits), dict.fromkeys(layers, a_floor))
         if max_bops < least:
             short["bops"] = least / max_bops
     if not short:
@@ -440,7 +441,7 @@ def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes
     raise UsageError(
         f"BOPs budget {max_bops:.4g} ({bops.fp32 / max_bops:.2f}x of FP32's {bops.fp32:.4g}) is "
         f"below the fewest any plan reaches, {least:.4g} ({bops.fp32 / least:.2f}x): every layer "
-        f"at {floor.bits}-bit weights and {recipe.search.a_bits}-bit activations; ask for "
+        f"at {floor.bits}-bit weights and {a_floor}-bit activations; ask for "
         f"--bops {bops.fp32 / least:.2f}x or less{also}")
 
 
@@ -472,11 +473,9 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                          f"exactly with one backward pass per class: {recipe.model.num_classes} "
                          f"classes is over search.max_exact_classes ({cfg.max_exact_classes}); "
                          f"raise it to pay for them, or leave a_bit_choices unset")
-    max_bops = counter = None
-    if bops is not None:
-        size = recipe.data.image_size
-        counter = Bops.of(model, quantizable_layers(model), (torch.zeros(1, 3, size, size),))
-        max_bops = parse_bops(bops, fp32_bops=counter.fp32)
+    size = recipe.data.image_size
+    counter = Bops.of(model, quantizable_layers(model), (torch.zeros(1, 3, size, size),))
+    max_bops = None if bops is None else parse_bops(bops, fp32_bops=counter.fp32)
     check_budget(model, recipe, budget_bytes, fp32_bytes, max_bops=max_bops, bops=counter)
     train = load_split(recipe.data, "train", root=data_root, progress=progress,
                        num_classes=recipe.model.num_classes)
@@ -535,7 +534,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     storage=storage, example_inputs=example,
                                     meta=model_meta(recipe), progress=progress,
                                     on_trial=lambda t: _log_trial(writer, t),
-                                    max_bops=max_bops, activation_batches=sens_batches)
+                                    max_bops=max_bops, bops=counter,
+                                    activation_batches=sens_batches)
     layers = summary.get("layers", {})
     log_search(writer, plan.layers, summary.get("trials", []), omega=summary.get("omega"),
                numel={n: v["weights"] for n, v in layers.items()} if layers else None,

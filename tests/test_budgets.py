@@ -190,6 +190,11 @@ def test_budgets_no_plan_meets_are_refused_before_any_work_naming_the_tightest(s
     bytes_first = run_script(*search_args("r3", "--budget", "60x", "--bops", "65x"))
     assert bytes_first.returncode == 2 and re.search(r"below the smallest possible model.mpq.*"
                                                      r"cannot be met either", bytes_first.stderr)
+    # with activations chosen from [4, 8], the floor is every layer at W2A4: 1/128
+    acts = run_script(*search_args("r5", "--budget", "8x", "--bops", "140x", "--set",
+                                   "search.a_bit_choices=[4,8]"))
+    assert acts.returncode == 2 and "--bops 128.00x or less" in acts.stderr and \
+        "4-bit activations" in acts.stderr, acts.stderr
     bad = run_script(*search_args("r4", "--budget", "8x", "--bops", "fast"))
     assert bad.returncode == 2 and "--bops 'fast' is not understood" in bad.stderr
 

@@ -38,7 +38,7 @@ def test_a_conv_striding_past_its_input_gets_its_float32_weight_gradient_under_b
     CPU; mpq's autocast runs them in float32. Elsewhere the conv stays in bf16."""
     from mpq.precision import autocast, stride_passes_input
 
-    assert stride_passes_input((16, 64, side, side), None, stride, padding) == degenerate
+    assert stride_passes_input((16, 64, side, side), stride, padding) == degenerate
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 128, kernel, stride, padding, bias=False)
     x = torch.randn(16, 64, side, side)
