@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from mpq.files import atomic_path
-from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS, QAT_EPOCHS,
-                     QAT_RECIPE, SEARCH_RECIPE, Layout)
+from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS,
+                     MAKE_RUN_VARIANTS, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE, Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
 
@@ -64,10 +64,12 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         sets = [arg for setting in ABLATIONS[name][1] for arg in ("--set", setting)]
         return _exported_row(layout, [[*qat, "--plan", layout.root / ABLATION_PLAN, *sets,
                                        "--out", run / "qat"]], run / "qat" / "export", log)
-    if name == "make_run":
+    if name == "make_run" or name in MAKE_RUN_VARIANTS:
         # The Makefile's two commands, precision pinned so the row means the same on every CPU.
+        sets = [arg for setting in MAKE_RUN_VARIANTS.get(name, ("", []))[1]
+                for arg in ("--set", setting)]
         search = ["search.py", "--recipe", SEARCH_RECIPE, "--checkpoint", layout.teacher, *data,
-                  "--budget", "13x", "--out", run / "search", "--quiet"]
+                  "--budget", "13x", *sets, "--out", run / "search", "--quiet"]
         train = [*qat, "--plan", run / "search" / "plan.json", "--set", "train.precision=fp32",
                  "--out", run / "qat"]
         row = _exported_row(layout, [search, train], run / "qat" / "export", log)
