@@ -3,6 +3,7 @@
     python search.py --recipe recipes/resnet20_cifar10.yaml --budget 13x --out runs/search13x
     python search.py ... --budget 120KB        # bytes with a unit: B, KB, MB, KiB, MiB, ...
     python search.py ... --budget 13x --bops 32x   # and at most 1/32 of FP32's bit operations
+    python search.py ... --budget 13x --latency-ms 0.5   # and 0.5 ms a batch in ONNX Runtime here
 
 Writes plan.json (feed it to train.py --plan), sensitivity.json, search.json and TensorBoard
 logs in tb/. The Optuna study lives in study.db in --out (or --storage URL) and resumes.
@@ -21,6 +22,10 @@ def main() -> None:
                         help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x)")
     parser.add_argument("--bops", help="a budget of bit operations beside --budget: a ratio to "
                         "FP32's (32x) or a figure (400M, 2.5e9)")
+    parser.add_argument("--latency-ms", type=float,
+                        help="a latency budget beside --budget: milliseconds per batch of "
+                        "search.latency_batch images (1) in search.latency_runtime (onnxruntime) "
+                        "on this CPU, against a per-layer table mpq measures and caches")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--checkpoint", help="FP32 model: an mpq checkpoint, a state dict file or "
                         "torchvision:<Weights> (default: the recipe's)")
@@ -47,12 +52,15 @@ def run(args) -> None:
     recipe = load_recipe(args.recipe, overrides, cls=SearchRecipe)
     plan = run_search(recipe, budget=args.budget, out_dir=args.out, data_root=args.data_root,
                       checkpoint=args.checkpoint, storage=args.storage, device=args.device,
-                      progress=not args.quiet, bops=args.bops)
+                      progress=not args.quiet, bops=args.bops, latency_ms=args.latency_ms)
     e = plan.extra
     bops = (f" bops={e['bops']:.4g} ({e['fp32_bops'] / e['bops']:.2f}x fewer than FP32)"
             if "bops" in e else "")
+    latency = (f" latency_ms={e['latency_ms']:.3f} (measured {e['latency_measured_ms']:.3f}, "
+               f"budget {e['latency_budget_ms']:g})" if "latency_ms" in e else "")
     print(f"size_bytes={e['size_bytes']} budget_bytes={e['budget_bytes']} "
-          f"compression={e['compression']:.2f}x{bops} score={e.get('score', float('nan')):.5f}")
+          f"compression={e['compression']:.2f}x{bops}{latency} "
+          f"score={e.get('score', float('nan')):.5f}")
     print(f"plan={args.out}/plan.json")
 
 

@@ -144,22 +144,9 @@ def solve_within(omega: dict[str, dict[int, float]], limits: Limits) -> Allocati
     `act_key(layer)` (its input activation's widths, `mpq.hessian.activation`); each layer then
     picks one (weights, activation) pair, whose BOPs are their product, so both kinds of bits
     are chosen in one integer programme."""
-    layers = [n for n in omega if not n.endswith(ACT)]
-    options, size_rows, bops_rows = {}, {}, {}
-    for n in layers:
-        acts = sorted(omega[act_key(n)]) if act_key(n) in omega else [None]
-        options[n], size_rows[n], bops_rows[n] = {}, {}, {}
-        for w in sorted(omega[n]):
-            for a in acts:
-                pair = (w, a)
-                options[n][pair] = omega[n][w] + (omega[act_key(n)][a] if a is not None else 0)
-                size_rows[n][pair] = limits.footprint.layer(n, w)
-                if limits.max_bops is not None:
-                    bops_rows[n][pair] = limits.bops.layer(
-                        n, w, a if a is not None else limits.a_bits[n])
-    rows = [(size_rows, limits.bytes - limits.footprint.fixed)]
-    if limits.max_bops is not None:
-        rows.append((bops_rows, limits.max_bops))
+    options, coefficients = _pairs(omega, limits)
+    rows = [({n: {p: c[k] for p, c in pairs.items()} for n, pairs in coefficients.items()},
+             limit - limits.fixed()[k]) for k, limit in limits.budgets().items()]
     picked = _multiple_choice(options, rows)
     bits = {}
     for n, (w, a) in picked.items():
@@ -168,6 +155,49 @@ def solve_within(omega: dict[str, dict[int, float]], limits: Limits) -> Allocati
             bits[act_key(n)] = a
     return Allocation(bits, limits.usage(bits)["bytes"],
                       float(sum(options[n][pair] for n, pair in picked.items())))
+
+
+def _pairs(omega: dict[str, dict[int, float]], limits: Limits) -> tuple[dict, dict]:
+    """Per layer, each (weight bits, activation bits) pair's perturbation, and its share of
+    every budget of `limits` (`Limits.layer_costs`); the activation is None where the search
+    does not choose it."""
+    options, coefficients = {}, {}
+    for n in (n for n in omega if not n.endswith(ACT)):
+        acts = sorted(omega[act_key(n)]) if act_key(n) in omega else [None]
+        options[n] = {(w, a): omega[n][w] + (omega[act_key(n)][a] if a is not None else 0)
+                      for w in sorted(omega[n]) for a in acts}
+        coefficients[n] = {(w, a): limits.layer_costs(n, w, a) for w, a in options[n]}
+    return options, coefficients
+
+
+def tightest_budget(widths: dict[str, list[int]], limits: Limits) -> tuple[str, float] | None:
+    """None when some plan over `widths` (per key, as `omega` would have them) meets every
+    budget of `limits`; else the budget that binds hardest, with the least figure it can reach
+    while the others hold (its own minimum if no plan meets the others either). Exact: one
+    small integer programme per budget, no sensitivity needed, so it runs before any work."""
+    zero = {k: dict.fromkeys(v, 0.0) for k, v in widths.items()}
+    options, coefficients = _pairs(zero, limits)
+    budgets, fixed = limits.budgets(), limits.fixed()
+    if len(budgets) == 1:  # bytes alone: the floor is every layer at its fewest bits
+        least = fixed["bytes"] + sum(min(c["bytes"] for c in pairs.values())
+                                     for pairs in coefficients.values())
+        return None if least <= budgets["bytes"] else ("bytes", least)
+    short = {}
+    for k in budgets:
+        cost = {n: {p: c[k] for p, c in pairs.items()} for n, pairs in coefficients.items()}
+        others = [({n: {p: c[j] for p, c in pairs.items()} for n, pairs in coefficients.items()},
+                   budgets[j] - fixed[j]) for j in budgets if j != k]
+        try:
+            picked = _multiple_choice(cost, others)
+        except UsageError:  # the others alone cannot be met: this budget's own floor
+            picked = _multiple_choice(cost, [])
+        least = fixed[k] + sum(cost[n][p] for n, p in picked.items())
+        if least > budgets[k] * (1 + 1e-12):
+            short[k] = least
+    if not short:
+        return None
+    worst = max(short, key=lambda k: short[k] / budgets[k])
+    return worst, short[worst]
 
 
 def _multiple_choice(options: dict[str, dict], rows: list) -> dict:

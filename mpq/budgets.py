@@ -6,7 +6,8 @@ it (32 for a part left in float); the FP32 model's are every quantizable layer's
 MACs come from one forward pass of one example image through the FP32 model, each call of a
 shared layer counted.
 
-`Limits` holds the budgets one search must meet (bytes always, BOPs when asked), answers
+`Limits` holds the budgets one search must meet (bytes always, BOPs and latency when asked:
+latency against `mpq.latency.LatencyTable`), answers
 whether a plan meets them all, and weighs a change of one layer's bits in each budget's units
 (its share of that budget), which the repairs of `mpq.refine` rank by.
 """
@@ -17,12 +18,16 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import UsageError
 from .size import Footprint
+
+if TYPE_CHECKING:
+    from .latency import LatencyTable
 
 __all__ = ["Bops", "Limits", "parse_bops"]
 
@@ -107,28 +112,55 @@ def split_bits(bits: Mapping[str, int], a_bits: Mapping[str, int | None]
 
 @dataclass(frozen=True)
 class Limits:
-    """The budgets a plan must meet: `bytes` on disk (as `footprint` weighs them) and, if
-    `max_bops` is set, BOPs. A plan maps each layer to its weight bits and, where the search
-    chooses them, `act_key(layer)` to its input activation's bits (else `a_bits`)."""
+    """The budgets a plan must meet: `bytes` on disk (as `footprint` weighs them), BOPs if
+    `max_bops` is set, and milliseconds as `latency` predicts them if `max_latency_ms` is. A
+    plan maps each layer to its weight bits and, where the search chooses them,
+    `act_key(layer)` to its input activation's bits (else `a_bits`)."""
 
     footprint: Footprint
     bytes: int
     a_bits: Mapping[str, int | None] = field(default_factory=dict)
     bops: Bops | None = None
     max_bops: int | None = None
+    latency: LatencyTable | None = None
+    max_latency_ms: float | None = None
 
-    def usage(self, bits: Mapping[str, int]) -> dict[str, int]:
+    def usage(self, bits: Mapping[str, int]) -> dict[str, float]:
         """Each budgeted figure of a plan."""
         w, a = split_bits(bits, self.a_bits)
         out = {"bytes": self.footprint.bytes(w)}
         if self.max_bops is not None:
             out["bops"] = self.bops.total(w, a)
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = self.latency.total(w, a)
         return out
 
-    def budgets(self) -> dict[str, int]:
+    def budgets(self) -> dict[str, float]:
         out = {"bytes": self.bytes}
         if self.max_bops is not None:
             out["bops"] = self.max_bops
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = self.max_latency_ms
+        return out
+
+    def layer_costs(self, name: str, w_bits: int, a_bits: int | None) -> dict[str, float]:
+        """One layer's share of each budgeted figure at these bits (latency: what it adds to
+        the table's base)."""
+        a = a_bits if a_bits is not None else self.a_bits.get(name)
+        out = {"bytes": self.footprint.layer(name, w_bits)}
+        if self.max_bops is not None:
+            out["bops"] = self.bops.layer(name, w_bits, a)
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = self.latency.layer(name, w_bits, a)
+        return out
+
+    def fixed(self) -> dict[str, float]:
+        """What each budgeted figure holds whatever the bits (the rows' constant parts)."""
+        out = {"bytes": self.footprint.fixed}
+        if self.max_bops is not None:
+            out["bops"] = 0
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = self.latency.base_ms
         return out
 
     def fits(self, bits: Mapping[str, int]) -> bool:
@@ -147,9 +179,8 @@ class Limits:
         layer = key[:-len(ACT)] if key.endswith(ACT) else key
         w, a = bits[layer], bits.get(act_key(layer), self.a_bits.get(layer))
         w2, a2 = (w, new) if key.endswith(ACT) else (new, a)
-        change = {"bytes": self.footprint.layer(layer, w2) - self.footprint.layer(layer, w)}
-        if self.max_bops is not None:
-            change["bops"] = self.bops.layer(layer, w2, a2) - self.bops.layer(layer, w, a)
+        before, after = self.layer_costs(layer, w, a), self.layer_costs(layer, w2, a2)
+        change = {k: after[k] - before[k] for k in before}
         total = 0
         for k, limit in self.budgets().items():
             if only is None or k in only:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from .budgets import Limits
+from .errors import UsageError
 
 __all__ = ["REPAIRS", "fill", "neighbours", "plan_key", "polish", "repair", "undo_raises",
            "widths_of"]
@@ -32,7 +33,11 @@ def widths_of(choices: Choices, key: str) -> Sequence[int]:
 def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Choices, *,
            keep: frozenset = frozenset()) -> Bits:
     """Lowers bits, cheapest perturbation per unit of the exceeded budgets saved first (per
-    byte, with bytes alone), until the plan fits; layers in `keep` stay as they are."""
+    byte, with bytes alone), until the plan fits; layers in `keep` stay as they are. Under a
+    latency budget a narrower input can cost time, so there it moves keys either way
+    (`_two_way_repair`)."""
+    if limits.max_latency_ms is not None:
+        return _two_way_repair(bits, omega, limits, choices, keep)
     bits = dict(bits)
     while not limits.fits(bits):
         over = limits.exceeded(bits)
@@ -53,6 +58,53 @@ def repair(bits: Mapping[str, int], omega, limits: Limits, choices: Choices, *,
     return bits
 
 
+def _two_way_repair(bits, omega, limits: Limits, choices: Choices, keep) -> Bits:
+    """`repair` where lowering a key may raise a budget: each step takes the one-step move (down
+    or up) of least perturbation change per unit saved in the exceeded budgets, among moves that
+    save there and push no budget that holds over its limit. The exceeded budgets never grow
+    and their overshoot falls at every step, so it ends."""
+    bits = dict(bits)
+    budgets = limits.budgets()
+    while not limits.fits(bits):
+        over, used = limits.exceeded(bits), limits.usage(bits)
+        best, best_cost = None, float("inf")
+        for n, b in bits.items():
+            widths = widths_of(choices, n)
+            i = widths.index(b)
+            if n in keep:
+                continue
+            for j in (i - 1, i + 1):
+                if not 0 <= j < len(widths):
+                    continue
+                saved = -limits.delta(bits, n, widths[j], only=over)
+                if saved <= 0:
+                    continue
+                moved = limits.usage({**bits, n: widths[j]})
+                if any(moved[k] > budgets[k] and k not in over for k in budgets) or any(
+                        moved[k] > used[k] for k in over):
+                    continue
+                cost = (omega[n][widths[j]] - omega[n][b]) / saved
+                if cost < best_cost:
+                    best, best_cost = (n, widths[j]), cost
+        if best is None:  # every move that saves in one exceeded budget costs in another
+            return _solved(bits, omega, limits, choices, keep)
+        bits[best[0]] = best[1]
+    return bits
+
+
+def _solved(bits, omega, limits: Limits, choices: Choices, keep) -> Bits:
+    """The exact solver's plan within `limits` with the keys in `keep` held at their bits:
+    where greedy steps cannot trade one budget against another. `bits` if none fits."""
+    from .allocate import solve_within
+
+    held = {k: ({bits[k]: omega[k][bits[k]]} if k in keep else
+                {b: omega[k][b] for b in widths_of(choices, k)}) for k in bits}
+    try:
+        return dict(solve_within(held, limits).bits)
+    except UsageError:
+        return dict(bits)
+
+
 REPAIRS = ("perturbation", "undo")
 
 
@@ -67,6 +119,16 @@ def undo_raises(bits: Mapping[str, int], base: Mapping[str, int], limits: Limits
         if limits.fits(bits):
             break
         bits[n] = base[n]
+    # Under a latency budget a lowered input can be what costs time: those lowerings go back
+    # too, the most saving first, until the plan fits (at worst it is `base`, which fits).
+    while not limits.fits(bits):
+        over = limits.exceeded(bits)
+        lowered = [(limits.delta(bits, n, base[n], only=over), n) for n in bits
+                   if bits[n] != base[n]]
+        saving = [m for m in lowered if m[0] < 0]
+        if not saving:
+            break
+        bits[min(saving)[1]] = base[min(saving)[1]]
     return bits
 
 

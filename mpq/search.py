@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocate import perturbations, solve_within
+from .allocate import perturbations, solve_within, tightest_budget
 from .budgets import Bops, Limits, act_key, parse_bops, split_bits
 from .config import Recipe
 from .errors import UsageError
 from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .hessian.activation import activation_perturbations, activation_traces
+from .latency import LATENCY_RUNTIMES, LatencyTable, latency_table, measure_plans
 from .mpqformat import ACT_QUANT_BYTES
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
 from .refine import REPAIRS, widths_of, plan_key, polish, repair, undo_raises
@@ -48,7 +50,9 @@ class SearchConfig:
     """Settings of sensitivity, allocation and search. `bit_choices` are weight widths: an
     8-bit weight holds the 129 levels of `mpq.quant.weight_range(8)` in 8 bits. Activations
     enter every layer at `a_bits`, or, with `a_bit_choices`, at widths the search chooses per
-    layer (they cost BOPs, not bytes: without `--bops` each layer takes the widest)."""
+    layer (they cost BOPs, not bytes: without `--bops` each layer takes the widest).
+    `latency_*`: where a `--latency-ms` budget is measured (`mpq.latency`): the runtime, the
+    batch, the threads (0: every core) and the seconds of timing per model."""
 
     checkpoint: str = "checkpoints/resnet20_cifar10.pt"
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8])
@@ -73,6 +77,10 @@ class SearchConfig:
     polish_evaluations: int = 0
     timeout: float | None = None
     seed: int = 0
+    latency_runtime: str = "onnxruntime"
+    latency_batch: int = 1
+    latency_threads: int = 0
+    latency_seconds: float = 1.0
 
     def __post_init__(self):
         if not self.bit_choices or any(not 2 <= b <= 8 for b in self.bit_choices):
@@ -106,6 +114,12 @@ class SearchConfig:
         if self.polish_evaluations < 0:
             raise UsageError(f"search.polish_evaluations must be >= 0 (0: no local search), "
                              f"got {self.polish_evaluations}")
+        if self.latency_runtime not in LATENCY_RUNTIMES:
+            raise UsageError(f"search.latency_runtime must be one of "
+                             f"{', '.join(LATENCY_RUNTIMES)}; got {self.latency_runtime!r}")
+        if self.latency_batch < 1 or self.latency_threads < 0 or not self.latency_seconds > 0:
+            raise UsageError("search.latency_batch must be >= 1, latency_threads >= 0 (0: every "
+                             "core) and latency_seconds > 0")
         if self.trials < 0 or self.holdout_images < 1 or self.sensitivity_batches < 1:
             raise UsageError("search.trials must be >= 0, holdout_images and "
                              "sensitivity_batches >= 1")
@@ -163,7 +177,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                 cfg: SearchConfig, storage: str | None, example_inputs: tuple,
                 meta: dict | None = None, progress: bool = True,
                 on_trial=None, max_bops: int | None = None, bops: Bops | None = None,
-                activation_batches=None) -> tuple[Plan, dict]:
+                activation_batches=None, latency: LatencyTable | None = None,
+                max_latency_ms: float | None = None) -> tuple[Plan, dict]:
     """Runs the solver and the Optuna study; returns the best plan and a summary.
 
     Args:
@@ -186,28 +201,31 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         bops: the model's `Bops` if already counted (else counted here).
         activation_batches: (inputs, labels) on which each layer's input curvature is
             measured, with `cfg.a_bit_choices` (`mpq.hessian.activation`).
+        latency, max_latency_ms: a latency budget beside the others, against this table
+            (`mpq.latency`), met as BOPs are.
     """
     import optuna
     from tqdm import tqdm
 
     names = quantizable_layers(model)
-    q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
-                     example_inputs=example_inputs)
-    footprint = Footprint.of(q8, meta)
     choices, a_choices = cfg.bit_choices, cfg.a_bit_choices
-    if a_choices:  # a layer whose input takes other bits than its tensor's other consumers
-        # gets its own quantizer: the bound counts one per layer, the plan its exact bytes
-        footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
-    a_bits = {n: cfg.a_bits for n in names}
-    bops = bops or Bops.of(model, names, example_inputs)
-    limits = Limits(footprint, budget_bytes, a_bits, bops, max_bops)
+    limits, widths = search_limits(model, model_name, cfg, budget_bytes=budget_bytes,
+                                   example_inputs=example_inputs, meta=meta, bops=bops,
+                                   max_bops=max_bops, latency=latency,
+                                   max_latency_ms=max_latency_ms)
+    footprint, a_bits, bops = limits.footprint, limits.a_bits, limits.bops
     omega = perturbations(model, sensitivity, choices, metric=cfg.metric)
-    widths = choices
+    act_estimator = None
     if a_choices:
-        traces, inputs = activation_traces(model, names, activation_batches)
+        with torch.no_grad():
+            classes = model(example_inputs[0]).shape[1]
+        act_estimator = activation_estimator(cfg, classes)
+        traces, inputs = activation_traces(model, names, activation_batches,
+                                           estimator=act_estimator, draw=cfg.draws,
+                                           rel_tol=cfg.rel_tol, min_draws=cfg.min_draws,
+                                           max_draws=cfg.max_draws, seed=cfg.seed)
         omega.update({act_key(n): v for n, v in
                       activation_perturbations(traces, inputs, a_choices).items()})
-        widths = {**{n: choices for n in names}, **{act_key(n): a_choices for n in names}}
     solver = solve_within(omega, limits)
 
     def plan_of(bits: dict[str, int]) -> Plan:
@@ -239,6 +257,8 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
         trial.set_user_attr("bits", bits)
         trial.set_user_attr("size_bytes", limits.usage(bits)["bytes"])
         trial.set_user_attr("bops", bops.total(*split_bits(bits, a_bits)))
+        if latency is not None:
+            trial.set_user_attr("latency_ms", latency.total(*split_bits(bits, a_bits)))
         for n, b in bits.items():  # one attribute per layer: readable in optuna-dashboard
             trial.set_user_attr(f"bits.{n}", b)
         return value
@@ -252,7 +272,9 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
     pinned = [budget_bytes, choices, solver.bits, cfg.seed] + (
         [cfg.repair] if cfg.repair != "perturbation" else []) + (
         [{"bops": max_bops}] if max_bops is not None else []) + (
-        [{"a_bit_choices": a_choices}] if a_choices else [])
+        [{"a_bit_choices": a_choices}] if a_choices else []) + (
+        [{"latency_ms": max_latency_ms, "table": latency.to_dict()}]
+        if max_latency_ms is not None else [])
     basis = hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:12]
     name = f"mpq-{model_name}-{budget_bytes}B-{basis}"
     # The solver's plan at the budget, then at budgets a little below it: the search starts
@@ -311,21 +333,68 @@ def search_plan(model: nn.Module, *, model_name: str, sensitivity: dict, budget_
                   "solver_score": solver_score, "solver_bits": solver.bits,
                   "bops": bops.total(*split_bits(bits, a_bits)), "fp32_bops": bops.fp32,
                   **({"bops_budget": max_bops} if max_bops is not None else {})}
+    plan.extra["budgets"] = budgets_met(size, limits, bits)
+    if max_latency_ms is not None:
+        plan.extra.update(latency_ms=limits.usage(bits)["latency_ms"],
+                          latency_budget_ms=max_latency_ms,
+                          latency_on=latency.describe())
     assert limits.fits(bits) and size <= budget_bytes
     summary = {"study": {"name": name, "storage": storage, "metric": METRIC},
                "trials": [{"number": t.number, "score": t.value,
                            "stage": t.user_attrs.get("stage", "sampled"),
                            "size_bytes": t.user_attrs.get("size_bytes"),
                            "bops": t.user_attrs.get("bops"),
+                           **({"latency_ms": t.user_attrs.get("latency_ms")}
+                              if latency is not None else {}),
                            "bits": t.user_attrs.get("bits")} for t in completed],
                "solver": {"bits": solver.bits, "size_bytes": solver.size_bytes,
                           "objective": solver.objective},
                "uniform": uniform, "omega": {n: omega[n] for n in names},
-               **({"activation_omega": {n: omega[act_key(n)] for n in names}}
-                  if a_choices else {}),
+               **({"activation_omega": {n: omega[act_key(n)] for n in names},
+                   "activation_estimator": act_estimator} if a_choices else {}),
+               **({"latency_table": latency.to_dict()} if latency is not None else {}),
                "layers": {n: {"weights": footprint.shapes[n].numel,
                               "bytes": footprint.layer(n, bits[n])} for n in names}}
     return plan, summary
+
+
+def activation_estimator(cfg: SearchConfig, classes: int) -> str:
+    """How the input curvature is measured (`mpq.hessian.activation`): exactly, one backward
+    pass per class, up to `max_exact_classes` classes (or always with `estimator: exact`);
+    else, or with `estimator: sampled`, by random draws to `rel_tol`."""
+    if cfg.estimator == "sampled" or (cfg.estimator != "exact" and
+                                      classes > cfg.max_exact_classes):
+        return "sampled"
+    return "exact"
+
+
+def search_limits(model: nn.Module, model_name: str, cfg: SearchConfig, *, budget_bytes: int,
+                  example_inputs: tuple, meta: dict | None = None, bops: Bops | None = None,
+                  max_bops: int | None = None, latency: LatencyTable | None = None,
+                  max_latency_ms: float | None = None) -> tuple[Limits, object]:
+    """The budgets a search of `cfg` meets (`mpq.budgets.Limits`) and the widths each key of
+    its plans takes (weights per layer, and `<layer>@a` with `a_bit_choices`)."""
+    names = quantizable_layers(model)
+    q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
+                     example_inputs=example_inputs)
+    footprint = Footprint.of(q8, meta)
+    widths = cfg.bit_choices
+    if cfg.a_bit_choices:  # a layer whose input takes other bits than its tensor's other
+        # consumers gets its own quantizer: the bound counts one per layer, the plan its bytes
+        footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
+        widths = {**{n: cfg.bit_choices for n in names},
+                  **{act_key(n): cfg.a_bit_choices for n in names}}
+    bops = bops or Bops.of(model, names, example_inputs)
+    return Limits(footprint, budget_bytes, {n: cfg.a_bits for n in names}, bops, max_bops,
+                  latency, max_latency_ms), widths
+
+
+def budgets_met(size_bytes: int, limits: Limits, bits: dict[str, int]) -> dict:
+    """Each budget of a search's plan: its limit, the plan's figure and whether it meets it
+    (bytes: the exact file, `size_bytes`; latency: as the table predicts)."""
+    used = {**limits.usage(bits), "bytes": size_bytes}
+    return {k: {"budget": limit, "value": used[k], "met": used[k] <= limit}
+            for k, limit in limits.budgets().items()}
 
 
 def _solve_or_none(omega, limits: Limits):
@@ -365,6 +434,8 @@ def _polish(study, bits, value, score, *, omega, limits, choices, evaluations,
         attrs = {"stage": "polish", "bits": plan, "size_bytes": limits.usage(plan)["bytes"],
                  **({"bops": limits.bops.total(*split_bits(plan, limits.a_bits))}
                     if limits.bops else {}),
+                 **({"latency_ms": limits.usage(plan)["latency_ms"]}
+                    if limits.max_latency_ms is not None else {}),
                  **{f"bits.{n}": b for n, b in plan.items()}}
         trial = add_scored(study, cache[key], attrs)
         if on_trial is not None:
@@ -445,12 +516,67 @@ def check_budget(model: nn.Module, recipe: Recipe, budget_bytes: int, fp32_bytes
         f"--bops {bops.fp32 / least:.2f}x or less{also}")
 
 
+def check_limits(found: tuple[Limits, object], *, fp32_bytes: int) -> None:
+    """Refuses, before any work, budgets that no plan meets together, naming the one that binds
+    hardest and what to ask for (`mpq.allocate.tightest_budget`)."""
+    limits, widths = found
+    if isinstance(widths, list):
+        widths = dict.fromkeys(limits.footprint.shapes, widths)
+    worst = tightest_budget(widths, limits)
+    if worst is None:
+        return
+    k, least = worst
+    others = " within the other budgets" if len(limits.budgets()) > 1 else ""
+    if k == "bytes":
+        raise UsageError(f"budget {limits.bytes} bytes ({fp32_bytes / limits.bytes:.2f}x) is below "
+                         f"the smallest model.mpq any plan makes{others}, {least:.0f} bytes "
+                         f"({fp32_bytes / least:.2f}x); ask for --budget "
+                         f"{math.floor(fp32_bytes / least * 100) / 100:.2f}x or less, or relax the "
+                         f"others")
+    if k == "bops":
+        fp32 = limits.bops.fp32
+        raise UsageError(f"BOPs budget {limits.max_bops:.4g} ({fp32 / limits.max_bops:.2f}x of "
+                         f"FP32's) is below the fewest any plan reaches{others}, {least:.4g} "
+                         f"({fp32 / least:.2f}x); ask for --bops "
+                         f"{math.floor(fp32 / least * 100) / 100:.2f}x or less, or relax the others")
+    table = limits.latency
+    raise UsageError(f"latency budget {limits.max_latency_ms:g} ms is below the least any plan "
+                     f"reaches{others}, {least:.3f} ms ({table.describe()}: every layer's input "
+                     f"at 8 bits takes {table.base_ms:.3f} ms); ask for --latency-ms "
+                     f"{math.ceil(least * 1000) / 1000:.3f} or more, or relax the others")
+
+
+def check_latency(model: nn.Module, plan: Plan, table: LatencyTable, *, example: tuple,
+                  calibration, seconds: float, progress: bool) -> None:
+    """Times the chosen plan's whole int8 model beside the table's base plan and records both
+    in `plan.extra` (`latency_measured_ms`, and the prediction's relative error), so the plan
+    says how well the table it was chosen by predicted it."""
+    base = uniform_plan(plan.model, list(plan.layers), w_bits=8, a_bits=8)
+    ms = measure_plans(model, {"base": base, "plan": plan}, runtime=table.runtime,
+                       batch=table.batch, threads=table.threads, example_inputs=example,
+                       calibration=calibration, seconds=seconds, progress=progress)
+    # drift since the table was measured (machine load) scales both alike
+    predicted = plan.extra["latency_ms"] * ms["base"] / table.base_ms
+    budget = plan.extra["budgets"]["latency_ms"]
+    budget.update(measured=ms["plan"], measured_met=ms["plan"] <= budget["budget"])
+    plan.extra.update(latency_measured_ms=ms["plan"], latency_base_measured_ms=ms["base"],
+                      latency_relative_error=(predicted - ms["plan"]) / ms["plan"])
+    if ms["plan"] > budget["budget"]:
+        print(f"warning: the plan's int8 model took {ms['plan']:.3f} ms in {table.runtime}, over "
+              f"the {budget['budget']:g} ms budget the table predicted it meets "
+              f"({plan.extra['latency_ms']:.3f} ms; the base plan took {ms['base']:.3f} ms now, "
+              f"{table.base_ms:.3f} ms when the table was measured)", flush=True)
+
+
 def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                data_root=None, checkpoint: str | None = None, storage: str | None = None,
-               device: str = "auto", progress: bool = True, bops: str | None = None) -> Plan:
+               device: str = "auto", progress: bool = True, bops: str | None = None,
+               latency_ms: float | None = None) -> Plan:
     """The whole search stage for a recipe: writes `plan.json`, `sensitivity.json`,
     `search.json`, `study.db` (unless `storage` is given) and TensorBoard logs in `tb/`.
-    `bops` adds a BOPs budget (`mpq.budgets.parse_bops`: `16x` of FP32's, or a figure)."""
+    `bops` adds a BOPs budget (`mpq.budgets.parse_bops`: `16x` of FP32's, or a figure);
+    `latency_ms` a latency budget in milliseconds per batch of `search.latency_batch` images in
+    `search.latency_runtime` on this CPU (`mpq.latency`: the table is measured once, cached)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from .allocate import parse_budget
@@ -468,14 +594,12 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                         "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
     budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
-    if cfg.a_bit_choices and recipe.model.num_classes > cfg.max_exact_classes:
-        raise UsageError(f"search.a_bit_choices needs each layer's input curvature, measured "
-                         f"exactly with one backward pass per class: {recipe.model.num_classes} "
-                         f"classes is over search.max_exact_classes ({cfg.max_exact_classes}); "
-                         f"raise it to pay for them, or leave a_bit_choices unset")
     size = recipe.data.image_size
     counter = Bops.of(model, quantizable_layers(model), (torch.zeros(1, 3, size, size),))
     max_bops = None if bops is None else parse_bops(bops, fp32_bops=counter.fp32)
+    if latency_ms is not None and not (math.isfinite(latency_ms) and latency_ms > 0):
+        raise UsageError(f"--latency-ms must be a positive number of milliseconds, got "
+                         f"{latency_ms}")
     check_budget(model, recipe, budget_bytes, fp32_bytes, max_bops=max_bops, bops=counter)
     train = load_split(recipe.data, "train", root=data_root, progress=progress,
                        num_classes=recipe.model.num_classes)
@@ -497,9 +621,24 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     sens_batches = batches(head, cfg.sensitivity_batches)
     calibration = [x for x, _ in batches(head, cfg.calibration_batches)]
     holdout = [x for x, _ in batches(holdout_split)]
-    out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(str(checkpoint).encode() if str(checkpoint).startswith(
         TORCHVISION_WEIGHTS) else Path(checkpoint).read_bytes()).hexdigest()
+    example = (holdout[0][:1],)
+    table = None
+    if latency_ms is not None:
+        narrow = min(cfg.a_bit_choices or [cfg.a_bits])
+        table = latency_table(model, recipe.model.name, quantizable_layers(model),
+                              runtime=cfg.latency_runtime, batch=cfg.latency_batch,
+                              threads=cfg.latency_threads,
+                              narrow_bits=narrow if narrow < 8 else None,
+                              example_inputs=example, calibration=calibration,
+                              cache_dir=cache_dir() / "latency", key={"checkpoint": digest},
+                              seconds=cfg.latency_seconds, progress=progress)
+    check_limits(search_limits(model, recipe.model.name, cfg, budget_bytes=budget_bytes,
+                               example_inputs=example, meta=model_meta(recipe), bops=counter,
+                               max_bops=max_bops, latency=table, max_latency_ms=latency_ms),
+                 fp32_bytes=fp32_bytes)
+    out.mkdir(parents=True, exist_ok=True)
     data_key = hashlib.sha256(torch.cat([x for x, _ in sens_batches]).numpy().tobytes())
     key = {"checkpoint": digest, "data": data_key.hexdigest(),
            "batches": cfg.sensitivity_batches, "batch_size": cfg.batch_size}
@@ -516,8 +655,7 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
     log_sensitivity(writer, sensitivity)
     names = list(sensitivity)
 
-    example = (holdout[0][:1],)
-    if budget_bytes >= fp32_bytes and max_bops is None:
+    if budget_bytes >= fp32_bytes and max_bops is None and latency_ms is None:
         plan = uniform_plan(recipe.model.name, names, w_bits=8, a_bits=cfg.a_bits)
         print(f"note: the budget {budget_bytes} bytes is at or above the FP32 size "
               f"{fp32_bytes}: every layer gets 8 bits")
@@ -535,7 +673,11 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                                     meta=model_meta(recipe), progress=progress,
                                     on_trial=lambda t: _log_trial(writer, t),
                                     max_bops=max_bops, bops=counter,
-                                    activation_batches=sens_batches)
+                                    activation_batches=sens_batches, latency=table,
+                                    max_latency_ms=latency_ms)
+        if table is not None:
+            check_latency(model, plan, table, example=example, calibration=calibration,
+                          seconds=cfg.latency_seconds, progress=progress)
     layers = summary.get("layers", {})
     log_search(writer, plan.layers, summary.get("trials", []), omega=summary.get("omega"),
                numel={n: v["weights"] for n, v in layers.items()} if layers else None,

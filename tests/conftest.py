@@ -52,6 +52,22 @@ def write_recipe(tmp_path):
     return write
 
 
+@pytest.fixture
+def tiny_search(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    """`tiny_search(**settings)`: a function of (out, *args) giving search.py's command line on
+    the tiny teacher, with a short search (4 trials, 2 and 4 and 8-bit weights) and `settings`
+    added to the recipe's search section."""
+    def make(**settings):
+        recipe = {k: v for k, v in tiny_recipe_dict.items() if k != "train"}
+        recipe["search"] = {"checkpoint": str(tiny_teacher), "trials": 4,
+                            "holdout_images": 64, "batch_size": 32, "sensitivity_batches": 1,
+                            "calibration_batches": 1, "bit_choices": [2, 4, 8], **settings}
+        path = write_recipe(recipe)
+        return lambda out, *extra: ["search.py", "--recipe", path, "--out", tmp_path / out,
+                                    "--device", "cpu", "--quiet", *extra]
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _default_sigchld():
     # A DataLoader with workers installs a process-wide SIGCHLD handler in the test process

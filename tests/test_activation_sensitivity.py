@@ -82,3 +82,32 @@ def test_perturbation_falls_with_bits_and_weighs_the_rounding_by_the_curvature()
     doubled = activation_perturbations({n: [2 * t for t in c] for n, c in traces.items()},
                                        inputs, [4])
     assert all(abs(doubled[n][4] - 2 * omega[n][4]) < 1e-9 * omega[n][4] for n in omega)
+
+
+def test_sampled_traces_are_unbiased_and_stop_at_their_tolerance():
+    """With random draws each image's trace is an unbiased estimate of the exact one: over many
+    draws the mean matches it (per layer call, within 3 standard errors of the draws' own
+    spread), and a loose tolerance stops at min_draws while a tight one draws more."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [(torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,)))]
+    exact, _ = activation_traces(model, ["a", "b", "fc"], batches)
+    for draw in ("signs", "labels"):
+        runs = [activation_traces(model, ["a", "b", "fc"], batches, estimator="sampled",
+                                  draw=draw, min_draws=64, max_draws=64, seed=s)[0]
+                for s in range(8)]
+        for name in exact:
+            for call, want in enumerate(exact[name]):
+                got = torch.stack([r[name][call].mean() for r in runs])
+                se = got.std() / len(runs) ** 0.5
+                assert abs(got.mean() - want.mean()) <= 3 * se + 1e-6 * want.mean(), \
+                    (draw, name, got, want)
+    passes = []
+    model.fc.register_full_backward_hook(lambda *a: passes.append(1))
+
+    def draws(rel_tol):
+        passes.clear()
+        activation_traces(model, ["a"], batches, estimator="sampled", rel_tol=rel_tol,
+                          min_draws=2, max_draws=500)
+        return len(passes)
+    assert draws(0.99) == 2 and 2 < draws(0.02) <= 500

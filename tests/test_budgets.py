@@ -153,15 +153,8 @@ def test_weight_and_activation_bits_are_chosen_together_optimally(seed):
 
 
 @pytest.fixture
-def search_args(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
-    tiny_recipe_dict.pop("train")
-    tiny_recipe_dict["search"] = {"checkpoint": str(tiny_teacher), "trials": 4,
-                                  "polish_evaluations": 6, "holdout_images": 64,
-                                  "batch_size": 32, "sensitivity_batches": 1,
-                                  "calibration_batches": 1, "bit_choices": [2, 4, 8]}
-    recipe = write_recipe(tiny_recipe_dict)
-    return lambda out, *extra: ["search.py", "--recipe", recipe, "--out", tmp_path / out,
-                                "--device", "cpu", "--quiet", *extra]
+def search_args(tiny_search):
+    return tiny_search(polish_evaluations=6)
 
 
 def test_search_under_a_bops_budget_meets_it_in_every_trial(search_args, tmp_path):
@@ -221,6 +214,7 @@ def test_search_chooses_activation_bits_under_a_bops_budget(search_args, tmp_pat
     assert all(t["bops"] <= plan["bops_budget"] for t in summary["trials"])
     assert all(any(k.endswith("@a") for k in t["bits"]) for t in summary["trials"])
     assert set(summary["activation_omega"]) == set(plan["layers"])
+    assert summary["activation_estimator"] == "exact"  # 4 classes
     recipe = load_recipe(args[2], [], cls=SearchRecipe)
     model = load_teacher(str(tiny_teacher), model_name="resnet20", num_classes=4).eval()
     size = recipe.data.image_size
@@ -229,11 +223,15 @@ def test_search_chooses_activation_bits_under_a_bops_budget(search_args, tmp_pat
     assert plan["size_bytes"] == weight_bytes(q, model_meta(recipe))
 
 
-def test_activation_choices_are_refused_where_their_curvature_would_cost_a_pass_per_class(
-        search_args, tmp_path):
-    result = run_script(*search_args("c", "--budget", "4x", "--set",
+def test_activation_choices_over_many_classes_draw_the_input_curvature(search_args, tmp_path):
+    """Above search.max_exact_classes the input curvature is sampled (one backward pass per
+    draw, not per class), as the weights' is; search.json says which."""
+    result = run_script(*search_args("c", "--budget", "4x", "--bops", "64x", "--set",
                                      "search.a_bit_choices=[4,8]", "--set",
                                      "search.max_exact_classes=2"))
-    assert result.returncode == 2 and "search.a_bit_choices needs" in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "c" / "search.json").read_text())
+    assert summary["activation_estimator"] == "sampled"
+    assert all(om["4"] > om["8"] > 0 for om in summary["activation_omega"].values())
     bad = run_script(*search_args("d", "--budget", "4x", "--set", "search.a_bit_choices=[1,8]"))
     assert bad.returncode == 2 and "search.a_bit_choices must be" in bad.stderr, bad.stderr

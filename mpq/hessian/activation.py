@@ -7,7 +7,12 @@ p_n p_n^T) J_n with J_n the Jacobian of the image's logits in x_n, and tr G_n = 
 ||sqrt(p_nc) J_n^T (e_c - p_n)||^2: C backward passes per batch, each giving every layer's
 input gradient at once (no per-sample weight gradients are needed: an input is per image
 already). Where the network after x is piecewise linear in it (ReLU networks), G_n is the
-Hessian block itself.
+Hessian block itself. With many classes (`estimator="sampled"`), tr G_n is estimated instead
+by random draws, as the weights' sampled traces are (`ggn._fisher_draw`): any u with
+E[u u^T] = diag p - p p^T, backpropagated from the logits, gives g_n = J_n^T u with
+E||g_n||^2 = tr G_n, unbiased at one backward pass per draw whatever the number of classes;
+each batch draws until every layer's mean trace has a relative standard error of at most
+`rel_tol` (or `max_draws`).
 
 The perturbation of quantizing that input at b bits is then
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import math
+
 from ..quant.modules import ActQuantizer
-from .ggn import _prepared, class_rows
+from .ggn import _fisher_draw, _prepared, _trace_stats, class_rows
 
 __all__ = ["activation_perturbations", "activation_traces"]
 
@@ -62,10 +69,30 @@ class _Inputs:
             h.remove()
 
 
-def activation_traces(model: nn.Module, layers: list[str], batches
+def _draw_rows(model: nn.Module, x: torch.Tensor, clear, *, draw: str, gen: torch.Generator):
+    """Like `class_rows`, but each backward pass is of sum_n u_n . z_n for one random draw u
+    (`_fisher_draw`); yields the number of draws so far, forever (the caller stops)."""
+    logits = model(x)
+    p = torch.softmax(logits, dim=1).detach().double()
+    k = 0
+    while True:
+        u = _fisher_draw(p.cpu(), draw, gen).to(logits.device, logits.dtype)
+        clear()
+        (u * logits).sum().backward(retain_graph=True)
+        k += 1
+        yield k
+
+
+def activation_traces(model: nn.Module, layers: list[str], batches, *, estimator: str = "exact",
+                      draw: str = "signs", rel_tol: float = 0.05, min_draws: int = 8,
+                      max_draws: int = 256, seed: int = 0
                       ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """Per layer and call, tr G_n of every image (a float64 tensor over the images of all
-    `batches`) and the inputs themselves (float32, per batch concatenated), exactly."""
+    `batches`) and the inputs themselves (float32, per batch concatenated): exactly (C backward
+    passes per batch), or with `estimator="sampled"` from random draws (module docstring)."""
+    if estimator not in ("exact", "sampled"):
+        raise ValueError(f"estimator must be exact or sampled, got {estimator!r}")
+    gen = torch.Generator().manual_seed(seed)
     model = _prepared(model)
     device = next(model.parameters()).device
     capture = _Inputs(model, layers)
@@ -75,14 +102,24 @@ def activation_traces(model: nn.Module, layers: list[str], batches
         for x, _ in batches:
             capture.clear()
             x = x.to(device).requires_grad_(True)
-            batch = {}
-            for _ in class_rows(model, x, capture.clear_grads):
+            batch, squares = {}, {}
+            rows = (class_rows(model, x, capture.clear_grads) if estimator == "exact" else
+                    _draw_rows(model, x, capture.clear_grads, draw=draw, gen=gen))
+            for k in rows:
                 if not batch:  # the forward pass has run: its calls are known
                     batch = {n: [torch.zeros(len(x), dtype=torch.float64)
                                  for _ in capture.inputs[n]] for n in layers}
+                    squares = {n: [torch.zeros_like(t) for t in batch[n]] for n in layers}
                 for n in layers:
                     for i, g in capture.grads[n].items():
-                        batch[n][i] += g.flatten(1).double().pow(2).sum(1).cpu()
+                        norm = g.flatten(1).double().pow(2).sum(1).cpu()
+                        batch[n][i] += norm
+                        squares[n][i] += norm ** 2
+                if estimator == "sampled" and k >= min_draws and (k >= max_draws or all(
+                        _precise(s1, s2, k, rel_tol) for n in layers
+                        for s1, s2 in zip(batch[n], squares[n]))):
+                    batch = {n: [t / k for t in calls] for n, calls in batch.items()}
+                    break
             for n in layers:
                 for i, t in enumerate(batch[n]):
                     if i == len(traces[n]):
@@ -94,6 +131,11 @@ def activation_traces(model: nn.Module, layers: list[str], batches
         capture.remove()
     return ({n: [torch.cat(t) for t in calls] for n, calls in traces.items()},
             {n: [torch.cat(x) for x in calls] for n, calls in inputs.items()})
+
+
+def _precise(s1: torch.Tensor, s2: torch.Tensor, k: int, rel_tol: float) -> bool:
+    mean, se = _trace_stats(s1, s2, k)
+    return mean == 0 or (math.isfinite(se) and se <= rel_tol * abs(mean))
 
 
 @torch.no_grad()
