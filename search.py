@@ -4,6 +4,7 @@
     python search.py ... --budget 120KB        # bytes with a unit: B, KB, MB, KiB, MiB, ...
     python search.py ... --budget 13x --bops 32x   # and at most 1/32 of FP32's bit operations
     python search.py ... --budget 13x --latency-ms 0.5   # and 0.5 ms a batch in ONNX Runtime here
+    python search.py ... --bops 32x              # any one budget alone, or several together
 
 Writes plan.json (feed it to train.py --plan), sensitivity.json, search.json and TensorBoard
 logs in tb/. The Optuna study lives in study.db in --out (or --storage URL) and resumes.
@@ -18,12 +19,13 @@ def main() -> None:
     parser = Parser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe with a search section")
-    parser.add_argument("--budget", required=True,
-                        help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x)")
-    parser.add_argument("--bops", help="a budget of bit operations beside --budget: a ratio to "
+    parser.add_argument("--budget",
+                        help="bytes with a unit (120KB, 0.1MiB) or a ratio to FP32 (13x); "
+                        "without it the plan's only limit on bytes is the FP32 size")
+    parser.add_argument("--bops", help="a budget of bit operations: a ratio to "
                         "FP32's (32x) or a figure (400M, 2.5e9)")
     parser.add_argument("--latency-ms", type=float,
-                        help="a latency budget beside --budget: milliseconds per batch of "
+                        help="a latency budget: milliseconds per batch of "
                         "search.latency_batch images (1) in search.latency_runtime (onnxruntime) "
                         "on this CPU, against a per-layer table mpq measures and caches")
     parser.add_argument("--out", required=True, help="run folder")
@@ -44,6 +46,11 @@ def run(args) -> None:
     from mpq.search import SearchRecipe, run_search
 
     check_out_dir(args.out)
+    if args.budget is None and args.bops is None and args.latency_ms is None:
+        from mpq.errors import UsageError
+
+        raise UsageError("give at least one budget: --budget (bytes on disk, e.g. 13x or "
+                         "120KB), --bops (e.g. 32x) or --latency-ms (e.g. 0.5)")
     overrides = list(args.overrides)
     if args.trials is not None:
         overrides.append(f"search.trials={args.trials}")

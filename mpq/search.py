@@ -568,14 +568,15 @@ def check_latency(model: nn.Module, plan: Plan, table: LatencyTable, *, example:
               f"{table.base_ms:.3f} ms when the table was measured)", flush=True)
 
 
-def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
+def run_search(recipe: SearchRecipe, *, budget: str | None, out_dir: str | os.PathLike,
                data_root=None, checkpoint: str | None = None, storage: str | None = None,
                device: str = "auto", progress: bool = True, bops: str | None = None,
                latency_ms: float | None = None) -> Plan:
     """The whole search stage for a recipe: writes `plan.json`, `sensitivity.json`,
     `search.json`, `study.db` (unless `storage` is given) and TensorBoard logs in `tb/`.
     `bops` adds a BOPs budget (`mpq.budgets.parse_bops`: `16x` of FP32's, or a figure);
-    `latency_ms` a latency budget in milliseconds per batch of `search.latency_batch` images in
+    `budget` None leaves bytes unbounded but for the FP32 size; `latency_ms` is a latency
+    budget in milliseconds per batch of `search.latency_batch` images in
     `search.latency_runtime` on this CPU (`mpq.latency`: the table is measured once, cached)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -593,7 +594,8 @@ def run_search(recipe: SearchRecipe, *, budget: str, out_dir: str | os.PathLike,
                          normalization={"mean": list(recipe.data.mean),
                                         "std": list(recipe.data.std)}).eval()
     fp32_bytes = fp32_parameter_bytes(model)
-    budget_bytes = parse_budget(budget, fp32_bytes=fp32_bytes)
+    # no bytes budget: the FP32 size, which every plan meets (8-bit weights are a quarter)
+    budget_bytes = fp32_bytes if budget is None else parse_budget(budget, fp32_bytes=fp32_bytes)
     size = recipe.data.image_size
     counter = Bops.of(model, quantizable_layers(model), (torch.zeros(1, 3, size, size),))
     max_bops = None if bops is None else parse_bops(bops, fp32_bops=counter.fp32)

@@ -158,9 +158,10 @@ def search_args(tiny_search):
 
 
 def test_search_under_a_bops_budget_meets_it_in_every_trial(search_args, tmp_path):
-    result = run_script(*search_args("b", "--budget", "1x", "--bops", "40x"))
+    result = run_script(*search_args("b", "--bops", "40x"))  # a BOPs budget alone
     assert result.returncode == 0, result.stderr
     plan = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert plan["budget_bytes"] == plan["fp32_bytes"]  # no bytes budget: the FP32 size
     assert plan["bops"] <= plan["bops_budget"] == plan["fp32_bops"] // 40
     assert plan["size_bytes"] <= plan["budget_bytes"]
     assert f"({plan['fp32_bops'] / plan['bops']:.2f}x fewer than FP32)" in result.stdout
@@ -190,6 +191,8 @@ def test_budgets_no_plan_meets_are_refused_before_any_work_naming_the_tightest(s
         "4-bit activations" in acts.stderr, acts.stderr
     bad = run_script(*search_args("r4", "--budget", "8x", "--bops", "fast"))
     assert bad.returncode == 2 and "--bops 'fast' is not understood" in bad.stderr
+    none = run_script(*search_args("r6"))
+    assert none.returncode == 2 and "give at least one budget" in none.stderr, none.stderr
 
 
 def test_search_chooses_activation_bits_under_a_bops_budget(search_args, tmp_path,
