@@ -5,14 +5,15 @@ In every int8 runtime mpq exports to, weights of 2..8 bits run on the same int8 
 narrower weight is an int8 tensor on a coarser grid), so a plan's latency does not depend on
 its weight bits. An input activation below 8 bits does: it puts a Clip before its
 QuantizeLinear, which ONNX Runtime and PyTorch do not fuse into the int8 conv before it (the
-W4A4 row runs 3.3-3.9x slower there; OpenVINO runs it at the same speed). So the table is, measured on whole
-exported models side by side: `base_ms`, every layer's input at 8 bits; and per layer the change
-when that layer's input alone is narrower (`narrow_ms`). For the ONNX runtimes each of those
-models is the base's ONNX graph with a Clip, QuantizeLinear and DequantizeLinear of its own put
-before that layer (`_narrowed`: what the exporter writes for a layer whose input takes other
-bits than its tensor's other consumers), so one export serves every layer. A plan is predicted as base plus the
-changes of its narrow layers, a linear cost the solver takes exactly; `validation` records how
-far that prediction is from whole models measured beside it (interactions are not additive).
+W4A4 row runs 3.0-3.9x slower there; OpenVINO runs it at the same speed). So the table is,
+measured on whole exported models side by side: `base_ms`, every layer's input at 8 bits; and
+per layer the change when that layer's input alone is narrower (`narrow_ms`). For the ONNX
+runtimes each of those models is the base's ONNX graph with a Clip, QuantizeLinear and
+DequantizeLinear of its own put before that layer (`_narrowed`: what the exporter writes for a
+layer whose input takes other bits than its tensor's other consumers), so one export serves
+every layer. A plan is predicted as base plus the changes of its narrow layers, a linear cost
+the solver takes exactly; `validation` records how far that prediction is from whole models
+measured beside it (interactions are not additive).
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ ABLATIONS = {
                  ["train.precision=fp32", "train.seed=1"]),
     "abl13_kd": ("13x plan, QAT recipe, distillation loss only (alpha 1)",
                  ["train.precision=fp32", "qat.alpha=1.0"]),
+    "abl13_t1": ("13x plan, QAT recipe, distillation loss only at temperature 1 (the KL the "
+                 "search scores plans by)",
+                 ["train.precision=fp32", "qat.alpha=1.0", "qat.temperature=1.0"]),
     "abl13_feat": ("13x plan, QAT recipe, each layer's output distilled too (weight 1)",
                    ["train.precision=fp32", "qat.feature_weight=1.0"]),
     "abl13_prog": ("13x plan, QAT recipe, bits lowered progressively (+2, +1, then the plan)",
