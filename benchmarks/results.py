@@ -1,7 +1,7 @@
 """ResNet20 / CIFAR-10 results: every row of the README's results table, from one command.
 
     python benchmarks/results.py [--data-root ROOT] [--rows fp32,mpq_13x,...] [--table-only]
-                                 [--publish]
+                                 [--publish] [--park]
 
 Each row runs the commands a user would (recorded in its JSON), on the committed teacher
 `checkpoints/resnet20_cifar10.pt`:
@@ -27,7 +27,10 @@ Each row runs the commands a user would (recorded in its JSON), on the committed
                     are its points-lost-against-epochs curve (10: abl13_fp32).
 
 A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it to redo one);
-the searches and QAT runs under `runs/results/` resume where a killed run stopped. An mpq row
+the searches and QAT runs under `runs/results/` resume where a killed run stopped. A row longer
+than a session: `--park` (after stopping it) copies each unfinished row's last QAT checkpoint
+into `benchmarks/results/inflight/<row>/` to commit, and the next run on any machine resumes
+it from there. An mpq row
 that no longer stands for its commands (its model.mpq weighs other than its search planned, so
 the file format changed since; or its search, run again, picks other bits) is named on the
 console and marked stale in the table, not silently kept. Then every finished row's latency
@@ -50,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mpq.errors import UsageError  # noqa: E402
-from results_table import COMPUTE_ORDER, Layout, RowFailed, run  # noqa: E402
+from results_table import COMPUTE_ORDER, Layout, RowFailed, park, run  # noqa: E402
 
 
 def main() -> None:
@@ -66,6 +69,9 @@ def main() -> None:
                         help="FP32 teacher (default: the committed one)")
     parser.add_argument("--scratch", type=Path, default=None,
                         help="trial mode: rows, runs and TensorBoard go under this folder")
+    parser.add_argument("--park", action="store_true",
+                        help="copy each unfinished row's last QAT checkpoint into "
+                             "benchmarks/results/inflight/ (to commit) and stop")
     parser.add_argument("--publish", action="store_true",
                         help="write the table into README.md and the rows' files into "
                              "checkpoints/ (not with --scratch)")
@@ -74,6 +80,14 @@ def main() -> None:
         parser.error("--publish writes the repository's README and checkpoints; a --scratch "
                      "run cannot")
     layout = Layout.of(ROOT, teacher=args.teacher, scratch=args.scratch)
+    if args.park:
+        done = park(layout, args.rows.split(","))
+        for name, epochs in done.items():
+            print(f"parked {name} after {epochs} epochs in "
+                  f"{layout.rel(layout.results / 'inflight' / name)}")
+        if not done:
+            print("no unfinished row with a QAT checkpoint to park")
+        return
     try:
         table = run(layout, args.rows.split(","), data_root=args.data_root,
                     table_only=args.table_only, threads=args.threads, seconds=args.seconds,

@@ -277,24 +277,67 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
     assert len(events.Scalars("accuracy_vs_size/top1")) == 2  # fp32 and mpq_13x, kept
 
 
-def test_the_make_run_row_runs_the_makefiles_search_and_qat_with_precision_pinned(tmp_path,
-                                                                                 monkeypatch):
+def _commands_of(tmp_path, monkeypatch, name: str) -> list[list[str]]:
+    """The commands row `name` runs (nothing run), its search's plan.json faked."""
     from results_table import compute
 
     ran = []
     monkeypatch.setattr(compute, "_exported_row",
                         lambda layout, commands, export_dir, log: ran.extend(commands) or {})
-    (tmp_path / "make_run" / "search").mkdir(parents=True)
-    (tmp_path / "make_run" / "search" / "plan.json").write_text(
+    (tmp_path / name / "search").mkdir(parents=True, exist_ok=True)
+    (tmp_path / name / "search" / "plan.json").write_text(
         json.dumps({"budget_bytes": 83_838, "size_bytes": 83_799}))
-    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), "make_run")
-    search, train = [[str(a) for a in cmd] for cmd in ran]
+    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), name)
+    return [[str(a) for a in cmd] for cmd in ran]
+
+
+def test_the_make_run_row_runs_the_makefiles_search_and_qat_with_precision_pinned(tmp_path,
+                                                                                 monkeypatch):
+    search, train = _commands_of(tmp_path, monkeypatch, "make_run")
     makefile = (ROOT / "Makefile").read_text()
     assert "search.py --recipe recipes/resnet20_cifar10.yaml" in makefile
     assert search[:3] == ["search.py", "--recipe", "recipes/resnet20_cifar10.yaml"]
     assert "--set" not in search and search[search.index("--budget") + 1] == "13x"
     assert train[train.index("--plan") + 1] == str(tmp_path / "make_run" / "search" / "plan.json")
     assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]
+
+
+def test_a_make_run_variant_changes_only_its_search(tmp_path, monkeypatch):
+    search, train = _commands_of(tmp_path, monkeypatch, "make_run_polish")
+    assert [search[i + 1] for i, a in enumerate(search) if a == "--set"] == [
+        "search.polish_evaluations=300"]
+    assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]
+    # a longer uniform row: its bits from its name, its epochs from QAT_EPOCHS
+    (train,) = _commands_of(tmp_path, monkeypatch, "qat_w2_30ep")
+    assert train[train.index("--bits") + 1] == "2" and "train.epochs=30" in train
+
+
+def test_an_unfinished_row_is_parked_and_resumes_from_its_checkpoint_elsewhere(tmp_path):
+    """--park copies a row's last QAT checkpoint and recipe into the results folder; on a
+    machine whose runs/ is gone they are put back where train.py resumes, never over a run
+    folder that has its own, and dropped once the row is finished."""
+    from results_table import inflight
+
+    layout = dataclasses.replace(LAYOUT, results=tmp_path / "results", runs=tmp_path / "runs")
+    qat = layout.runs / "abl13_kd" / "qat"
+    qat.mkdir(parents=True)
+    torch.save({"epoch": 3, "state_dict": {}}, qat / "checkpoint_last.pt")
+    (qat / "recipe.yaml").write_text("version: 1\n")
+    (layout.runs / "abl13_t1" / "qat").mkdir(parents=True)  # started, no checkpoint yet
+    assert inflight.park(layout, ["abl13_kd", "abl13_t1", "fp32"]) == {"abl13_kd": 4}
+    info = inflight.parked(layout)["abl13_kd"]
+    assert info["epochs_done"] == 4 and info["cpu"]
+    shutil.rmtree(layout.runs)  # the next machine
+    assert inflight.unpark(layout, "abl13_kd") and not inflight.unpark(layout, "abl13_t1")
+    assert torch.load(qat / "checkpoint_last.pt", weights_only=True)["epoch"] == 3
+    assert (qat / "recipe.yaml").read_text() == "version: 1\n"
+    torch.save({"epoch": 5}, qat / "checkpoint_last.pt")  # it trained on: not overwritten
+    assert not inflight.unpark(layout, "abl13_kd")
+    assert torch.load(qat / "checkpoint_last.pt", weights_only=True)["epoch"] == 5
+    (layout.results / "abl13_kd.json").write_text("{}")
+    assert inflight.park(layout, ["abl13_kd"]) == {}  # finished rows are not parked
+    inflight.clear(layout, "abl13_kd")
+    assert inflight.parked(layout) == {}
 
 
 def test_the_w4a4_row_keeps_the_image_at_8_bits_and_everything_else_at_4(tmp_path):

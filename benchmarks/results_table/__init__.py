@@ -3,7 +3,8 @@
 Rows are data (`layout.ROWS`); each is computed by the commands a user would run (`compute`),
 timed side by side with the others (`latency`), and written as a table (`table`). A row whose
 `<results>/<row>.json` exists is not recomputed; an mpq row that no longer stands for its
-commands is named and marked stale. `benchmarks/results.py` is the command.
+commands is named and marked stale; an unfinished row parked by another machine (`inflight`)
+resumes from its parked checkpoint. `benchmarks/results.py` is the command.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from mpq.errors import UsageError
 from mpq.files import write_atomic
 from mpq.timing import cpu_summary, openvino_version
 from .compute import RowFailed, make_row, smallest_plan, stale
+from .inflight import clear, park, parked, unpark
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
 from .table import EPOCHS_FIGURE, copy_artifacts, log_curve, log_epochs, update_readme, write_table
 
 __all__ = ["COMPUTE_ORDER", "ROWS", "Layout", "RowFailed", "copy_artifacts", "latency",
-           "log_curve", "make_row", "run", "smallest_plan", "stale", "update_readme",
-           "write_table"]
+           "log_curve", "make_row", "park", "parked", "run", "smallest_plan", "stale",
+           "update_readme", "write_table"]
 
 
 def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool = False,
@@ -50,10 +52,15 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
         if table_only or path.exists():
             continue
         print(f"{name}: {ROWS[name]}", flush=True)
+        if unpark(layout, name):
+            info = parked(layout)[name]
+            print(f"  resuming from its checkpoint parked after {info['epochs_done']} epochs "
+                  f"({info['parked']}, {info['cpu']})", flush=True)
         start = time.time()
         row = make_row(layout, name, data_root=data_root)
         row.update(row=name, what=ROWS[name], wall_seconds=round(time.time() - start, 1))
         write_atomic(path, json.dumps(row, indent=2) + "\n")
+        clear(layout, name)
         if not row.get("infeasible"):
             print(f"  top1={row['top1']:.2f} {row['file']} {row['file_bytes']} bytes "
                   f"({row['wall_seconds']:.0f} s)", flush=True)

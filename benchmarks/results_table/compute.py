@@ -96,8 +96,9 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
     if name in ("ptq_w4", "ptq_w2"):
         return _exported_row(layout, [[*qat, "--bits", name[-1], "--ptq", "--out", run / "qat"]],
                              run / "qat" / "export", log)
-    if name.startswith("qat_w"):
-        return _exported_row(layout, [[*qat, "--bits", name[-1], "--out", run / "qat"]],
+    if name.startswith("qat_w"):  # qat_w<bits>[_<epochs>ep]
+        bits = name.split("_")[1][1:]
+        return _exported_row(layout, [[*qat, "--bits", bits, "--out", run / "qat"]],
                              run / "qat" / "export", log)
     if name.startswith("mpq_"):
         budget = name.split("_")[1]

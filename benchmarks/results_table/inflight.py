@@ -1,0 +1,80 @@
+"""Unfinished rows carried from one machine to the next.
+
+A long QAT row (60 epochs: about five hours on one thread here) outlasts a session, and
+`runs/` does not survive one, so `park` copies each unfinished row's last checkpoint (the model,
+optimiser, scheduler, RNG states and position: what `train.py` resumes from exactly) and its
+resolved recipe into `benchmarks/results/inflight/<row>/`, to be committed; `unpark` puts them
+back into the row's run folder before the row runs again, and `clear` drops them once the row's
+JSON is written. A row's searches are not parked: they are seeded and give the same plan when
+run again, and `train.py` refuses a checkpoint whose plan or recipe differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import torch
+
+from mpq.files import atomic_path, write_atomic
+from mpq.timing import cpu_summary
+
+from .layout import Layout
+
+__all__ = ["clear", "park", "parked", "unpark"]
+
+FILES = ("checkpoint_last.pt", "recipe.yaml")
+
+
+def _qat(layout: Layout, name: str):
+    return layout.runs / name / "qat"
+
+
+def _parked(layout: Layout, name: str):
+    return layout.results / "inflight" / name
+
+
+def park(layout: Layout, rows: list[str]) -> dict[str, int]:
+    """Parks every unfinished row of `rows` that has a QAT checkpoint; returns each parked
+    row's epochs done."""
+    done = {}
+    for name in rows:
+        source = _qat(layout, name)
+        if (layout.results / f"{name}.json").exists() or not (source / FILES[0]).is_file():
+            continue
+        target = _parked(layout, name)
+        target.mkdir(parents=True, exist_ok=True)
+        for file in FILES:
+            with atomic_path(target / file) as tmp:
+                shutil.copyfile(source / file, tmp)
+        state = torch.load(target / FILES[0], weights_only=True, map_location="cpu")
+        epochs = int(state["epoch"]) + 1  # the last epoch it finished, counted from 0
+        write_atomic(target / "parked.json", json.dumps(
+            {"row": name, "epochs_done": epochs, "cpu": cpu_summary(),
+             "parked": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2) + "\n")
+        done[name] = epochs
+    return done
+
+
+def parked(layout: Layout) -> dict[str, dict]:
+    """What is parked: row -> its parked.json."""
+    root = layout.results / "inflight"
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/parked.json"))}
+
+
+def unpark(layout: Layout, name: str) -> bool:
+    """Puts a parked row's checkpoint back where its QAT run resumes from, unless that run
+    folder already has one (a run of this machine, newer or the same); True if it did."""
+    source, target = _parked(layout, name), _qat(layout, name)
+    if not (source / FILES[0]).is_file() or (target / FILES[0]).is_file():
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for file in FILES:
+        with atomic_path(target / file) as tmp:
+            shutil.copyfile(source / file, tmp)
+    return True
+
+
+def clear(layout: Layout, name: str) -> None:
+    shutil.rmtree(_parked(layout, name), ignore_errors=True)
