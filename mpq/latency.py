@@ -136,9 +136,14 @@ def _narrowed(model_proto, layer: str, bits: int):
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output}
     weight = f"{layer}.weight_int8"
+    def weight_of(node) -> str | None:  # through a Transpose or Reshape to the int8 weight
+        source = producer.get(node.input[1]) if len(node.input) > 1 else None
+        while source is not None and source.op_type in ("Transpose", "Reshape", "Identity"):
+            source = producer.get(source.input[0])
+        return source.input[0] if source is not None and source.op_type == \
+            "DequantizeLinear" else None
     calls = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-             and len(n.input) > 1 and n.input[1] in producer
-             and producer[n.input[1]].input[0] == weight]
+             and weight_of(n) == weight]
     if not calls:
         raise ValueError(f"no conv or matmul of {layer} in the ONNX graph (no {weight})")
     added = {}

@@ -664,8 +664,10 @@ def run_search(recipe: SearchRecipe, *, budget: str | None, out_dir: str | os.Pa
         q = prepare_qat(model, plan, example_inputs=example)
         from .size import weight_bytes
 
-        plan.extra = {"size_bytes": weight_bytes(q, model_meta(recipe)),
-                      "budget_bytes": budget_bytes}
+        size = weight_bytes(q, model_meta(recipe))
+        plan.extra = {"size_bytes": size, "budget_bytes": budget_bytes,
+                      "budgets": {"bytes": {"budget": budget_bytes, "value": size,
+                                            "met": size <= budget_bytes}}}
         summary = {}
     else:
         plan, summary = search_plan(model, model_name=recipe.model.name,

@@ -54,7 +54,10 @@ def test_budget_at_or_above_fp32_gives_8_bits(search_args, tmp_path):
     result = run_script(*search_args("1x", "full"))
     assert result.returncode == 0, result.stderr
     assert "note:" in result.stdout
-    assert {v["w_bits"] for v in _plan(tmp_path, "full")["layers"].values()} == {8}
+    plan = _plan(tmp_path, "full")
+    assert {v["w_bits"] for v in plan["layers"].values()} == {8}
+    assert plan["budgets"] == {"bytes": {"budget": plan["budget_bytes"],
+                                         "value": plan["size_bytes"], "met": True}}
 
 
 @pytest.mark.parametrize("budget, extra, fragment", [
