@@ -626,6 +626,13 @@ def run_search(recipe: SearchRecipe, *, budget: str | None, out_dir: str | os.Pa
     digest = hashlib.sha256(str(checkpoint).encode() if str(checkpoint).startswith(
         TORCHVISION_WEIGHTS) else Path(checkpoint).read_bytes()).hexdigest()
     example = (holdout[0][:1],)
+
+    def check(table=None, max_ms=None):
+        check_limits(search_limits(model, recipe.model.name, cfg, budget_bytes=budget_bytes,
+                                   example_inputs=example, meta=model_meta(recipe),
+                                   bops=counter, max_bops=max_bops, latency=table,
+                                   max_latency_ms=max_ms), fp32_bytes=fp32_bytes)
+    check()  # bytes and BOPs together, before the latency table is measured
     table = None
     if latency_ms is not None:
         narrow = min(cfg.a_bit_choices or [cfg.a_bits])
@@ -636,10 +643,7 @@ def run_search(recipe: SearchRecipe, *, budget: str | None, out_dir: str | os.Pa
                               example_inputs=example, calibration=calibration,
                               cache_dir=cache_dir() / "latency", key={"checkpoint": digest},
                               seconds=cfg.latency_seconds, progress=progress)
-    check_limits(search_limits(model, recipe.model.name, cfg, budget_bytes=budget_bytes,
-                               example_inputs=example, meta=model_meta(recipe), bops=counter,
-                               max_bops=max_bops, latency=table, max_latency_ms=latency_ms),
-                 fp32_bytes=fp32_bytes)
+        check(table, latency_ms)
     out.mkdir(parents=True, exist_ok=True)
     data_key = hashlib.sha256(torch.cat([x for x, _ in sens_batches]).numpy().tobytes())
     key = {"checkpoint": digest, "data": data_key.hexdigest(),

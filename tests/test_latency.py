@@ -194,6 +194,11 @@ def test_a_latency_budget_no_plan_meets_is_refused_before_any_work(search_args, 
     line = low.stderr.strip().splitlines()[-1]
     assert "latency budget 1e-06 ms is below the least any plan reaches" in line and \
         "ask for --latency-ms" in line and "or more" in line
+    # bytes and BOPs no plan meets together are refused before the table is measured
+    early = run_script(*search_args("e", "--budget", "60x", "--bops", "65x", "--latency-ms",
+                                    "1"), env={"MPQ_CACHE": str(tmp_path / "early")})
+    assert early.returncode == 2 and "below the smallest" in early.stderr, early.stderr
+    assert not (tmp_path / "early" / "latency").exists()
     for bad in ("0", "nan"):
         result = run_script(*search_args("b", "--budget", "4x", "--latency-ms", bad), env=env)
         assert result.returncode == 2 and "--latency-ms must be a positive" in result.stderr, \
