@@ -310,6 +310,7 @@ def test_a_make_run_variant_changes_only_its_search(tmp_path, monkeypatch):
     # a longer uniform row: its bits from its name, its epochs from QAT_EPOCHS
     (train,) = _commands_of(tmp_path, monkeypatch, "qat_w2_30ep")
     assert train[train.index("--bits") + 1] == "2" and "train.epochs=30" in train
+    assert "train.precision=fp32" in train  # pinned: it resumes on other CPUs
 
 
 def test_an_unfinished_row_is_parked_and_resumes_from_its_checkpoint_elsewhere(tmp_path):

@@ -14,7 +14,8 @@ import torch
 
 from mpq.files import atomic_path
 from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS,
-                     MAKE_RUN_VARIANTS, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE, Layout)
+                     MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE,
+                     Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
 
@@ -60,6 +61,8 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
     qat = ["train.py", "--recipe", QAT_RECIPE, "--teacher", layout.teacher, *data, "--quiet"]
     if name in QAT_EPOCHS:
         qat += ["--set", f"train.epochs={QAT_EPOCHS[name]}"]
+    if name in PINNED_FP32:  # resumed on other machines: the same precision on every CPU
+        qat += ["--set", "train.precision=fp32"]
     if name in ABLATIONS:
         sets = [arg for setting in ABLATIONS[name][1] for arg in ("--set", setting)]
         return _exported_row(layout, [[*qat, "--plan", layout.root / ABLATION_PLAN, *sets,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "BOPS_ROWS",
-           "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
+           "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS", "PINNED_FP32", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -41,6 +41,8 @@ MAKE_RUN_VARIANTS = {
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30}
+# Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
+PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep")
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
