@@ -62,12 +62,6 @@ class LatencyTable:
     def total(self, w_bits: Mapping[str, int | None], a_bits: Mapping[str, int | None]) -> float:
         return self.base_ms + sum(self.layer(n, w_bits[n], a_bits[n]) for n in self.narrow_ms)
 
-    def least(self, narrow_allowed: bool) -> float:
-        """The lowest latency any plan reaches: narrow inputs only where they are faster."""
-        if not narrow_allowed:
-            return self.base_ms
-        return self.base_ms + sum(min(0.0, d) for d in self.narrow_ms.values())
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -242,9 +236,9 @@ def latency_table(model: nn.Module, model_name: str, layers: list[str], *, runti
 
     check_runtime(runtime)
     threads = threads or os.cpu_count() or 1
-    cpu = cpu_summary()
+    cpu, versions = cpu_summary(), _versions(runtime)
     full_key = {**key, "version": 1, "model": model_name, "layers": layers, "runtime": runtime,
-                "versions": _versions(runtime), "batch": batch, "threads": threads, "cpu": cpu,
+                "versions": versions, "batch": batch, "threads": threads, "cpu": cpu,
                 "narrow_bits": narrow_bits, "input": list(example_inputs[0].shape[1:])}
     digest = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"latency-{digest}.json" if cache_dir is not None else None
@@ -277,7 +271,7 @@ def latency_table(model: nn.Module, model_name: str, layers: list[str], *, runti
                            "relative_error": (predicted - ms[name]) / ms[name]})
     table = LatencyTable(runtime=runtime, batch=batch, threads=threads, cpu=cpu, base_ms=base,
                          narrow_ms=narrow, narrow_bits=narrow_bits or WIDE,
-                         validation=validation, versions=_versions(runtime))
+                         validation=validation, versions=versions)
     if path is not None:
         write_atomic(path, json.dumps({"key": full_key, "table": table.to_dict()}, indent=2))
     return table
