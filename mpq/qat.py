@@ -36,6 +36,8 @@ class QATConfig:
     parametrisation (docs/design_notes.md). Every epoch's test figure is taken in eval mode,
     which computes the folded, exported layer, so what is measured is what is exported.
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
+    `weight_ste`: `clip` (the default: weights beyond the clipping range get no gradient) or
+    `identity` (every weight gets the straight-through gradient, as in TWN and TTQ).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
     exact average over this many augmented training batches (`mpq.quant.reestimate_bn_`);
     0 (the default) keeps the running averages of training.
@@ -59,11 +61,12 @@ class QATConfig:
     bn_reestimate_batches: int = 0
     feature_weight: float = 0.0
     progressive_bits: int = 0
+    weight_ste: str = "clip"
 
     def quant_config(self) -> QuantConfig:
         """The settings `prepare_qat` takes."""
         return QuantConfig(weight_scale=self.weight_scale, learn_act_scale=self.learn_act_scale,
-                           quantize_joins=self.quantize_joins)
+                           quantize_joins=self.quantize_joins, weight_ste=self.weight_ste)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -72,6 +75,11 @@ class QATConfig:
             raise UsageError(f"qat.temperature must be positive, got {self.temperature}")
         if self.weight_scale not in ("mse", "max", "lsq"):
             raise UsageError(f"qat.weight_scale must be mse, max or lsq; got {self.weight_scale!r}")
+        if self.weight_ste not in ("clip", "identity"):
+            raise UsageError(f"qat.weight_ste must be clip or identity; got {self.weight_ste!r}")
+        if self.weight_ste == "identity" and self.weight_scale == "lsq":
+            raise UsageError("qat.weight_ste identity needs qat.weight_scale mse or max: a "
+                             "learned (lsq) scale takes LSQ's gradient, which clips")
         if not 2 <= self.act_bits <= 8:
             raise UsageError(f"qat.act_bits must be in 2..8, got {self.act_bits}")
         if self.calibration_batches < 1:

@@ -218,6 +218,10 @@ def test_bad_qat_input(tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
     _usage_error(run_script(*args[:-2], "--bits", "4"), "needs --teacher")
     _usage_error(run_script(*args, "--bits", "4", "--set", "data.mean=[0.1, 0.1, 0.1]"),
                  "set data.mean and data.std to the teacher's")
+    _usage_error(run_script(*args, "--bits", "2", "--set", "qat.weight_ste=all"),
+                 "qat.weight_ste must be clip or identity")
+    _usage_error(run_script(*args, "--bits", "2", "--set", "qat.weight_ste=identity",
+                            "--set", "qat.weight_scale=lsq"), "needs qat.weight_scale mse or max")
     assert not (tmp_path / "qat").exists()
 
 

@@ -14,8 +14,8 @@ import torch
 
 from mpq.files import atomic_path
 from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS,
-                     MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, SEARCH_RECIPE,
-                     Layout)
+                     MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, ROW_SETTINGS,
+                     SEARCH_RECIPE, Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
 
@@ -101,7 +101,8 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
                              run / "qat" / "export", log)
     if name.startswith("qat_w"):  # qat_w<bits>[_<epochs>ep]
         bits = name.split("_")[1][1:]
-        return _exported_row(layout, [[*qat, "--bits", bits, "--out", run / "qat"]],
+        sets = [arg for setting in ROW_SETTINGS.get(name, []) for arg in ("--set", setting)]
+        return _exported_row(layout, [[*qat, "--bits", bits, *sets, "--out", run / "qat"]],
                              run / "qat" / "export", log)
     if name.startswith("mpq_"):
         budget = name.split("_")[1]

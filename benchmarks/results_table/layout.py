@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "BOPS_ROWS",
-           "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS", "PINNED_FP32", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "SEARCH_RECIPE", "Layout"]
+           "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS", "PINNED_FP32", "QAT_EPOCHS",
+           "QAT_RECIPE", "ROWS", "ROW_SETTINGS", "SEARCH_RECIPE", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -32,6 +33,7 @@ ROWS = {
     # longer QAT of rows that miss their targets (#33): rows of hours, parked across sessions
     "mpq_16x_60ep": "mpq, 16x budget, 60 QAT epochs",
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
+    "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
 }
 # `make run` with its search changed by these recipe settings (its QAT as shipped, float32).
 MAKE_RUN_VARIANTS = {
@@ -43,6 +45,8 @@ ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30}
 # Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
 PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep")
+# Uniform QAT rows that change the QAT recipe: their settings.
+ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"]}
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -54,6 +58,8 @@ ABLATIONS = {
     "abl13_lsq": ("13x plan, QAT recipe, LSQ learned weight scales",
                   ["train.precision=fp32", "qat.weight_scale=lsq"]),
     "abl13_lr2": ("13x plan, QAT recipe, lr 0.02", ["train.precision=fp32", "train.lr=0.02"]),
+    "abl13_ste": ("13x plan, QAT recipe, the straight-through gradient reaching every weight "
+                  "(qat.weight_ste identity)", ["train.precision=fp32", "qat.weight_ste=identity"]),
     "abl13_s1": ("13x plan, QAT recipe as shipped, float32, seed 1",
                  ["train.precision=fp32", "train.seed=1"]),
     "abl13_kd": ("13x plan, QAT recipe, distillation loss only (alpha 1)",
@@ -80,7 +86,8 @@ EPOCH_CURVE = {"float32, seed 0": ["abl13_ep1", "abl13_ep2", "abl13_ep5", "abl13
 BOPS_ROWS = {"mpq_13x_bops64": ("13x", "64x", [4, 8])}
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
-                 *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "mpq_16x_60ep", "qat_w2_30ep"]
+                 *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "mpq_16x_60ep",
+                 "qat_w2_30ep"]
 
 
 @dataclass(frozen=True)

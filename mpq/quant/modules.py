@@ -24,6 +24,7 @@ __all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer",
            "full_range_int8_weights_"]
 
 SCALE_MODES = ("mse", "max", "lsq", "fixed")
+WEIGHT_STES = ("clip", "identity")
 
 
 class WeightQuantizer(nn.Module):
@@ -40,13 +41,20 @@ class WeightQuantizer(nn.Module):
             model rebuilt from an export, whose weights already lie on their grid).
         refresh_every: training steps between two searches of the MSE-optimal ratio (the
             search costs ~40 quantizations of the weight; weights move slowly in QAT).
+        ste: `clip` (the gradient stops at weights beyond the clipping range) or `identity`
+            (it reaches every weight, as in TWN and TTQ; `mse` and `max` scales only).
     """
 
-    def __init__(self, bits: int, channels: int, *, mode: str = "mse", refresh_every: int = 100):
+    def __init__(self, bits: int, channels: int, *, mode: str = "mse", refresh_every: int = 100,
+                 ste: str = "clip"):
         super().__init__()
         if mode not in SCALE_MODES:
             raise ValueError(f"weight scale mode must be one of {SCALE_MODES}, got {mode!r}")
-        self.bits, self.mode, self.refresh_every = bits, mode, refresh_every
+        if ste not in WEIGHT_STES:
+            raise ValueError(f"weight STE must be one of {WEIGHT_STES}, got {ste!r}")
+        if ste == "identity" and mode == "lsq":
+            raise ValueError("an identity weight STE needs an mse or max scale, not lsq")
+        self.bits, self.mode, self.refresh_every, self.ste = bits, mode, refresh_every, ste
         self.qmin, self.qmax = weight_range(bits)
         self.scale = nn.Parameter(torch.zeros(channels), requires_grad=mode == "lsq")
         self.register_buffer("ratio", torch.ones(channels))
@@ -92,8 +100,12 @@ class WeightQuantizer(nn.Module):
             self.scale.copy_(scale)  # kept for export and logging
         return scale.reshape(shape)
 
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`w` on its grid at `scale` (from `compute_scale`), with this quantizer's STE."""
+        return fake_quantize(w, scale, self.qmin, self.qmax, clip_grad=self.ste == "clip")
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.compute_scale(w), self.qmin, self.qmax)
+        return self.quantize(w, self.compute_scale(w))
 
     def set_bits(self, bits: int) -> None:
         """Moves the weight to a `bits`-bit grid (progressive lowering in QAT). Nothing stored
@@ -106,7 +118,7 @@ class WeightQuantizer(nn.Module):
         self.qmin, self.qmax = weight_range(bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}"
+        return f"bits={self.bits}, mode={self.mode}, ste={self.ste}"
 
 
 def full_range_int8_weights_(model: nn.Module) -> None:
@@ -193,12 +205,13 @@ class _QuantLayer(nn.Module):
     the graph passes `call` (0, 1, ...) to each."""
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
-                 weight_scale: str):
+                 weight_scale: str, weight_ste: str = "clip"):
         super().__init__()
         self.layer = layer
         self.w_bits, self.a_bits = w_bits, a_bits
         out_channels = layer.weight.shape[0]
-        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_scale)
+        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_scale,
+                                             ste=weight_ste)
                              if w_bits is not None else None)
         # Plain attributes, not submodules: the quantizers belong to the graph (and the state
         # dict) once; deepcopy keeps the links to the copied quantizers.
@@ -224,7 +237,7 @@ class _QuantLayer(nn.Module):
             return w, bias
         q = self.weight_quant
         scale = q.compute_scale(w, self.scale_unit())
-        wq = fake_quantize(w, scale, q.qmin, q.qmax)
+        wq = q.quantize(w, scale)
         step = self.bias_step(scale, call)
         if bias is None or step is None:
             return wq, bias
@@ -280,8 +293,9 @@ class QuantConv(_QuantLayer):
     fixed 1/sqrt(running_var), which blows up on channels of small variance).
     """
 
-    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_scale):
-        super().__init__(conv, w_bits, a_bits, weight_scale=weight_scale)
+    def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_scale,
+                 weight_ste: str = "clip"):
+        super().__init__(conv, w_bits, a_bits, weight_scale=weight_scale, weight_ste=weight_ste)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
 

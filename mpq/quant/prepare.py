@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UsageError, blame
-from .modules import SCALE_MODES, ActQuantizer, QuantConv, QuantLinear, _QuantLayer
+from .modules import SCALE_MODES, WEIGHT_STES, ActQuantizer, QuantConv, QuantLinear, _QuantLayer
 from .plan import Plan
 
 __all__ = ["QuantConfig", "Quantization", "calibrate_", "freeze_bn_", "prepare_qat",
@@ -45,16 +45,24 @@ class QuantConfig:
     `weight_scale`: `mse`, `max`, `lsq`, or `fixed` for scales set from outside (a model rebuilt
     from its file); see `WeightQuantizer`. `learn_act_scale`: train activation scales with the
     LSQ gradient. `quantize_joins`: quantize the inputs of additions and concatenations to 8
-    bits, as the int8 graph computes them."""
+    bits, as the int8 graph computes them. `weight_ste`: `clip` (no gradient reaches a weight
+    beyond its clipping range) or `identity` (every weight gets one; mse or max scales)."""
 
     weight_scale: str = "mse"
     learn_act_scale: bool = False
     quantize_joins: bool = True
+    weight_ste: str = "clip"
 
     def __post_init__(self):
         if self.weight_scale not in SCALE_MODES:
             raise UsageError(f"weight_scale must be one of {', '.join(SCALE_MODES)}; got "
                              f"{self.weight_scale!r}")
+        if self.weight_ste not in WEIGHT_STES:
+            raise UsageError(f"weight_ste must be one of {', '.join(WEIGHT_STES)}; got "
+                             f"{self.weight_ste!r}")
+        if self.weight_ste == "identity" and self.weight_scale == "lsq":
+            raise UsageError("weight_ste identity needs an mse or max weight scale: a learned "
+                             "(lsq) scale takes LSQ's gradient, which clips")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +70,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
         """From `to_dict`'s form (absent keys: the defaults; unknown ones ignored)."""
-        return cls(**{k: data[k] for k in ("weight_scale", "learn_act_scale", "quantize_joins")
-                      if k in data})
+        return cls(**{k: data[k] for k in ("weight_scale", "learn_act_scale", "quantize_joins",
+                                           "weight_ste") if k in data})
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
         if s.w_bits is None and s.a_bits is None:
             continue
         layer = modules[target]
-        kwargs = dict(weight_scale=config.weight_scale)
+        kwargs = dict(weight_scale=config.weight_scale, weight_ste=config.weight_ste)
         if isinstance(layer, nn.Linear):
             wrapper = QuantLinear(layer, s.w_bits, s.a_bits, **kwargs)
         else:

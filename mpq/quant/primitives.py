@@ -85,6 +85,19 @@ class _FakeQuantize(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None
 
 
+class _FakeQuantizePassAll(torch.autograd.Function):
+    """`_FakeQuantize` whose gradient reaches every input, clipped or not (TWN's and TTQ's
+    straight-through estimator for weights)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax):
+        return torch.div(x, scale).clamp_(qmin, qmax).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Rounds to the nearest integer; the gradient passes straight through (identity).
 
@@ -99,13 +112,20 @@ def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return _GradScale.apply(x, factor)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, *,
+                  clip_grad: bool = True) -> torch.Tensor:
     """Quantize-dequantize: `round(clamp(x / scale, qmin, qmax)) * scale`.
 
     `scale` broadcasts against `x` (per-tensor: a scalar; per-channel: shape (C, 1, 1, 1) for a
     conv weight). Gradients: straight through inside the clipping range, zero outside it (the
-    clamp blocks them); `scale` receives the LSQ gradient when it requires one.
+    clamp blocks them), or, with `clip_grad=False` (a fixed scale only), straight through
+    everywhere; `scale` receives the LSQ gradient when it requires one.
     """
+    if not clip_grad:
+        if scale.requires_grad:
+            raise ValueError("clip_grad=False needs a fixed scale (a learned one takes LSQ's "
+                             "gradient, which clips)")
+        return _FakeQuantizePassAll.apply(x, scale, qmin, qmax)
     # Clamping before rounding gives the same values and makes the gradient mask exactly
     # qmin <= x / scale <= qmax.
     if not scale.requires_grad:

@@ -78,6 +78,27 @@ def test_ste_passes_gradient_inside_and_blocks_outside():
     assert torch.equal(y.grad, torch.ones(2))
 
 
+def test_identity_weight_ste_passes_gradient_to_clipped_weights_and_computes_the_same():
+    w = torch.randn(6, 3, 3, 3) * 0.2
+    out = {}
+    for ste in ("clip", "identity"):
+        q = WeightQuantizer(2, 6, mode="mse", ste=ste)
+        x = w.clone().requires_grad_(True)
+        y = q(x)
+        y.backward(torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape))
+        out[ste] = (y.detach(), x.grad, q.scale.detach().reshape(-1, 1, 1, 1))
+    assert torch.equal(out["clip"][0], out["identity"][0])
+    upstream = torch.arange(w.numel(), dtype=torch.float32).reshape(w.shape)
+    assert torch.equal(out["identity"][1], upstream)
+    inside = (w / out["clip"][2]).abs() <= 1  # ternary: qmax 1
+    assert 0 < int((~inside).sum()) < w.numel()
+    assert torch.equal(out["clip"][1], torch.where(inside, upstream, 0.0))
+    with pytest.raises(ValueError, match="lsq"):
+        WeightQuantizer(2, 6, mode="lsq", ste="identity")
+    with pytest.raises(ValueError, match="fixed scale"):
+        fake_quantize(w, torch.tensor(0.1, requires_grad=True), -1, 1, clip_grad=False)
+
+
 def test_mse_scale_beats_max_at_low_bits_and_matches_brute_force():
     torch.manual_seed(0)
     x = torch.randn(4096)  # Gaussian: clipping the tails pays off at 2-4 bits
