@@ -218,6 +218,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     else:
         metrics = fit(student, recipe=recipe, train_loader=train_loader,
                       test_loader=test_loader, out_dir=out_dir, meta=meta,
+                      meta_match=_SAME_RUN,
                       loss_fn=distillation_step_loss(teacher_model, cfg, student),
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
                       epoch_logger=epoch_logger, on_train_end=on_train_end)
@@ -229,6 +230,24 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         plan.save(os.path.join(out_dir, "plan.json"))
         write_metrics(out_dir, metrics)
     return metrics
+
+
+def _same_plan(recorded: dict, now: dict) -> bool:
+    # What QAT trains: the model and each layer's bits. The search's scores are floats whose
+    # last digits differ from one CPU to another, so a parked run resumes on any.
+    return (recorded.get("model"), recorded.get("layers")) == (now.get("model"), now.get("layers"))
+
+
+def _same_qat(recorded: dict, now: dict) -> bool:
+    # A setting added to QuantConfig after the run began is absent from its checkpoint: the run
+    # had the default then (QuantConfig.from_dict fills it in).
+    rest = (set(recorded) | set(now)) - set(QuantConfig().to_dict())
+    return (QuantConfig.from_dict(recorded) == QuantConfig.from_dict(now)
+            and all(recorded.get(k) == now.get(k) for k in rest))
+
+
+# How a QAT checkpoint's identity is compared on resume (`fit`'s meta_match).
+_SAME_RUN = {"plan": _same_plan, "qat": _same_qat}
 
 
 def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tuple,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import time
 from itertools import islice
@@ -133,7 +134,7 @@ def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: Cal
 
 def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
         out_dir: str | os.PathLike | None = None, meta: dict | None = None,
-        train_cfg: TrainConfig | None = None,
+        meta_match: dict[str, Callable] | None = None, train_cfg: TrainConfig | None = None,
         loss_fn: Callable | None = None, progress: bool = True, log: bool = True,
         on_epoch_start: Callable[[int], None] | None = None,
         epoch_logger: Callable | None = None,
@@ -150,6 +151,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
         out_dir: run folder: `checkpoint_last.pt`, `model.pt`, `metrics.json`, `tb/`; None:
             train in memory, no files and no resume.
         meta: plain data stored in every checkpoint (model spec, normalisation, plan, ...).
+        meta_match: for a key of `meta`, `(recorded, now) -> bool` telling whether a run whose
+            checkpoint recorded `recorded` is this command's run (default: equality).
         train_cfg: optimiser and schedule; defaults to `recipe.train`.
         loss_fn: `(model, x, y) -> (loss, logits, {name: tensor})`; defaults to cross-entropy.
         progress: show a progress bar per epoch.
@@ -198,7 +201,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                              f"{', '.join(diff) or 'meta'}); use another --out to start afresh")
         # The run's identity beyond its recipe: model, kind, and for QAT the plan (bit widths
         # change no tensor shape, so a run of another plan would load without complaint).
-        other = sorted(k for k, v in meta.items() if k in state and state[k] != v)
+        match = meta_match or {}
+        other = sorted(k for k, v in meta.items()
+                       if k in state and not match.get(k, operator.eq)(state[k], v))
         if other:
             raise UsageError(f"{out} holds a run of another {' and '.join(other)} than this "
                              f"command's; use another --out to start afresh")

@@ -238,6 +238,42 @@ def test_a_run_of_another_plan_is_refused_not_resumed(tmp_path, tiny_teacher, ti
     assert run_script(*args, "--bits", "4").returncode == 0  # its own plan resumes
 
 
+def test_a_run_from_before_a_qat_setting_existed_resumes_only_at_its_default(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    from mpq.checkpoint import load_checkpoint, save_checkpoint
+
+    tiny_recipe_dict["train"]["epochs"] = 1
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export")
+    assert run_script(*args, "--bits", "2").returncode == 0
+    last = tmp_path / "qat" / "checkpoint_last.pt"
+    state = load_checkpoint(last)
+    del state["qat"]["weight_ste"]  # as an mpq from before qat.weight_ste wrote it
+    del state["recipe"]["qat"]["weight_ste"]
+    save_checkpoint(last, state)
+    _usage_error(run_script(*args, "--bits", "2", "--set", "qat.weight_ste=identity"),
+                 "holds a run of another qat")
+    assert run_script(*args, "--bits", "2").returncode == 0  # it trained with clip, the default
+
+
+def test_a_run_resumes_with_its_plan_whatever_the_search_scored_it_on_this_cpu(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    """A parked run resumes on another CPU, whose search finds the same bits with scores that
+    differ in their last digits; other bits are another run."""
+    tiny_recipe_dict["train"]["epochs"] = 1
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export")
+    assert run_script(*args, "--bits", "4").returncode == 0
+    recorded = json.loads((tmp_path / "qat" / "plan.json").read_text())
+    for score in (1.5521411895751953, 1.5522509962320328):
+        (tmp_path / "plan.json").write_text(json.dumps({**recorded, "score": score}))
+        assert run_script(*args, "--plan", tmp_path / "plan.json").returncode == 0
+    layers = {k: {**v, "w_bits": 3} for k, v in recorded["layers"].items()}
+    (tmp_path / "plan.json").write_text(json.dumps({**recorded, "layers": layers}))
+    _usage_error(run_script(*args, "--plan", tmp_path / "plan.json"),
+                 "holds a run of another plan")
+
+
 def test_kl_direction_is_teacher_to_student():
     s = torch.tensor([[3.0, 0.0]])
     t = torch.tensor([[0.0, 0.0]])
