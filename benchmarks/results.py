@@ -1,7 +1,7 @@
 """ResNet20 / CIFAR-10 results: every row of the README's results table, from one command.
 
     python benchmarks/results.py [--data-root ROOT] [--rows fp32,mpq_13x,...] [--table-only]
-                                 [--publish] [--park]
+                                 [--publish] [--park] [--park-every MINUTES]
 
 Each row runs the commands a user would (recorded in its JSON), on the committed teacher
 `checkpoints/resnet20_cifar10.pt`:
@@ -30,7 +30,8 @@ A row whose `benchmarks/results/<row>.json` exists is not recomputed (delete it 
 the searches and QAT runs under `runs/results/` resume where a killed run stopped. A row longer
 than a session: `--park` (after stopping it) copies each unfinished row's last QAT checkpoint
 into `benchmarks/results/inflight/<row>/` to commit, and the next run on any machine resumes
-it from there. An mpq row
+it from there; `--park-every MINUTES` parks the row being computed that often while it runs,
+so a session stopped without warning still leaves a recent checkpoint to commit. An mpq row
 that no longer stands for its commands (its model.mpq weighs other than its search planned, so
 the file format changed since; or its search, run again, picks other bits) is named on the
 console and marked stale in the table, not silently kept. Then every finished row's latency
@@ -72,10 +73,14 @@ def main() -> None:
     parser.add_argument("--park", action="store_true",
                         help="copy each unfinished row's last QAT checkpoint into "
                              "benchmarks/results/inflight/ (to commit) and stop")
+    parser.add_argument("--park-every", type=float, default=None, metavar="MINUTES",
+                        help="while computing a row, park it this often (to commit)")
     parser.add_argument("--publish", action="store_true",
                         help="write the table into README.md and the rows' files into "
                              "checkpoints/ (not with --scratch)")
     args = parser.parse_args()
+    if args.park_every is not None and args.park_every <= 0:
+        parser.error(f"--park-every must be a positive number of minutes, got {args.park_every}")
     if args.publish and args.scratch is not None:
         parser.error("--publish writes the repository's README and checkpoints; a --scratch "
                      "run cannot")
@@ -91,7 +96,7 @@ def main() -> None:
     try:
         table = run(layout, args.rows.split(","), data_root=args.data_root,
                     table_only=args.table_only, threads=args.threads, seconds=args.seconds,
-                    publish=args.publish)
+                    publish=args.publish, park_every=args.park_every)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

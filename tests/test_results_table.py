@@ -341,6 +341,37 @@ def test_an_unfinished_row_is_parked_and_resumes_from_its_checkpoint_elsewhere(t
     assert inflight.parked(layout) == {}
 
 
+def test_a_row_being_computed_is_parked_as_it_trains(tmp_path):
+    """--park-every: the row's latest checkpoint reaches the results folder while it trains,
+    and the parking stops with the row."""
+    import threading
+    import time
+
+    from results_table import inflight
+
+    layout = dataclasses.replace(LAYOUT, results=tmp_path / "results", runs=tmp_path / "runs")
+    qat = layout.runs / "qat_w2_30ep" / "qat"
+    qat.mkdir(parents=True)
+    (qat / "recipe.yaml").write_text("version: 1\n")
+
+    def parked_epochs(epochs):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = inflight.parked(layout).get("qat_w2_30ep")
+            if info and info["epochs_done"] == epochs:
+                return True
+            time.sleep(0.02)
+        return False
+
+    with inflight.parking(layout, "qat_w2_30ep", 0.001):
+        for epoch in (0, 2):  # the trainer saves as it goes
+            torch.save({"epoch": epoch, "state_dict": {}}, qat / "checkpoint_last.pt")
+            assert parked_epochs(epoch + 1)
+    assert not any(t.name.startswith("park ") for t in threading.enumerate())
+    with inflight.parking(layout, "qat_w2_30ep", None):  # never
+        pass
+
+
 def test_the_w4a4_row_keeps_the_image_at_8_bits_and_everything_else_at_4(tmp_path):
     if not LAYOUT.teacher.exists():
         pytest.skip(f"needs the committed teacher {LAYOUT.teacher}")

@@ -20,7 +20,7 @@ from mpq.errors import UsageError
 from mpq.files import write_atomic
 from mpq.timing import cpu_summary, openvino_version
 from .compute import RowFailed, make_row, smallest_plan, stale
-from .inflight import clear, park, parked, unpark
+from .inflight import clear, park, parked, parking, unpark
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
 from .table import EPOCHS_FIGURE, copy_artifacts, log_curve, log_epochs, update_readme, write_table
@@ -31,12 +31,14 @@ __all__ = ["COMPUTE_ORDER", "ROWS", "Layout", "RowFailed", "copy_artifacts", "la
 
 
 def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool = False,
-        threads: int = 2, seconds: float = 3.0, publish: bool = False) -> str:
+        threads: int = 2, seconds: float = 3.0, publish: bool = False,
+        park_every: float | None = None) -> str:
     """Computes the `wanted` rows still missing, times every finished row and returns the table.
 
     Writes each row's JSON, `latency.json` and the TensorBoard curve under `layout`; with
     `publish`, also the README's table, each exported row's files under `layout.artifacts` and
-    the W4A8 QAT checkpoint beside the teacher."""
+    the W4A8 QAT checkpoint beside the teacher. With `park_every`, a row being computed is
+    parked every that many minutes (`inflight.parking`)."""
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.size import fp32_parameter_bytes
 
@@ -57,7 +59,8 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
             print(f"  resuming from its checkpoint parked after {info['epochs_done']} epochs "
                   f"({info['parked']}, {info['cpu']})", flush=True)
         start = time.time()
-        row = make_row(layout, name, data_root=data_root)
+        with parking(layout, name, park_every):
+            row = make_row(layout, name, data_root=data_root)
         row.update(row=name, what=ROWS[name], wall_seconds=round(time.time() - start, 1))
         write_atomic(path, json.dumps(row, indent=2) + "\n")
         clear(layout, name)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -22,7 +24,7 @@ from mpq.timing import cpu_summary
 
 from .layout import Layout
 
-__all__ = ["clear", "park", "parked", "unpark"]
+__all__ = ["clear", "park", "parked", "parking", "unpark"]
 
 FILES = ("checkpoint_last.pt", "recipe.yaml")
 
@@ -55,6 +57,29 @@ def park(layout: Layout, rows: list[str]) -> dict[str, int]:
              "parked": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2) + "\n")
         done[name] = epochs
     return done
+
+
+@contextmanager
+def parking(layout: Layout, name: str, minutes: float | None):
+    """Parks row `name` every `minutes` while the body runs (None: never), so that a session
+    stopped without warning leaves a recent checkpoint in the work tree to commit. Checkpoints
+    are written atomically, so a copy taken while the row trains is one whole file."""
+    if not minutes:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(60 * minutes):
+            park(layout, [name])
+
+    thread = threading.Thread(target=loop, name=f"park {name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def parked(layout: Layout) -> dict[str, dict]:
