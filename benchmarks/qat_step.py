@@ -5,7 +5,9 @@
 Every variant trains ResNet20 on the same batch (channels_last, SGD, batch 128 by default);
 rounds interleave the variants so machine noise hits them alike, and the median step is kept.
 Reported: mpq's student step (fake-quantized W4A8 forward + backward + update), the same with
-the teacher's forward (the whole distillation step), and torch.ao's FX QAT (x86 qconfig).
+the teacher's forward (the whole distillation step) as QAT runs it (the teacher's BN folded into
+its convs, `mpq.distill.folded_teacher`) and with the teacher as it is, and torch.ao's FX QAT
+(x86 qconfig).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpq.models import build_model  # noqa: E402
-from mpq.qat import distillation_loss  # noqa: E402
+from mpq.distill import distillation_loss, folded_teacher  # noqa: E402
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
 
 
@@ -77,7 +79,9 @@ def main():
     variants = {
         "fp32": make_step(fp32.train(), x, y),
         f"mpq W{args.w_bits}A8 student": make_step(student, x, y),
-        f"mpq W{args.w_bits}A8 + teacher (distillation step)": make_step(student, x, y, teacher),
+        f"mpq W{args.w_bits}A8 + teacher, BN folded (QAT's step)": make_step(
+            student, x, y, folded_teacher(teacher)),
+        f"mpq W{args.w_bits}A8 + teacher, BN unfolded": make_step(student, x, y, teacher),
         "torch.ao FX QAT (x86, W8A8)": make_step(ao, x, y),
     }
     times = {name: [] for name in variants}

@@ -6,7 +6,8 @@ weight; a QAT run with it trains and reports it."""
 import pytest
 import torch
 
-from mpq.distill import FeatureTaps, distillation_step_loss, teacher_points
+from mpq.distill import (FeatureTaps, distillation_loss, distillation_step_loss, folded_teacher,
+                         teacher_points)
 from mpq.models import build_model
 from mpq.qat import QATConfig, QATRecipe, train_qat
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan
@@ -80,6 +81,34 @@ def test_the_step_loss_adds_the_weighted_term_and_trains_only_the_student():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="needs the student"):
         distillation_step_loss(teacher, QATConfig(feature_weight=1.0))
+
+
+def test_the_teacher_forward_runs_with_bn_folded_and_computes_the_same():
+    teacher = _teacher()
+    torch.manual_seed(1)
+    for bn in (m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.2)  # statistics of a trained model, not the identity
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_(0, 0.2)
+    teacher = teacher.to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    folded = folded_teacher(teacher)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = teacher(x), folded(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # a copy
+    # The step loss distils from the folded teacher: the same loss as from the teacher itself.
+    y = torch.randint(0, 10, (8,))
+    student = _student(teacher, 4, x)
+    loss, _, _ = distillation_step_loss(teacher, QATConfig(), student)(student, x, y)
+    with torch.no_grad():
+        want_loss, _ = distillation_loss(student(x), teacher(x), y, alpha=0.9, temperature=4.0)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    assert folded_teacher(teacher.train()) is teacher  # training BN is not a fixed function
 
 
 def test_a_negative_feature_weight_is_refused():
