@@ -1,7 +1,7 @@
 """ResNet20 / CIFAR-10 results: every row of the README's results table, from one command.
 
     python benchmarks/results.py [--data-root ROOT] [--rows fp32,mpq_13x,...] [--table-only]
-                                 [--publish] [--park] [--park-every MINUTES]
+                                 [--publish] [--park] [--park-every MINUTES] [--no-table]
 
 Each row runs the commands a user would (recorded in its JSON), on the committed teacher
 `checkpoints/resnet20_cifar10.pt`:
@@ -75,12 +75,17 @@ def main() -> None:
                              "benchmarks/results/inflight/ (to commit) and stop")
     parser.add_argument("--park-every", type=float, default=None, metavar="MINUTES",
                         help="while computing a row, park it this often (to commit)")
+    parser.add_argument("--no-table", action="store_true",
+                        help="stop once the rows are computed: no latency, no table (for rows "
+                             "run side by side)")
     parser.add_argument("--publish", action="store_true",
                         help="write the table into README.md and the rows' files into "
                              "checkpoints/ (not with --scratch)")
     args = parser.parse_args()
     if args.park_every is not None and args.park_every <= 0:
         parser.error(f"--park-every must be a positive number of minutes, got {args.park_every}")
+    if args.no_table and (args.publish or args.table_only):
+        parser.error("--no-table computes rows only; it cannot make or publish the table")
     if args.publish and args.scratch is not None:
         parser.error("--publish writes the repository's README and checkpoints; a --scratch "
                      "run cannot")
@@ -96,13 +101,15 @@ def main() -> None:
     try:
         table = run(layout, args.rows.split(","), data_root=args.data_root,
                     table_only=args.table_only, threads=args.threads, seconds=args.seconds,
-                    publish=args.publish, park_every=args.park_every)
+                    publish=args.publish, park_every=args.park_every,
+                    table=not args.no_table)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except RowFailed as exc:
         sys.exit(str(exc))
-    print(table)
+    if table:
+        print(table)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,10 @@ def test_only_publish_writes_the_readme(tmp_path):
     assert table in readme.read_text() and "old" not in readme.read_text()
     with pytest.raises(UsageError, match="unknown rows"):
         results.run(layout, ["fp64"])
+    # rows only: nothing timed, no table, no latency file
+    (tmp_path / "results" / "latency.json").unlink()
+    assert results.run(layout, [], table=False) == ""
+    assert not (tmp_path / "results" / "latency.json").exists()
 
 
 def test_an_mpq_row_searches_with_the_repair_its_committed_plan_was_found_with(tmp_path,
@@ -311,6 +315,11 @@ def test_a_make_run_variant_changes_only_its_search(tmp_path, monkeypatch):
     (train,) = _commands_of(tmp_path, monkeypatch, "qat_w2_30ep")
     assert train[train.index("--bits") + 1] == "2" and "train.epochs=30" in train
     assert "train.precision=fp32" in train  # pinned: it resumes on other CPUs
+    for name, setting in (("qat_w2_lsq", "qat.weight_scale=lsq"), ("qat_w2_lr2", "train.lr=0.02")):
+        (train,) = _commands_of(tmp_path, monkeypatch, name)  # the recipe's 10 epochs, one change
+        assert train[train.index("--bits") + 1] == "2" and "--plan" not in train
+        assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == [
+            "train.precision=fp32", setting]
 
 
 def test_an_unfinished_row_is_parked_and_resumes_from_its_checkpoint_elsewhere(tmp_path):

@@ -32,13 +32,14 @@ __all__ = ["COMPUTE_ORDER", "ROWS", "Layout", "RowFailed", "copy_artifacts", "la
 
 def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool = False,
         threads: int = 2, seconds: float = 3.0, publish: bool = False,
-        park_every: float | None = None) -> str:
+        park_every: float | None = None, table: bool = True) -> str:
     """Computes the `wanted` rows still missing, times every finished row and returns the table.
 
     Writes each row's JSON, `latency.json` and the TensorBoard curve under `layout`; with
     `publish`, also the README's table, each exported row's files under `layout.artifacts` and
     the W4A8 QAT checkpoint beside the teacher. With `park_every`, a row being computed is
-    parked every that many minutes (`inflight.parking`)."""
+    parked every that many minutes (`inflight.parking`). Without `table`, it stops once the
+    rows are computed (rows run side by side would time each other's noise): returns ""."""
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.size import fp32_parameter_bytes
 
@@ -67,6 +68,8 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
         if not row.get("infeasible"):
             print(f"  top1={row['top1']:.2f} {row['file']} {row['file_bytes']} bytes "
                   f"({row['wall_seconds']:.0f} s)", flush=True)
+    if not table:
+        return ""
     rows = {name: json.loads((layout.results / f"{name}.json").read_text())
             for name in ROWS if (layout.results / f"{name}.json").exists()}
     stale_rows = {name: reason for name, row in rows.items()
