@@ -41,7 +41,7 @@ clone, models whose run folders are gone are rebuilt from the teacher and the co
 accuracy-vs-size curve and the 13x plan's points lost against QAT epochs to TensorBoard
 (`runs/results/tb`), and prints the table. With `--publish` it also writes the table into the
 README (between its `results:begin` / `results:end` markers), the epochs figure to
-`docs/figures/points_lost_vs_epochs_13x.png`, and each exported row's small artifacts to
+`docs/figures/points_lost_vs_epochs.png`, and each exported row's small artifacts to
 `checkpoints/resnet20_cifar10/`. The logic is the package `results_table` beside this script; this is its command.
 """
 

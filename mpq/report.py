@@ -168,8 +168,9 @@ def scatter_figure(points: list[tuple[float, float]], *, title: str, xlabel: str
 def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
                   ylabel: str, logx: bool = False, unjoined=()):
     """One marked line per named series of (x, y) points, each point labelled with its y; the
-    series named in `unjoined` as points only (separate runs, not a curve)."""
-    fig = _figure(0, extra=2.8)
+    series named in `unjoined` as points only (separate runs, not a curve). The legend goes
+    below the axes, where it hides no point."""
+    fig = _figure(0, extra=2.8 + 0.18 * len(series))
     ax = fig.add_subplot()
     colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000")
     for (name, points), color in zip(series.items(), colors * len(series)):
@@ -183,7 +184,10 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
                         fontsize=_FONT - 1.5, color=color)
     if logx:
         ax.set_xscale("log")
-    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
+    _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.get_legend().remove()
+    fig.legend(fontsize=_FONT - 0.5, loc="outside lower center")
+    return fig
 
 
 def trials_figure(trials: list[dict], *, budget_bytes: int | None = None,

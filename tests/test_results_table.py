@@ -264,11 +264,15 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
             "abl13_ep1": row(88.50, "model.mpq", 83_799, epochs=1),
             "abl13_fp32": row(89.07, "model.mpq", 83_799, epochs=10),
             "abl13_bf16": row(89.36, "model.mpq", 83_799, epochs=10),
-            "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60)}
+            "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60),
+            "qat_w2": row(87.85, "model.mpq", 60_966, epochs=10),
+            "qat_w2_30ep": row(88.44, "model.mpq", 60_966, epochs=30)}
     assert results.table.epoch_points(rows) == {
-        "float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
-        "bf16 autocast / seed 1 / 60-epoch row": [(10, 0.21, "abl13_bf16"),
-                                                 (60, 0.2, "mpq_13x")]}
+        "13x plan, float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
+        "13x plan: bf16 autocast / seed 1 / 60-epoch row": [(10, 0.21, "abl13_bf16"),
+                                                           (60, 0.2, "mpq_13x")],
+        "16x plan": [],
+        "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")]}
     results.log_curve(layout, rows)
     png = tmp_path / "figures" / "epochs.png"
     results.log_epochs(layout, rows, png=png)
@@ -277,8 +281,11 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
     events.Reload()
     lost = events.Scalars("epochs_13x/points_lost")
     assert [(e.step, round(e.value, 2)) for e in lost] == [(1, 1.07), (10, 0.5)]
+    ternary = events.Scalars("epochs_w2/points_lost")
+    assert [(e.step, round(e.value, 2)) for e in ternary] == [(10, 1.72), (30, 1.13)]
+    assert "epochs_16x/points_lost" not in events.Tags()["scalars"]  # no finished row yet
     assert "epochs_13x/points_lost_vs_epochs" in events.Tags()["images"]
-    assert len(events.Scalars("accuracy_vs_size/top1")) == 2  # fp32 and mpq_13x, kept
+    assert len(events.Scalars("accuracy_vs_size/top1")) == 4  # fp32, mpq_13x, qat_w2(_30ep)
 
 
 def _commands_of(tmp_path, monkeypatch, name: str) -> list[list[str]]:

@@ -81,11 +81,18 @@ ABLATIONS = {
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
 }
 ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
-# Points lost against QAT epochs on ABLATION_PLAN: float32 seed-0 runs of 1..20 epochs, and
-# the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row) beside them.
-EPOCH_CURVE = {"float32, seed 0": ["abl13_ep1", "abl13_ep2", "abl13_ep5", "abl13_fp32",
-                                   "abl13_ep20"],
-               "bf16 autocast / seed 1 / 60-epoch row": ["abl13_bf16", "abl13_s1", "mpq_13x"]}
+# Points lost against QAT epochs: series name -> (TensorBoard tag of a curve, or None for
+# separate runs drawn as points; its rows). On ABLATION_PLAN the float32 seed-0 runs of 1..20
+# epochs, and the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row)
+# beside them; the 16x plan's and uniform ternary's rows of 10 to 60 epochs.
+EPOCH_CURVE = {
+    "13x plan, float32, seed 0": ("epochs_13x", ["abl13_ep1", "abl13_ep2", "abl13_ep5",
+                                                 "abl13_fp32", "abl13_ep20"]),
+    "13x plan: bf16 autocast / seed 1 / 60-epoch row": (None, ["abl13_bf16", "abl13_s1",
+                                                               "mpq_13x"]),
+    "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
+    "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep"]),
+}
 # Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
 # (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
 BOPS_ROWS = {"mpq_13x_bops64": ("13x", "64x", [4, 8])}

@@ -14,7 +14,7 @@ from .layout import ARTIFACT_FILES, EPOCH_CURVE, ROWS, Layout
 __all__ = ["copy_artifacts", "epoch_points", "log_curve", "log_epochs", "update_readme",
            "write_table"]
 
-EPOCHS_FIGURE = "docs/figures/points_lost_vs_epochs_13x.png"
+EPOCHS_FIGURE = "docs/figures/points_lost_vs_epochs.png"
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -89,12 +89,13 @@ def epoch_points(rows: dict) -> dict[str, list[tuple[int, float, str]]]:
     teacher = rows["fp32"]["top1"]
     return {series: [(rows[n]["epochs"], round(teacher - rows[n]["top1"], 2), n)
                      for n in names if n in rows]
-            for series, names in EPOCH_CURVE.items()}
+            for series, (_, names) in EPOCH_CURVE.items()}
 
 
 def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
-    """Points lost against QAT epochs on the 13x plan, in TensorBoard under `layout.runs / "tb"`
-    (call after `log_curve`, which clears that folder) and, with `png`, as an image file."""
+    """Points lost against QAT epochs (EPOCH_CURVE: the 13x plan, the 16x plan, uniform
+    ternary), in TensorBoard under `layout.runs / "tb"` (call after `log_curve`, which clears
+    that folder) and, with `png`, as an image file."""
     from torch.utils.tensorboard import SummaryWriter
 
     from mpq.report import series_figure
@@ -102,11 +103,12 @@ def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
     series = {name: [(e, lost) for e, lost, _ in points]
               for name, points in epoch_points(rows).items()}
     writer = SummaryWriter(str(layout.runs / "tb"))
-    for epochs, lost in sorted(series[next(iter(series))]):
-        writer.add_scalar("epochs_13x/points_lost", lost, epochs)
-    fig = series_figure(series, title="ResNet20 13x plan: points lost vs QAT epochs",
+    for name, (tag, _) in EPOCH_CURVE.items():
+        for epochs, lost in sorted(series[name]) if tag else ():
+            writer.add_scalar(f"{tag}/points_lost", lost, epochs)
+    fig = series_figure(series, title="ResNet20: points lost vs QAT epochs",
                         xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True,
-                        unjoined=list(series)[1:])
+                        unjoined=[name for name, (tag, _) in EPOCH_CURVE.items() if not tag])
     writer.add_figure("epochs_13x/points_lost_vs_epochs", fig, close=False)
     writer.close()
     if png is not None:
