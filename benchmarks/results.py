@@ -38,7 +38,7 @@ console and marked stale in the table, not silently kept. Then every finished ro
 is measured side by side (batch 1 and 256, 2 threads, each row's best runtime; on a fresh
 clone, models whose run folders are gone are rebuilt from the teacher and the committed
 `model.mpq` files first), and the script writes `benchmarks/results/latency.json`, the
-accuracy-vs-size curve and the 13x plan's points lost against QAT epochs to TensorBoard
+accuracy-vs-size curve and points lost against QAT epochs (13x, 16x, ternary) to TensorBoard
 (`runs/results/tb`), and prints the table. With `--publish` it also writes the table into the
 README (between its `results:begin` / `results:end` markers), the epochs figure to
 `docs/figures/points_lost_vs_epochs.png`, and each exported row's small artifacts to

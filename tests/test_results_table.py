@@ -284,7 +284,7 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
     ternary = events.Scalars("epochs_w2/points_lost")
     assert [(e.step, round(e.value, 2)) for e in ternary] == [(10, 1.72), (30, 1.13)]
     assert "epochs_16x/points_lost" not in events.Tags()["scalars"]  # no finished row yet
-    assert "epochs_13x/points_lost_vs_epochs" in events.Tags()["images"]
+    assert "epochs/points_lost_vs_epochs" in events.Tags()["images"]
     assert len(events.Scalars("accuracy_vs_size/top1")) == 4  # fp32, mpq_13x, qat_w2(_30ep)
 
 

@@ -109,7 +109,7 @@ def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
     fig = series_figure(series, title="ResNet20: points lost vs QAT epochs",
                         xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True,
                         unjoined=[name for name, (tag, _) in EPOCH_CURVE.items() if not tag])
-    writer.add_figure("epochs_13x/points_lost_vs_epochs", fig, close=False)
+    writer.add_figure("epochs/points_lost_vs_epochs", fig, close=False)
     writer.close()
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
