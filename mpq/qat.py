@@ -48,6 +48,9 @@ class QATConfig:
     most 8), one bit fewer each epoch after, so from epoch k on every layer trains, and is
     exported, at its own width (Zhuang et al. 2018's progressive quantization); 0: the plan's
     bits from the start.
+    `freeze_oscillations`: > 0 freezes a weight once the moving average of how often its
+    integer flips back exceeds this (Nagel et al. 2022's iterative freezing; see
+    `mpq.quant.WeightQuantizer`); 0 (the default): no weight is frozen.
     """
 
     alpha: float = 0.9
@@ -62,11 +65,13 @@ class QATConfig:
     feature_weight: float = 0.0
     progressive_bits: int = 0
     weight_ste: str = "clip"
+    freeze_oscillations: float = 0.0
 
     def quant_config(self) -> QuantConfig:
         """The settings `prepare_qat` takes."""
         return QuantConfig(weight_scale=self.weight_scale, learn_act_scale=self.learn_act_scale,
-                           quantize_joins=self.quantize_joins, weight_ste=self.weight_ste)
+                           quantize_joins=self.quantize_joins, weight_ste=self.weight_ste,
+                           freeze_oscillations=self.freeze_oscillations)
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -90,6 +95,12 @@ class QATConfig:
         if self.progressive_bits and self.weight_scale == "lsq":
             raise UsageError("qat.progressive_bits moves weights between grids, which a learned "
                              "(lsq) scale cannot follow: use qat.weight_scale mse or max")
+        if not 0 <= self.freeze_oscillations < 1:
+            raise UsageError(f"qat.freeze_oscillations is an oscillation frequency in [0, 1) "
+                             f"(0: off), got {self.freeze_oscillations}")
+        if self.progressive_bits and self.freeze_oscillations:
+            raise UsageError("qat.progressive_bits moves weights between grids, on which "
+                             "frozen integers mean other values: use one or the other")
         if self.feature_weight < 0:
             raise UsageError(f"qat.feature_weight must be >= 0 (0: logits only), got "
                              f"{self.feature_weight}")
@@ -188,6 +199,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                 w = layer.effective_weight()
                 q = layer.quant_weight(w)
             writer.add_scalar(f"quant_error/{name}", layer.weight_error(w, q), epoch)
+            if cfg.freeze_oscillations:
+                writer.add_scalar(f"frozen/{name}", layer.weight_quant.frozen_fraction(), epoch)
             writer.add_histogram(f"weights_fp32/{name}", w, epoch)
             writer.add_histogram(f"weights_quantized/{name}", q, epoch)
 
@@ -222,6 +235,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                       loss_fn=distillation_step_loss(teacher_model, cfg, student),
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
                       epoch_logger=epoch_logger, on_train_end=on_train_end)
+    if cfg.freeze_oscillations:
+        metrics["frozen_fraction"] = frozen_fraction(student)
     metrics.update(teacher_top1=teacher_top1,
                    weight_bytes=weight_bytes(student, model_meta(recipe)),
                    fp32_bytes=fp32_parameter_bytes(fp32))
@@ -230,6 +245,13 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         plan.save(os.path.join(out_dir, "plan.json"))
         write_metrics(out_dir, metrics)
     return metrics
+
+
+def frozen_fraction(model: nn.Module) -> float:
+    """The share of all quantized weights that `qat.freeze_oscillations` froze."""
+    layers = [m for m in quant_layers(model).values() if m.w_bits is not None]
+    frozen = sum(m.weight_quant.frozen_fraction() * m.layer.weight.numel() for m in layers)
+    return frozen / max(1, sum(m.layer.weight.numel() for m in layers))
 
 
 def _same_plan(recorded: dict, now: dict) -> bool:

@@ -20,7 +20,8 @@ from mpq.export import load_mpq, save_mpq
 from mpq.export.onnx_qdq import export_onnx
 from mpq.export.run import export_model
 from mpq.export.torch_int8 import save_torch_int8
-from mpq.quant import Plan, QuantConfig, calibrate_, prepare_qat, quantizable_layers
+from mpq.quant import (Plan, QuantConfig, WeightQuantizer, calibrate_, prepare_qat,
+                       quantizable_layers)
 from mpq.size import weight_bytes
 
 SIZE = TINY_RECIPE["data"]["image_size"]
@@ -85,6 +86,29 @@ def test_a_learned_scale_model_rebuilds_from_its_file_as_it_computes(tmp_path, t
     x = torch.randn(16, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), q(x), atol=1e-5)
+
+
+def test_frozen_weights_are_stored_at_their_frozen_integers(tmp_path, tiny_teacher):
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher)).eval()
+    q = prepare_qat(teacher, mixed_plan(quantizable_layers(teacher)),
+                    example_inputs=(torch.zeros(1, 3, SIZE, SIZE),),
+                    config=QuantConfig(freeze_oscillations=0.02))
+    calibrate_(q, [torch.randn(16, 3, SIZE, SIZE)])
+    q.eval()
+    x = torch.randn(16, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = q(x)
+        for m in q.modules():  # freeze a third of each weight at the opposite integer
+            if isinstance(m, WeightQuantizer):
+                m.frozen.copy_(torch.rand(m.frozen.shape, generator=torch.Generator().manual_seed(0))
+                               < 1 / 3)
+                m.frozen_int.fill_(m.qmax)
+        after = q(x)
+    assert not torch.allclose(before, after)
+    save_mpq(tmp_path / "model.mpq", q, META)
+    rebuilt, _ = load_mpq(tmp_path / "model.mpq")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), after)
 
 
 def test_sub_8_bit_weights_take_their_bits(tmp_path, tiny_qmodel):

@@ -296,6 +296,23 @@ def test_qat_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_t
                                "--teacher", tiny_teacher, "--bits", "3", "--no-export"], tmp_path)
 
 
+def test_a_run_that_freezes_oscillating_weights_resumes_exactly_and_says_how_many(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    from conftest import kill_mid_epoch_and_resume
+
+    tiny_recipe_dict["train"]["epochs"] = 3
+    tiny_recipe_dict["data"]["synthetic_train_size"] = 960
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2, "freeze_oscillations": 0.02}
+    kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
+                               "--teacher", tiny_teacher, "--bits", "2", "--no-export"], tmp_path)
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert 0 < metrics["frozen_fraction"] < 0.5
+    state = load_checkpoint(tmp_path / "killed" / "model.pt")["state_dict"]
+    frozen = sum(int(v.sum()) for k, v in state.items() if k.endswith("weight_quant.frozen"))
+    weights = sum(v.numel() for k, v in state.items() if k.endswith("weight_quant.frozen"))
+    assert frozen / weights == pytest.approx(metrics["frozen_fraction"])
+
+
 def test_progressive_lowering_resumes_exactly_from_inside_an_epoch(tmp_path, tiny_teacher,
                                                                     tiny_recipe_dict,
                                                                     write_recipe):
@@ -334,6 +351,8 @@ def test_progressive_lowering_trains_above_the_plan_then_at_it():
                     TrainConfig(epochs=5, max_steps=15), 10)
     with pytest.raises(UsageError, match="lsq"):
         QATConfig(progressive_bits=1, weight_scale="lsq")
+    with pytest.raises(UsageError, match="one or the other"):
+        QATConfig(progressive_bits=1, freeze_oscillations=0.02)
 
 
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(

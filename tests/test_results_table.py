@@ -323,7 +323,8 @@ def test_a_make_run_variant_changes_only_its_search(tmp_path, monkeypatch):
     assert train[train.index("--bits") + 1] == "2" and "train.epochs=30" in train
     assert "train.precision=fp32" in train  # pinned: it resumes on other CPUs
     for name, setting in (("qat_w2_lsq", "qat.weight_scale=lsq"), ("qat_w2_lr2", "train.lr=0.02"),
-                          ("qat_w2_lr05", "train.lr=0.005")):
+                          ("qat_w2_lr05", "train.lr=0.005"),
+                          ("qat_w2_freeze", "qat.freeze_oscillations=0.02")):
         (train,) = _commands_of(tmp_path, monkeypatch, name)  # the recipe's 10 epochs, one change
         assert train[train.index("--bits") + 1] == "2" and "--plan" not in train
         assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == [

@@ -38,6 +38,8 @@ ROWS = {
     "qat_w2_lsq": "uniform W2A8 QAT, LSQ learned weight scales, float32",
     "qat_w2_lr2": "uniform W2A8 QAT, lr 0.02, float32",
     "qat_w2_lr05": "uniform W2A8 QAT, lr 0.005, float32",
+    "qat_w2_freeze": "uniform W2A8 QAT, oscillating weights frozen (frequency above 0.02), "
+                     "float32",
 }
 # `make run` with its search changed by these recipe settings (its QAT as shipped, float32).
 MAKE_RUN_VARIANTS = {
@@ -53,7 +55,8 @@ PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep")
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
                 "qat_w2_lr2": ["train.precision=fp32", "train.lr=0.02"],
-                "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"]}
+                "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
+                "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"]}
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -101,7 +104,7 @@ BOPS_ROWS = {"mpq_13x_bops64": ("13x", "64x", [4, 8])}
 COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "qat_w4",
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
-                 "qat_w2_lr2", "qat_w2_lr05", "mpq_16x_60ep",
+                 "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep"]
 
 

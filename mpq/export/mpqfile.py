@@ -32,7 +32,7 @@ def int_weight(layer: _QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     w = layer.effective_weight().detach().float()
     q = layer.weight_quant
     scale = q.compute_scale(w, layer.scale_unit()).float()
-    k = torch.clamp(torch.round(w / scale), q.qmin, q.qmax).to(torch.int8)
+    k = q.integers(w, scale).to(torch.int8)
     return k, scale.flatten()
 
 

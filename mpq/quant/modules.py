@@ -24,6 +24,8 @@ __all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer",
            "full_range_int8_weights_"]
 
 SCALE_MODES = ("mse", "max", "lsq", "fixed")
+# Momentum of the moving averages that find oscillating weights (a window of ~100 steps).
+OSCILLATION_MOMENTUM = 0.01
 WEIGHT_STES = ("clip", "identity")
 
 
@@ -43,10 +45,16 @@ class WeightQuantizer(nn.Module):
             search costs ~40 quantizations of the weight; weights move slowly in QAT).
         ste: `clip` (the gradient stops at weights beyond the clipping range) or `identity`
             (it reaches every weight, as in TWN and TTQ; `mse` and `max` scales only).
+        freeze_threshold: > 0 freezes oscillating weights (Nagel et al. 2022's iterative
+            freezing): in training, each weight's integer is tracked, and once the moving
+            average (momentum `OSCILLATION_MOMENTUM`) of how often it changes back the way it
+            came exceeds this, the weight keeps the integer it has mostly had, and its latent
+            value gets no more gradient. Needs `shape`, the weight's shape. 0: off.
     """
 
     def __init__(self, bits: int, channels: int, *, mode: str = "mse", refresh_every: int = 100,
-                 ste: str = "clip"):
+                 ste: str = "clip", freeze_threshold: float = 0.0,
+                 shape: tuple[int, ...] | None = None):
         super().__init__()
         if mode not in SCALE_MODES:
             raise ValueError(f"weight scale mode must be one of {SCALE_MODES}, got {mode!r}")
@@ -60,6 +68,21 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("ratio", torch.ones(channels))
         self.register_buffer("steps", torch.tensor(0))
         self.register_buffer("initialized", torch.tensor(False))
+        self.freeze_threshold = freeze_threshold
+        if freeze_threshold:
+            if not 0 < freeze_threshold < 1 or shape is None or shape[0] != channels:
+                raise ValueError("freezing oscillations needs a threshold in (0, 1) and the "
+                                 "weight's shape")
+            # The integer each weight had last step, the direction of its last change, how
+            # often it oscillates and the integer it mostly has (moving averages); which
+            # weights are frozen, at which integer.
+            self.register_buffer("osc_int", torch.zeros(shape, dtype=torch.int8))
+            self.register_buffer("osc_dir", torch.zeros(shape, dtype=torch.int8))
+            self.register_buffer("osc_freq", torch.zeros(shape))
+            self.register_buffer("int_mean", torch.zeros(shape))
+            self.register_buffer("frozen", torch.zeros(shape, dtype=torch.bool))
+            self.register_buffer("frozen_int", torch.zeros(shape, dtype=torch.int8))
+            self.register_buffer("tracking", torch.tensor(False))
 
     @torch.no_grad()
     def _refresh_ratio(self, w: torch.Tensor) -> None:
@@ -101,8 +124,49 @@ class WeightQuantizer(nn.Module):
         return scale.reshape(shape)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """`w` on its grid at `scale` (from `compute_scale`), with this quantizer's STE."""
-        return fake_quantize(w, scale, self.qmin, self.qmax, clip_grad=self.ste == "clip")
+        """`w` on its grid at `scale` (from `compute_scale`), with this quantizer's STE; a
+        frozen weight at its frozen integer, with no gradient to its latent value."""
+        if self.freeze_threshold and self.training and torch.is_grad_enabled():
+            self._track_oscillations(w.detach(), scale.detach())
+        out = fake_quantize(w, scale, self.qmin, self.qmax, clip_grad=self.ste == "clip")
+        if self.freeze_threshold and bool(self.frozen.any()):
+            out = torch.where(self.frozen, self.frozen_int.to(out.dtype) * scale, out)
+        return out
+
+    @torch.no_grad()
+    def integers(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The integers `quantize` puts `w` on (float), frozen weights at their integer."""
+        k = torch.clamp(torch.round(w / scale), self.qmin, self.qmax)
+        if self.freeze_threshold:
+            k = torch.where(self.frozen, self.frozen_int.to(k.dtype), k)
+        return k
+
+    @torch.no_grad()
+    def _track_oscillations(self, w: torch.Tensor, scale: torch.Tensor) -> None:
+        k = torch.clamp(torch.round(w.float() / scale.float()), self.qmin, self.qmax)
+        m = OSCILLATION_MOMENTUM
+        if not bool(self.tracking):
+            self.osc_int.copy_(k)
+            self.int_mean.copy_(k)
+            self.tracking.fill_(True)
+            return
+        step = k - self.osc_int
+        changed = step != 0
+        direction = torch.sign(step).to(torch.int8)
+        oscillated = changed & (direction == -self.osc_dir)  # back the way it came
+        self.osc_freq.mul_(1 - m).add_(oscillated.float(), alpha=m)
+        self.osc_dir.copy_(torch.where(changed, direction, self.osc_dir))
+        self.osc_int.copy_(k)
+        self.int_mean.mul_(1 - m).add_(k, alpha=m)
+        new = (self.osc_freq > self.freeze_threshold) & ~self.frozen
+        if bool(new.any()):
+            target = torch.clamp(torch.round(self.int_mean), self.qmin, self.qmax)
+            self.frozen_int.copy_(torch.where(new, target.to(torch.int8), self.frozen_int))
+            self.frozen |= new
+
+    def frozen_fraction(self) -> float:
+        """The share of this weight's values frozen (0 without freezing)."""
+        return float(self.frozen.float().mean()) if self.freeze_threshold else 0.0
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.quantize(w, self.compute_scale(w))
@@ -114,11 +178,15 @@ class WeightQuantizer(nn.Module):
         learned `lsq` scale is in steps of the old grid and is refused."""
         if self.mode not in ("mse", "max"):
             raise ValueError(f"a {self.mode!r} weight scale cannot move to another grid")
+        if self.freeze_threshold:
+            raise ValueError("frozen weights hold integers of one grid: they cannot move to "
+                             "another")
         self.bits = bits
         self.qmin, self.qmax = weight_range(bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, mode={self.mode}, ste={self.ste}"
+        frozen = f", freeze_threshold={self.freeze_threshold}" if self.freeze_threshold else ""
+        return f"bits={self.bits}, mode={self.mode}, ste={self.ste}{frozen}"
 
 
 def full_range_int8_weights_(model: nn.Module) -> None:
@@ -205,13 +273,14 @@ class _QuantLayer(nn.Module):
     the graph passes `call` (0, 1, ...) to each."""
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None, *,
-                 weight_scale: str, weight_ste: str = "clip"):
+                 weight_scale: str, weight_ste: str = "clip", freeze_threshold: float = 0.0):
         super().__init__()
         self.layer = layer
         self.w_bits, self.a_bits = w_bits, a_bits
-        out_channels = layer.weight.shape[0]
-        self.weight_quant = (WeightQuantizer(w_bits, out_channels, mode=weight_scale,
-                                             ste=weight_ste)
+        shape = tuple(layer.weight.shape)
+        self.weight_quant = (WeightQuantizer(w_bits, shape[0], mode=weight_scale,
+                                             ste=weight_ste, freeze_threshold=freeze_threshold,
+                                             shape=shape)
                              if w_bits is not None else None)
         # Plain attributes, not submodules: the quantizers belong to the graph (and the state
         # dict) once; deepcopy keeps the links to the copied quantizers.
@@ -294,8 +363,9 @@ class QuantConv(_QuantLayer):
     """
 
     def __init__(self, conv: nn.Module, bn: nn.Module | None, w_bits, a_bits, *, weight_scale,
-                 weight_ste: str = "clip"):
-        super().__init__(conv, w_bits, a_bits, weight_scale=weight_scale, weight_ste=weight_ste)
+                 weight_ste: str = "clip", freeze_threshold: float = 0.0):
+        super().__init__(conv, w_bits, a_bits, weight_scale=weight_scale, weight_ste=weight_ste,
+                         freeze_threshold=freeze_threshold)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
 

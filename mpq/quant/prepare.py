@@ -46,12 +46,15 @@ class QuantConfig:
     from its file); see `WeightQuantizer`. `learn_act_scale`: train activation scales with the
     LSQ gradient. `quantize_joins`: quantize the inputs of additions and concatenations to 8
     bits, as the int8 graph computes them. `weight_ste`: `clip` (no gradient reaches a weight
-    beyond its clipping range) or `identity` (every weight gets one; mse or max scales)."""
+    beyond its clipping range) or `identity` (every weight gets one; mse or max scales).
+    `freeze_oscillations`: > 0 freezes each weight whose oscillation frequency exceeds it
+    (`WeightQuantizer`'s `freeze_threshold`); 0: off."""
 
     weight_scale: str = "mse"
     learn_act_scale: bool = False
     quantize_joins: bool = True
     weight_ste: str = "clip"
+    freeze_oscillations: float = 0.0
 
     def __post_init__(self):
         if self.weight_scale not in SCALE_MODES:
@@ -63,6 +66,9 @@ class QuantConfig:
         if self.weight_ste == "identity" and self.weight_scale == "lsq":
             raise UsageError("weight_ste identity needs an mse or max weight scale: a learned "
                              "(lsq) scale takes LSQ's gradient, which clips")
+        if not 0 <= self.freeze_oscillations < 1:
+            raise UsageError(f"freeze_oscillations is an oscillation frequency in [0, 1) "
+                             f"(0: off); got {self.freeze_oscillations}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +77,7 @@ class QuantConfig:
     def from_dict(cls, data: dict) -> QuantConfig:
         """From `to_dict`'s form (absent keys: the defaults; unknown ones ignored)."""
         return cls(**{k: data[k] for k in ("weight_scale", "learn_act_scale", "quantize_joins",
-                                           "weight_ste") if k in data})
+                                           "weight_ste", "freeze_oscillations") if k in data})
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,8 @@ def prepare_qat(model: nn.Module, plan: Plan, *, example_inputs: tuple,
         if s.w_bits is None and s.a_bits is None:
             continue
         layer = modules[target]
-        kwargs = dict(weight_scale=config.weight_scale, weight_ste=config.weight_ste)
+        kwargs = dict(weight_scale=config.weight_scale, weight_ste=config.weight_ste,
+                      freeze_threshold=config.freeze_oscillations)
         if isinstance(layer, nn.Linear):
             wrapper = QuantLinear(layer, s.w_bits, s.a_bits, **kwargs)
         else:

@@ -128,3 +128,40 @@ def test_lsq_scale_receives_gradient():
     q = WeightQuantizer(3, 4, mode="lsq")
     q(w).pow(2).sum().backward()
     assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+
+
+def test_a_weight_that_keeps_flipping_back_is_frozen_at_its_usual_integer():
+    # Ternary, max scale 1: the thresholds are at +-0.5. Weight 2 crosses one every step.
+    q = WeightQuantizer(2, 1, mode="max", freeze_threshold=0.05, shape=(1, 4))
+    q.train()
+    steps = 0
+    while not bool(q.frozen.any()):
+        w = torch.tensor([[1.0, 0.3, 0.49 if steps % 2 == 0 else 0.51, -0.8]], requires_grad=True)
+        q(w).sum().backward()
+        # The straight-through gradient until the step that freezes it.
+        assert w.grad[0, 2] == (0 if bool(q.frozen.any()) else 1)
+        steps += 1
+        assert steps < 20
+    # 1 - 0.99^n > 0.05 after 6 oscillations, the first of which is the second change.
+    assert steps == 8
+    assert q.frozen.tolist() == [[False, False, True, False]]
+    assert q.frozen_int[0, 2] == 0  # the moving average of its integers starts at 0
+    w = torch.tensor([[1.0, 0.3, 0.9, -0.8]], requires_grad=True)  # latent now says 1
+    out = q(w)
+    out.sum().backward()
+    assert out.tolist() == [[1.0, 0.0, 0.0, -1.0]]
+    assert w.grad.tolist() == [[1.0, 1.0, 0.0, 1.0]]  # no gradient to the frozen latent
+    assert q.integers(w.detach(), torch.ones(1, 1)).tolist() == [[1.0, 0.0, 0.0, -1.0]]
+    q.eval()  # evaluation neither tracks nor unfreezes
+    assert q(w.detach()).tolist() == [[1.0, 0.0, 0.0, -1.0]]
+    with pytest.raises(ValueError, match="another"):
+        q.set_bits(3)
+
+
+def test_freezing_is_off_by_default_and_leaves_no_state():
+    q = WeightQuantizer(2, 3)
+    assert "frozen" not in q.state_dict() and q.frozen_fraction() == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        WeightQuantizer(2, 3, freeze_threshold=0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        WeightQuantizer(2, 3, freeze_threshold=1.5, shape=(3, 2))
