@@ -81,6 +81,8 @@ ABLATIONS = {
                    ["train.precision=fp32", "qat.feature_weight=1.0"]),
     "abl13_prog": ("13x plan, QAT recipe, bits lowered progressively (+2, +1, then the plan)",
                    ["train.precision=fp32", "qat.progressive_bits=2"]),
+    "abl13_freeze": ("13x plan, QAT recipe, oscillating weights frozen (frequency above 0.02)",
+                     ["train.precision=fp32", "qat.freeze_oscillations=0.02"]),
     # Points lost against epochs (the 10-epoch point is abl13_fp32).
     **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
