@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FIGURE_WIDTH", "bits_figure", "log_qat_layout", "log_search", "log_sensitivity",
+__all__ = ["FIGURE_WIDTH", "bits_figure", "changes_figure", "log_qat_layout", "log_search", "log_sensitivity",
            "log_trials_hparams", "pareto_points", "perturbation_figure", "scatter_figure",
            "series_figure",
            "sensitivity_figure", "trials_figure"]
@@ -187,6 +187,40 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
     _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
     ax.get_legend().remove()
     fig.legend(fontsize=_FONT - 0.5, loc="outside lower center")
+    return fig
+
+
+def changes_figure(groups: dict[str, tuple[list[float], list[tuple[str, float]]]], *,
+                   title: str, xlabel: str):
+    """One panel per group: a bar per (label, value), and shaded behind them the span of the
+    group's baseline values (what a change must leave to count)."""
+    shown = {g: v for g, v in groups.items() if v[1]}
+    fig = _figure(sum(len(c) for _, c in shown.values()), extra=0.9 + 0.5 * len(shown))
+    axes = fig.subplots(len(shown), 1, squeeze=False,
+                        height_ratios=[len(c) for _, c in shown.values()] or None)[:, 0]
+    for ax, (group, (base, changes)) in zip(axes, shown.items()):
+        labels, values = zip(*changes)
+        y = np.arange(len(labels))
+        span = ""
+        if base:  # over the bars, translucent: a bar that ends inside it is no change
+            lo, hi = min(base), max(base)
+            if hi > lo:
+                ax.axvspan(lo, hi, color=_GREY, alpha=0.3, linewidth=0, zorder=3)
+                span = f": the recipe {lo:.2f}-{hi:.2f} (shaded)"
+            else:
+                ax.axvline(lo, color=_GREY, linestyle="--", zorder=3)
+                span = f": the recipe {lo:.2f} (dashed)"
+        ax.barh(y, values, height=0.6, color=_BLUE)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=_FONT - 1)
+        ax.set_yticks(y, labels, fontsize=_FONT)
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_xlim(0, max([*values, *base]) * 1.18)
+        ax.tick_params(axis="x", labelsize=_FONT)
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_title(group + span, fontsize=_FONT)
+    axes[-1].set_xlabel(xlabel, fontsize=_FONT)
+    fig.suptitle(title, fontsize=_FONT + 0.5)
     return fig
 
 

@@ -409,3 +409,22 @@ def test_runtime_ranges_span_the_int8_rows_and_name_the_fastest_fp32():
     assert runtime_ranges(lat) == [
         "batch 1: onnxruntime int8 0.20-0.25 ms (2 rows); openvino int8 0.12-0.15 ms (2 rows); "
         "best FP32 0.29 ms (onnxruntime)"]
+
+
+def test_each_qat_change_is_drawn_beside_the_spread_of_the_recipes_own_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layout = dataclasses.replace(LAYOUT, runs=tmp_path)
+    rows = {"fp32": row(89.57, "model_fp32.onnx", 1_171_834),
+            "abl13_fp32": row(89.07, "model.mpq", 83_799), "abl13_s1": row(89.16, "model.mpq", 1),
+            "abl13_bf16": row(89.36, "model.mpq", 1), "abl13_lsq": row(89.11, "model.mpq", 1),
+            "qat_w2": row(87.85, "model.mpq", 1), "qat_w2_lr2": row(86.60, "model.mpq", 1)}
+    points = results.table.change_points(rows)
+    assert points["13x plan"] == ([0.5, 0.41, 0.21], [("LSQ weight scales", 0.46)])
+    assert points["ternary W2A8"] == ([1.72], [("lr 0.02", 2.97)])
+    png = tmp_path / "changes.png"
+    results.table.log_changes(layout, rows, png=png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert "changes/points_lost_by_qat_change" in events.Tags()["images"]

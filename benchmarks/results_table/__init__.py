@@ -23,7 +23,8 @@ from .compute import RowFailed, make_row, smallest_plan, stale
 from .inflight import clear, park, parked, parking, unpark
 from .latency import latency
 from .layout import COMPUTE_ORDER, ROWS, Layout
-from .table import EPOCHS_FIGURE, copy_artifacts, log_curve, log_epochs, update_readme, write_table
+from .table import (CHANGES_FIGURE, EPOCHS_FIGURE, copy_artifacts, log_changes, log_curve,
+                    log_epochs, update_readme, write_table)
 
 __all__ = ["COMPUTE_ORDER", "ROWS", "Layout", "RowFailed", "copy_artifacts", "latency",
            "log_curve", "make_row", "park", "parked", "run", "smallest_plan", "stale",
@@ -90,6 +91,7 @@ def run(layout: Layout, wanted: list[str], *, data_root=None, table_only: bool =
     if "fp32" in rows:
         log_curve(layout, measured)
         log_epochs(layout, measured, png=layout.root / EPOCHS_FIGURE if publish else None)
+        log_changes(layout, measured, png=layout.root / CHANGES_FIGURE if publish else None)
     if publish:
         update_readme(table, layout.root / "README.md")
         copy_artifacts(layout, measured)

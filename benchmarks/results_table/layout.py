@@ -100,6 +100,18 @@ EPOCH_CURVE = {
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep"]),
 }
+# QAT changes against the recipe as shipped (10 epochs each): group -> (the rows of the
+# recipe itself, whose spread the figure shades; the rows of one change each, with a label).
+QAT_CHANGES = {
+    "13x plan": (["abl13_fp32", "abl13_s1", "abl13_bf16"], {
+        "LSQ weight scales": "abl13_lsq", "lr 0.02": "abl13_lr2",
+        "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
+        "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
+        "oscillations frozen": "abl13_freeze"}),
+    "ternary W2A8": (["qat_w2"], {
+        "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
+        "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze"}),
+}
 # Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
 # (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
 BOPS_ROWS = {"mpq_13x_bops64": ("13x", "64x", [4, 8])}

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from mpq.errors import UsageError
 from mpq.files import atomic_path, write_atomic
-from .layout import ARTIFACT_FILES, EPOCH_CURVE, ROWS, Layout
+from .layout import ARTIFACT_FILES, EPOCH_CURVE, QAT_CHANGES, ROWS, Layout
 
-__all__ = ["copy_artifacts", "epoch_points", "log_curve", "log_epochs", "update_readme",
+__all__ = ["change_points", "copy_artifacts", "epoch_points", "log_changes", "log_curve", "log_epochs", "update_readme",
            "write_table"]
 
 EPOCHS_FIGURE = "docs/figures/points_lost_vs_epochs.png"
+CHANGES_FIGURE = "docs/figures/qat_changes.png"
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -109,7 +110,37 @@ def log_epochs(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
     fig = series_figure(series, title="ResNet20: points lost vs QAT epochs",
                         xlabel="QAT epochs (log scale)", ylabel="points lost", logx=True,
                         unjoined=[name for name, (tag, _) in EPOCH_CURVE.items() if not tag])
-    writer.add_figure("epochs/points_lost_vs_epochs", fig, close=False)
+    _publish_figure(writer, "epochs/points_lost_vs_epochs", fig, png)
+
+
+def change_points(rows: dict) -> dict[str, tuple[list[float], list[tuple[str, float]]]]:
+    """QAT_CHANGES of the finished rows: per group, the points lost by the recipe's own runs
+    and (label, points lost) of each change."""
+    teacher = rows["fp32"]["top1"]
+
+    def lost(name):
+        return round(teacher - rows[name]["top1"], 2)
+    return {group: ([lost(n) for n in base if n in rows],
+                    [(label, lost(n)) for label, n in changes.items() if n in rows])
+            for group, (base, changes) in QAT_CHANGES.items()}
+
+
+def log_changes(layout: Layout, rows: dict, *, png: Path | None = None) -> None:
+    """Points lost by each QAT change beside the spread of the recipe's own runs, in
+    TensorBoard (`changes/`) and, with `png`, as an image file."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mpq.report import changes_figure
+
+    fig = changes_figure(change_points(rows), title="ResNet20: one QAT change, 10 epochs",
+                         xlabel="points lost")
+    _publish_figure(SummaryWriter(str(layout.runs / "tb")), "changes/points_lost_by_qat_change",
+                    fig, png)
+
+
+def _publish_figure(writer, tag: str, fig, png: Path | None) -> None:
+    """`fig` into TensorBoard under `tag` (closing `writer`) and, with `png`, into that file."""
+    writer.add_figure(tag, fig, close=False)
     writer.close()
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
