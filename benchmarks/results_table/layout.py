@@ -33,6 +33,7 @@ ROWS = {
     # longer QAT of rows that miss their targets (#33): rows of hours, parked across sessions
     "mpq_16x_60ep": "mpq, 16x budget, 60 QAT epochs",
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
+    "qat_w2_60ep": "uniform W2A8 QAT, 60 epochs, float32",
     "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
     # ternary, where the gap to its target is widest: changes that were noise at 13x
     "qat_w2_lsq": "uniform W2A8 QAT, LSQ learned weight scales, float32",
@@ -48,9 +49,10 @@ MAKE_RUN_VARIANTS = {
 }
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
-QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30}
+QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
+              "qat_w2_60ep": 60}
 # Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
-PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep")
+PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep")
 # Uniform QAT rows that change the QAT recipe: their settings.
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
@@ -98,7 +100,7 @@ EPOCH_CURVE = {
     "13x plan: bf16 autocast / seed 1 / 60-epoch row": (None, ["abl13_bf16", "abl13_s1",
                                                                "mpq_13x"]),
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
-    "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep"]),
+    "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
 }
 # QAT changes against the recipe as shipped (10 epochs each): group -> (the rows of the
 # recipe itself, whose spread the figure shades; the rows of one change each, with a label).
@@ -119,7 +121,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
-                 "qat_w2_30ep"]
+                 "qat_w2_30ep", "qat_w2_60ep"]
 
 
 @dataclass(frozen=True)
