@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from mpq.errors import UsageError  # noqa: E402
 from results_table import COMPUTE_ORDER, Layout, RowFailed, park, run  # noqa: E402
+from results_table.compute import stop_commands_on_sigterm  # noqa: E402
 
 
 def main() -> None:
@@ -90,6 +91,7 @@ def main() -> None:
         parser.error("--publish writes the repository's README and checkpoints; a --scratch "
                      "run cannot")
     layout = Layout.of(ROOT, teacher=args.teacher, scratch=args.scratch)
+    stop_commands_on_sigterm()
     if args.park:
         done = park(layout, args.rows.split(","))
         for name, epochs in done.items():

@@ -6,7 +6,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -428,3 +431,24 @@ def test_each_qat_change_is_drawn_beside_the_spread_of_the_recipes_own_runs(tmp_
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert "changes/points_lost_by_qat_change" in events.Tags()["images"]
+
+
+def test_a_results_run_stopped_by_sigterm_stops_the_command_it_runs(tmp_path):
+    """`kill PID` of results.py once left its train.py training on alone, beside the next."""
+    pidfile, log = tmp_path / "child.pid", tmp_path / "log.txt"
+    child = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+             "time.sleep(120)")
+    wrapper = ("import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; "
+               "from results_table import Layout, compute; compute.stop_commands_on_sigterm(); "
+               f"compute._run(Layout.of(Path('.').resolve()), ['-c', {child!r}, {str(pidfile)!r}], "
+               f"Path({str(log)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", wrapper], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(pid, 0)

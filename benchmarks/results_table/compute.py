@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -17,11 +18,18 @@ from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS
                      MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, ROW_SETTINGS,
                      SEARCH_RECIPE, Layout)
 
-__all__ = ["RowFailed", "make_row", "smallest_plan", "stale"]
+__all__ = ["RowFailed", "make_row", "smallest_plan", "stale", "stop_commands_on_sigterm"]
 
 
 class RowFailed(RuntimeError):
     """One of a row's commands failed; its log says why."""
+
+
+def stop_commands_on_sigterm() -> None:
+    """Makes SIGTERM (`kill PID`) end this process as Ctrl-C does, by an exception, so that
+    `_run`'s `subprocess.call` kills the command it waits on rather than leaving it to train on
+    alone (a row stopped so resumes from its last checkpoint)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _run(layout: Layout, cmd: list, log: Path) -> None:
