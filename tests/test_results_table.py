@@ -452,3 +452,15 @@ def test_a_results_run_stopped_by_sigterm_stops_the_command_it_runs(tmp_path):
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
         os.kill(pid, 0)
+
+
+def test_the_ternary_row_with_first_and_last_layers_at_8_bits_trains_that_plan(tmp_path,
+                                                                               monkeypatch):
+    from mpq.quant import load_plan
+
+    (train,) = _commands_of(tmp_path, monkeypatch, "qat_w2_fl8")
+    plan = load_plan(train[train.index("--plan") + 1])
+    bits = {name: layer["w_bits"] for name, layer in plan.layers.items()}
+    assert bits.pop("conv1") == 8 and bits.pop("fc") == 8 and set(bits.values()) == {2}
+    assert {layer["a_bits"] for layer in plan.layers.values()} == {8}
+    assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]

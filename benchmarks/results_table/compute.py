@@ -100,8 +100,9 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"],
                    bops=plan["bops"], fp32_bops=plan["fp32_bops"], bops_budget=plan["bops_budget"])
         return row
-    if name == "qat_w4a4":
-        plan = w4a4_plan(layout, run / "plan.json")
+    if name in ("qat_w4a4", "qat_w2_fl8"):
+        plan = (w4a4_plan if name == "qat_w4a4" else w2_first_last_8_plan)(layout,
+                                                                            run / "plan.json")
         return _exported_row(layout, [[*qat, "--plan", plan, "--set", "train.precision=fp32",
                                        "--out", run / "qat"]], run / "qat" / "export", log)
     if name in ("ptq_w4", "ptq_w2"):
@@ -133,13 +134,26 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
 def w4a4_plan(layout: Layout, path: Path) -> Path:
     """Writes the uniform W4A4 plan to `path`: 4-bit weights, 4-bit activations entering every
     layer but the first, whose input is the image (8 bits, as HAWQ and most A4 work keep it)."""
+    return _uniform_plan(layout, path, w_bits=4, a_bits=4, first={"a_bits": 8})
+
+
+def w2_first_last_8_plan(layout: Layout, path: Path) -> Path:
+    """Writes uniform ternary with the first conv and the classifier at 8-bit weights to `path`
+    (TTQ's and LQ-Nets' ternary ResNet20 keep both in full precision)."""
+    return _uniform_plan(layout, path, w_bits=2, a_bits=8, first={"w_bits": 8},
+                         last={"w_bits": 8})
+
+
+def _uniform_plan(layout: Layout, path: Path, *, w_bits: int, a_bits: int, first=None,
+                  last=None) -> Path:
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.quant import quantizable_layers, uniform_plan
 
     teacher = model_from_checkpoint(load_checkpoint(layout.teacher))
     names = quantizable_layers(teacher)
-    plan = uniform_plan("resnet20", names, w_bits=4, a_bits=4)
-    plan.layers[names[0]]["a_bits"] = 8
+    plan = uniform_plan("resnet20", names, w_bits=w_bits, a_bits=a_bits)
+    plan.layers[names[0]].update(first or {})
+    plan.layers[names[-1]].update(last or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(path)
     return path

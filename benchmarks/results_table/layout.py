@@ -34,6 +34,8 @@ ROWS = {
     "mpq_16x_60ep": "mpq, 16x budget, 60 QAT epochs",
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
     "qat_w2_60ep": "uniform W2A8 QAT, 60 epochs, float32",
+    "qat_w2_fl8": "W2A8 QAT, the first conv and the FC at 8-bit weights (as TTQ and LQ-Nets "
+                  "keep them in full precision), float32",
     "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
     # ternary, where the gap to its target is widest: changes that were noise at 13x
     "qat_w2_lsq": "uniform W2A8 QAT, LSQ learned weight scales, float32",
@@ -121,7 +123,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
-                 "qat_w2_30ep", "qat_w2_60ep"]
+                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep"]
 
 
 @dataclass(frozen=True)
