@@ -29,7 +29,7 @@ from mpq.config import load_recipe  # noqa: E402
 from mpq.distill import distillation_step_loss  # noqa: E402
 from mpq.qat import QATRecipe, quantized_model  # noqa: E402
 from mpq.quant import calibrate_, quant_layers, quantizable_layers, uniform_plan  # noqa: E402
-from mpq.quant.modules import OSCILLATION_MOMENTUM  # noqa: E402
+from mpq.quant.modules import OSCILLATION_MOMENTUM, oscillation_step  # noqa: E402
 from mpq.timing import cpu_summary  # noqa: E402
 from mpq.trainer import make_loaders, make_optimizer  # noqa: E402
 
@@ -97,15 +97,12 @@ def main():
             continue
         for n, k in now.items():
             s = stats[n]
-            delta = k - s["last"]
-            changed = delta != 0
-            back = changed & (torch.sign(delta) == -s["dir"])
+            changed, back, s["dir"] = oscillation_step(k, s["last"], s["dir"])
             changes += int(changed.sum())
             oscillations += int(back.sum())
             s["count"] += back
             s["freq"].mul_(1 - OSCILLATION_MOMENTUM).add_(back.float(),
                                                           alpha=OSCILLATION_MOMENTUM)
-            s["dir"] = torch.where(changed, torch.sign(delta), s["dir"])
             s["last"] = k
 
     count = torch.cat([s["count"].flatten() for s in stats.values()])

@@ -190,6 +190,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
 
     def epoch_logger(writer, model, epoch):
         layers = {n: m for n, m in quant_layers(model).items() if m.w_bits is not None}
+        if cfg.freeze_oscillations:
+            writer.add_scalar("frozen/all", frozen_fraction(model), epoch)
         if epoch == 1:  # the teacher's line from step 0: a one-epoch run still draws one
             log_qat_layout(writer, list(layers))
             writer.add_scalar("teacher/top1", teacher_top1, 0)

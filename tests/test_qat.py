@@ -311,6 +311,13 @@ def test_a_run_that_freezes_oscillating_weights_resumes_exactly_and_says_how_man
     frozen = sum(int(v.sum()) for k, v in state.items() if k.endswith("weight_quant.frozen"))
     weights = sum(v.numel() for k, v in state.items() if k.endswith("weight_quant.frozen"))
     assert frozen / weights == pytest.approx(metrics["frozen_fraction"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "killed" / "tb"))
+    events.Reload()
+    shares = [e.value for e in events.Scalars("frozen/all")]  # one per epoch, never falling
+    assert len(shares) == 3 and shares == sorted(shares)
+    assert shares[-1] == pytest.approx(metrics["frozen_fraction"])
 
 
 def test_progressive_lowering_resumes_exactly_from_inside_an_epoch(tmp_path, tiny_teacher,

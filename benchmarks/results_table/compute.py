@@ -58,7 +58,9 @@ def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: P
             "fake_quant_top1": report["fake_quant_top1"],
             "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"],
             "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
-            "commands": [layout.printable(c) for c in commands]}
+            "commands": [layout.printable(c) for c in commands],
+            **({"frozen_fraction": metrics["frozen_fraction"]}
+               if "frozen_fraction" in metrics else {})}
 
 
 def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
@@ -100,9 +102,8 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"],
                    bops=plan["bops"], fp32_bops=plan["fp32_bops"], bops_budget=plan["bops_budget"])
         return row
-    if name in ("qat_w4a4", "qat_w2_fl8"):
-        plan = (w4a4_plan if name == "qat_w4a4" else w2_first_last_8_plan)(layout,
-                                                                            run / "plan.json")
+    if name in PLAN_ROWS:
+        plan = PLAN_ROWS[name](layout, run / "plan.json")
         return _exported_row(layout, [[*qat, "--plan", plan, "--set", "train.precision=fp32",
                                        "--out", run / "qat"]], run / "qat" / "export", log)
     if name in ("ptq_w4", "ptq_w2"):
@@ -157,6 +158,10 @@ def _uniform_plan(layout: Layout, path: Path, *, w_bits: int, a_bits: int, first
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(path)
     return path
+
+
+# Rows trained on a fixed plan written by these functions.
+PLAN_ROWS = {"qat_w4a4": w4a4_plan, "qat_w2_fl8": w2_first_last_8_plan}
 
 
 def smallest_plan(layout: Layout, budget: str) -> dict | None:

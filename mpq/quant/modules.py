@@ -21,12 +21,23 @@ from .primitives import (fake_quantize, grad_scale, mse_optimal_scale, quant_ran
                          weight_range)
 
 __all__ = ["ActQuantizer", "QuantConv", "QuantLinear", "WeightQuantizer",
-           "full_range_int8_weights_"]
+           "full_range_int8_weights_", "oscillation_step"]
 
 SCALE_MODES = ("mse", "max", "lsq", "fixed")
 # Momentum of the moving averages that find oscillating weights (a window of ~100 steps).
 OSCILLATION_MOMENTUM = 0.01
 WEIGHT_STES = ("clip", "identity")
+
+
+@torch.no_grad()
+def oscillation_step(k: torch.Tensor, last: torch.Tensor, direction: torch.Tensor):
+    """One reading of integer weights `k` after `last`, whose last changes went `direction`
+    (-1, 0, 1): returns (changed, oscillated: changed back the way it came, the new
+    directions, in `direction`'s dtype)."""
+    step = k - last
+    changed = step != 0
+    sign = torch.sign(step).to(direction.dtype)
+    return changed, changed & (sign == -direction), torch.where(changed, sign, direction)
 
 
 class WeightQuantizer(nn.Module):
@@ -129,7 +140,7 @@ class WeightQuantizer(nn.Module):
         if self.freeze_threshold and self.training and torch.is_grad_enabled():
             self._track_oscillations(w.detach(), scale.detach())
         out = fake_quantize(w, scale, self.qmin, self.qmax, clip_grad=self.ste == "clip")
-        if self.freeze_threshold and bool(self.frozen.any()):
+        if self.freeze_threshold:  # one pass, and no host sync to ask whether any is frozen
             out = torch.where(self.frozen, self.frozen_int.to(out.dtype) * scale, out)
         return out
 
@@ -150,19 +161,15 @@ class WeightQuantizer(nn.Module):
             self.int_mean.copy_(k)
             self.tracking.fill_(True)
             return
-        step = k - self.osc_int
-        changed = step != 0
-        direction = torch.sign(step).to(torch.int8)
-        oscillated = changed & (direction == -self.osc_dir)  # back the way it came
+        _, oscillated, direction = oscillation_step(k, self.osc_int, self.osc_dir)
         self.osc_freq.mul_(1 - m).add_(oscillated.float(), alpha=m)
-        self.osc_dir.copy_(torch.where(changed, direction, self.osc_dir))
+        self.osc_dir.copy_(direction)
         self.osc_int.copy_(k)
         self.int_mean.mul_(1 - m).add_(k, alpha=m)
         new = (self.osc_freq > self.freeze_threshold) & ~self.frozen
-        if bool(new.any()):
-            target = torch.clamp(torch.round(self.int_mean), self.qmin, self.qmax)
-            self.frozen_int.copy_(torch.where(new, target.to(torch.int8), self.frozen_int))
-            self.frozen |= new
+        target = torch.clamp(torch.round(self.int_mean), self.qmin, self.qmax)
+        self.frozen_int.copy_(torch.where(new, target.to(torch.int8), self.frozen_int))
+        self.frozen |= new
 
     def frozen_fraction(self) -> float:
         """The share of this weight's values frozen (0 without freezing)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import fx, nn
@@ -76,8 +76,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
         """From `to_dict`'s form (absent keys: the defaults; unknown ones ignored)."""
-        return cls(**{k: data[k] for k in ("weight_scale", "learn_act_scale", "quantize_joins",
-                                           "weight_ste", "freeze_oscillations") if k in data})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass(frozen=True)
