@@ -4,6 +4,10 @@
     python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher checkpoints/resnet20_cifar10.pt \\
         --plan runs/search/plan.json --out runs/qat        # or --bits 4 for a uniform plan
 
+    python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher checkpoints/resnet20_cifar10.pt \\
+        --plan runs/search/plan.json --init runs/qat/model.pt --out runs/qat_more
+                                   # a warm restart: the recipe's epochs again, from a finished run
+
 QAT ends with an export into OUT/export/ (model.mpq, model_int8.onnx, model_int8.pt, export.json;
 see `python -m mpq export`), kept on a rerun unless model.pt changed. An existing run in --out
 resumes exactly; a run of another recipe, model or plan there is refused.
@@ -27,6 +31,10 @@ def main() -> None:
     plan.add_argument("--bits", type=int, help="uniform plan: every layer's weights at N bits")
     parser.add_argument("--ptq", action="store_true",
                         help="post-training quantization: calibrate only, no training")
+    parser.add_argument("--init", metavar="MODEL_PT",
+                        help="start QAT from this QAT checkpoint (a finished run's model.pt, "
+                             "of the same plan and qat settings) instead of the teacher, and "
+                             "train the recipe's schedule afresh: a warm restart")
     parser.add_argument("--no-export", action="store_true",
                         help="skip the export after QAT (into OUT/export/)")
     add_common_args(parser)
@@ -41,7 +49,7 @@ def run(args) -> None:
 
     check_out_dir(args.out)
     if args.teacher is None:
-        if args.plan or args.bits is not None or args.ptq:
+        if args.plan or args.bits is not None or args.ptq or args.init:
             raise UsageError("QAT needs --teacher: the FP32 checkpoint to quantize")
         from mpq.trainer import train_fp32
 
@@ -64,9 +72,12 @@ def run(args) -> None:
                                 w_bits=args.bits, a_bits=recipe.qat.act_bits)
         else:
             raise UsageError("QAT needs a plan: --plan PLAN.json (from search.py) or --bits N")
+        if args.init and args.ptq:
+            raise UsageError("--init starts training from a QAT checkpoint; --ptq trains none: "
+                             "use one or the other")
         metrics = train_qat(recipe, plan=plan, teacher=args.teacher, out_dir=args.out,
                             data_root=args.data_root, device=args.device,
-                            progress=not args.quiet, ptq=args.ptq)
+                            progress=not args.quiet, ptq=args.ptq, init=args.init)
         print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
               f"compression={metrics['compression']:.2f}x")
         if not args.no_export and is_main():

@@ -4,11 +4,12 @@ never half of either."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "file_sha256", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -32,3 +33,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Writes `data` (text as UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as hex: how an export or a warm start names the checkpoint
+    it came from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

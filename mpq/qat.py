@@ -12,16 +12,19 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import fp32_payload, load_teacher, model_meta, save_checkpoint
+from .checkpoint import (check_payload, fp32_payload, load_checkpoint, load_state_dict_checked,
+                         load_teacher, model_meta, save_checkpoint)
 from .config import Recipe, TrainConfig, recipe_to_dict
 from .data import make_loader
 from .distill import distillation_loss, distillation_step_loss
 from .errors import UsageError
+from .files import file_sha256
 from .report import log_qat_layout
 from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
                     quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
-from .trainer import Batches, evaluate, fit, make_loaders, schedule_length, write_metrics
+from .trainer import (LAST, Batches, evaluate, fit, make_loaders, schedule_length,
+                      write_metrics)
 
 __all__ = ["QATConfig", "QATRecipe", "distillation_loss", "distillation_step_loss",
            "fine_tune_qat", "quantized_model", "train_qat"]
@@ -147,11 +150,17 @@ def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size:
 
 def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
               out_dir: str | os.PathLike, data_root=None, device: str | torch.device = "auto",
-              progress: bool = True, log: bool = True, ptq: bool = False) -> dict:
+              progress: bool = True, log: bool = True, ptq: bool = False,
+              init: str | os.PathLike | None = None) -> dict:
     """The QAT stage: fine-tunes `plan` applied to the teacher; returns and writes metrics.
 
     With `ptq`, no training: calibrate, fold BN, evaluate and save (post-training quantization,
     the baseline QAT has to beat), in the same checkpoint format.
+
+    With `init` (a QAT checkpoint of the same plan and quantizer settings, e.g. a finished
+    run's model.pt), the student starts from its weights, quantizer scales and BN statistics
+    instead of the teacher's calibrated weights, and trains the recipe's schedule afresh: a warm
+    restart that adds epochs to a finished run (`warm_start_`). The teacher still teaches.
 
     Writes `out_dir/model.pt` (the QAT checkpoint, carrying its plan), `checkpoint_last.pt`,
     `plan.json`, `metrics.json` and `tb/` (each loss term, accuracy, learning rate and the
@@ -181,10 +190,16 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     teacher_model = teacher_model.to(memory_format=memory_format)
     student = student.to(device).to(memory_format=memory_format)
 
-    # Calibrate on un-augmented training images, in their fixed order.
-    calib = make_loader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
-                        train=False, device=device, channels_last=recipe.train.channels_last)
-    calibrate_(student, (x for i, (x, _) in zip(range(cfg.calibration_batches), calib.epoch(0))))
+    started_from = None
+    if init is not None:
+        started_from = warm_start_(student, init, plan=plan, cfg=cfg,
+                                   model_name=recipe.model.name, out_dir=out_dir)
+    else:  # calibrate on un-augmented training images, in their fixed order
+        calib = make_loader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
+                            train=False, device=device,
+                            channels_last=recipe.train.channels_last)
+        calibrate_(student, (x for _, (x, _) in zip(range(cfg.calibration_batches),
+                                                    calib.epoch(0))))
 
     on_epoch_start = epoch_start(student, cfg, recipe.train, len(train_loader))
 
@@ -220,7 +235,7 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     teacher_top1 = evaluate(teacher_model, test_loader)["top1"]
     meta = {**model_meta(recipe), "kind": "qat", "classes": train_loader.split.classes,
             "plan": plan.to_dict(),
-            "qat": {**cfg.quant_config().to_dict(), "int8_weight_max": INT8_WEIGHT_MAX}}
+            "qat": _qat_meta(cfg), "init": started_from}
     if ptq:
         freeze_bn_(student)
         result = evaluate(student, test_loader)
@@ -239,6 +254,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                       epoch_logger=epoch_logger, on_train_end=on_train_end)
     if cfg.freeze_oscillations:
         metrics["frozen_fraction"] = frozen_fraction(student)
+    if started_from:
+        metrics["init"] = started_from
     metrics.update(teacher_top1=teacher_top1,
                    weight_bytes=weight_bytes(student, model_meta(recipe)),
                    fp32_bytes=fp32_parameter_bytes(fp32))
@@ -247,6 +264,55 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         plan.save(os.path.join(out_dir, "plan.json"))
         write_metrics(out_dir, metrics)
     return metrics
+
+
+def _qat_meta(cfg: QATConfig) -> dict:
+    # The quantizer settings a QAT checkpoint records (compared on resume and on a warm start).
+    return {**cfg.quant_config().to_dict(), "int8_weight_max": INT8_WEIGHT_MAX}
+
+
+def warm_start_(student: nn.Module, init: str | os.PathLike, *, plan: Plan, cfg: QATConfig,
+                model_name: str, out_dir: str | os.PathLike) -> dict:
+    """Loads the QAT checkpoint `init` (weights, quantizer scales, BN statistics) into
+    `student`, which must be of the same model, plan and quantizer settings; returns what the
+    run records of it: its sha256, its QAT epochs (counting its own warm start's) and top-1.
+
+    The file is needed only to start: a run in `out_dir` that began from it resumes without
+    it (a run parked on one machine and resumed on another), and one that began from another
+    file is refused by `fit` (the recorded sha256 differs)."""
+    path = Path(init)
+    if not path.is_file():
+        last = Path(out_dir) / LAST
+        recorded = load_checkpoint(last).get("init") if last.is_file() else None
+        if recorded:
+            return recorded
+        raise UsageError(f"--init {path} does not exist: pass a QAT run's model.pt (e.g. "
+                         f"runs/qat/model.pt)")
+    payload = load_checkpoint(path)
+    source = f"--init {path}"
+    if payload.get("kind") != "qat":
+        raise UsageError(f"{source} is not a QAT checkpoint (kind {payload.get('kind')!r}): "
+                         f"pass a QAT run's model.pt; the FP32 model goes to --teacher")
+    check_payload(payload, source=source, require=("state_dict", "plan"))
+    if payload["model"]["name"] != model_name:
+        raise UsageError(f"{source} holds a {payload['model']['name']!r} model, but the recipe "
+                         f"trains {model_name!r}")
+    if not _same_plan(payload["plan"], plan.to_dict()):
+        theirs = payload["plan"].get("layers", {})
+        differ = sorted(k for k, v in plan.layers.items() if theirs.get(k) != v) or ["model"]
+        raise UsageError(f"{source} was trained on another plan than this command's (differs "
+                         f"at {', '.join(differ[:3])}): pass its run's plan.json as --plan")
+    if not _same_qat(payload.get("qat", {}), _qat_meta(cfg)):
+        now, theirs = _qat_meta(cfg), QuantConfig.from_dict(payload.get("qat", {})).to_dict()
+        theirs["int8_weight_max"] = payload.get("qat", {}).get("int8_weight_max")
+        differ = sorted(k for k in now if now[k] != theirs.get(k))
+        raise UsageError(f"{source} was trained with other quantizer settings (differs in: "
+                         f"{', '.join(differ)}): set them as it had them")
+    load_state_dict_checked(student, payload["state_dict"], what=source)
+    done = payload.get("metrics") or {}
+    before = (payload.get("init") or {}).get("epochs", 0)
+    return {"sha256": file_sha256(path), "epochs": int(done.get("epochs") or 0) + before,
+            "top1": done.get("top1")}
 
 
 def frozen_fraction(model: nn.Module) -> float:

@@ -1,13 +1,15 @@
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import run_script
-from mpq.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from mpq.checkpoint import (load_checkpoint, model_from_checkpoint, qat_model_from_checkpoint,
+                            save_checkpoint)
 from mpq.config import recipe_from_dict
 from mpq.models import build_model
 from mpq.qat import QATRecipe, distillation_loss, train_qat
@@ -474,3 +476,66 @@ def test_every_reported_top1_is_the_float32_one_of_the_exported_model_under_bf16
     assert student["loss"] == metrics["test_loss"]
     teacher = evaluate(model_from_checkpoint(load_checkpoint(tiny_teacher)), test)
     assert teacher["top1"] == metrics["teacher_top1"]
+
+
+def test_a_warm_start_begins_where_its_checkpoint_ended_and_counts_its_epochs(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    tiny_recipe_dict["train"].update(epochs=1, lr=0.01)
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export",
+                    "--bits", "2")
+    assert run_script(*args).returncode == 0
+    first = load_checkpoint(tmp_path / "qat" / "model.pt")
+    # A rate too small to move anything: what the warm run ends with is what it started from.
+    tiny_recipe_dict["train"]["lr"] = 1e-9
+    warm = [*qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export",
+                      "--bits", "2"), "--init", tmp_path / "qat" / "model.pt"]
+    warm[warm.index("--out") + 1] = tmp_path / "warm"
+    result = run_script(*warm)
+    assert result.returncode == 0, result.stderr
+    ended = load_checkpoint(tmp_path / "warm" / "model.pt")["state_dict"]
+    trained = [k for k, p in qat_model_from_checkpoint(first).named_parameters()
+               if p.requires_grad]
+    # (BN's running statistics, and the weight scales that follow them, move at any rate.)
+    for key in trained:
+        assert torch.allclose(ended[key], first["state_dict"][key], atol=1e-6), key
+    assert not torch.allclose(ended["conv1.layer.weight"], load_checkpoint(
+        tiny_teacher)["state_dict"]["conv1.weight"], atol=1e-3)
+    metrics = json.loads((tmp_path / "warm" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["init"]["epochs"] == 1
+    assert metrics["init"]["top1"] == first["metrics"]["top1"]
+    # A warm start of the warm run counts both before it.
+    again = list(warm)
+    again[again.index("--out") + 1] = tmp_path / "warm2"
+    again[again.index("--init") + 1] = tmp_path / "warm" / "model.pt"
+    assert run_script(*again).returncode == 0
+    assert json.loads((tmp_path / "warm2" / "metrics.json").read_text())["init"]["epochs"] == 2
+    # The file is needed only to start: the finished run resumes without it, not from another.
+    moved = tmp_path / "elsewhere.pt"
+    (tmp_path / "qat" / "model.pt").rename(moved)
+    assert run_script(*warm).returncode == 0
+    shutil.copy(tmp_path / "warm2" / "model.pt", tmp_path / "qat" / "model.pt")
+    _usage_error(run_script(*warm), "holds a run of another init")
+    _usage_error(run_script(*warm[:-2]), "holds a run of another init")  # nor from the teacher
+
+
+def test_a_warm_start_is_refused_from_another_plan_setting_or_kind(
+        tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe):
+    tiny_recipe_dict["train"].update(epochs=1, lr=0.01)
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    args = qat_args(tmp_path, write_recipe, tiny_recipe_dict, tiny_teacher, "--no-export")
+    assert run_script(*args, "--bits", "2").returncode == 0
+    init = tmp_path / "qat" / "model.pt"
+    args[args.index("--out") + 1] = tmp_path / "warm"
+    _usage_error(run_script(*args, "--bits", "4", "--init", init),
+                 "was trained on another plan than this command's")
+    _usage_error(run_script(*args, "--bits", "2", "--init", init, "--set",
+                            "qat.weight_scale=max"), "other quantizer settings (differs in: "
+                 "weight_scale)")
+    _usage_error(run_script(*args, "--bits", "2", "--init", tiny_teacher),
+                 "is not a QAT checkpoint (kind 'fp32')")
+    _usage_error(run_script(*args, "--bits", "2", "--init", tmp_path / "none.pt"),
+                 "does not exist")
+    _usage_error(run_script(*args, "--bits", "2", "--init", init, "--ptq"),
+                 "use one or the other")
+    assert not (tmp_path / "warm").exists()

@@ -464,3 +464,33 @@ def test_the_ternary_row_with_first_and_last_layers_at_8_bits_trains_that_plan(t
     assert bits.pop("conv1") == 8 and bits.pop("fc") == 8 and set(bits.values()) == {2}
     assert {layer["a_bits"] for layer in plan.layers.values()} == {8}
     assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]
+
+
+def test_a_warm_restart_row_starts_from_its_base_row_and_counts_both_schedules(tmp_path,
+                                                                              monkeypatch):
+    from results_table import compute
+
+    base, epochs = compute.WARM_ROWS["qat_w2_warm60"]
+    # Without the base row's run, it is computed first (its own command), then the warm start.
+    first, train = _commands_of(tmp_path, monkeypatch, "qat_w2_warm60")
+    assert first[first.index("--out") + 1] == str(tmp_path / base / "qat")
+    init = tmp_path / base / "qat" / "model.pt"
+    assert train[train.index("--init") + 1] == str(init)
+    assert train[train.index("--bits") + 1] == "2"
+    assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == [
+        f"train.epochs={epochs}", "train.precision=fp32"]
+    init.parent.mkdir(parents=True)
+    init.write_bytes(b"")
+    assert len(_commands_of(tmp_path, monkeypatch, "qat_w2_warm60")) == 1  # already there
+    # The row's epochs are both schedules'; the table and the epoch figure read that.
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "export.json").write_text(json.dumps({
+        "onnx_top1": 88.9, "mpq_bytes": 60_966, "fake_quant_top1": 88.9, "torch_int8_top1": 88.9,
+        "files": {"model_int8.onnx": {"bytes": 1}}}))
+    (export.parent / "metrics.json").write_text(json.dumps({
+        "epochs": 30, "train_seconds": 1.0, "init": {"sha256": "0", "epochs": 30, "top1": 88.4}}))
+    monkeypatch.undo()
+    monkeypatch.setattr(compute, "_run", lambda *a: None)
+    row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")
+    assert (row["epochs"], row["init_epochs"], row["init_top1"]) == (60, 30, 88.4)

@@ -16,7 +16,7 @@ import torch
 from mpq.files import atomic_path
 from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS,
                      MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, ROW_SETTINGS,
-                     SEARCH_RECIPE, Layout)
+                     SEARCH_RECIPE, WARM_ROWS, Layout)
 
 __all__ = ["RowFailed", "make_row", "smallest_plan", "stale", "stop_commands_on_sigterm"]
 
@@ -52,11 +52,13 @@ def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: P
         _run(layout, cmd, log)
     report = json.loads((export_dir / "export.json").read_text())
     metrics = json.loads((export_dir.parent / "metrics.json").read_text())
+    before = (metrics.get("init") or {}).get("epochs", 0)  # a warm start's earlier epochs
     return {"top1": report["onnx_top1"], "top1_source": "model_int8.onnx in ONNX Runtime",
             "file": "model.mpq", "file_bytes": report["mpq_bytes"],
             "onnx_bytes": report["files"]["model_int8.onnx"]["bytes"],
             "fake_quant_top1": report["fake_quant_top1"],
-            "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"],
+            "torch_int8_top1": report["torch_int8_top1"], "epochs": metrics["epochs"] + before,
+            **({"init_epochs": before, "init_top1": metrics["init"]["top1"]} if before else {}),
             "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
             "commands": [layout.printable(c) for c in commands],
             **({"frozen_fraction": metrics["frozen_fraction"]}
@@ -102,6 +104,16 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"],
                    bops=plan["bops"], fp32_bops=plan["fp32_bops"], bops_budget=plan["bops_budget"])
         return row
+    if name in WARM_ROWS:
+        base, _ = WARM_ROWS[name]
+        init = layout.runs / base / "qat" / "model.pt"
+        # The run it starts from is needed only to start (a parked row resumes without it).
+        if not init.is_file() and not (run / "qat" / "checkpoint_last.pt").is_file():
+            make_row(layout, base, data_root=data_root)
+        bits = base.split("_")[1][1:]
+        row = _exported_row(layout, [[*qat, "--bits", bits, "--init", init, "--out", run / "qat"]],
+                            run / "qat" / "export", log)
+        return {**row, "init_row": base}
     if name in PLAN_ROWS:
         plan = PLAN_ROWS[name](layout, run / "plan.json")
         return _exported_row(layout, [[*qat, "--plan", plan, "--set", "train.precision=fp32",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["ABLATIONS", "ABLATION_PLAN", "AO_CALIBRATION_BATCHES", "ARTIFACT_FILES", "BOPS_ROWS",
            "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS", "PINNED_FP32", "QAT_EPOCHS",
-           "QAT_RECIPE", "ROWS", "ROW_SETTINGS", "SEARCH_RECIPE", "Layout"]
+           "QAT_RECIPE", "ROWS", "ROW_SETTINGS", "SEARCH_RECIPE", "WARM_ROWS", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -34,6 +34,8 @@ ROWS = {
     "mpq_16x_60ep": "mpq, 16x budget, 60 QAT epochs",
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
     "qat_w2_60ep": "uniform W2A8 QAT, 60 epochs, float32",
+    "qat_w2_warm60": "uniform W2A8 QAT, 30 epochs, then 30 more from their end on a fresh "
+                     "cosine schedule (train.py --init), float32",
     "qat_w2_fl8": "W2A8 QAT, the first conv and the FC at 8-bit weights (as TTQ and LQ-Nets "
                   "keep them in full precision), float32",
     "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
@@ -53,8 +55,12 @@ ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
               "qat_w2_60ep": 60}
+# Warm restarts: a row's QAT started from another row's finished run (`train.py --init`), the
+# QAT recipe's schedule afresh for this many epochs: row -> (the row it starts from, epochs).
+WARM_ROWS = {"qat_w2_warm60": ("qat_w2_30ep", 30)}
+QAT_EPOCHS.update({name: epochs for name, (_, epochs) in WARM_ROWS.items()})
 # Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
-PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep")
+PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", *WARM_ROWS)
 # Uniform QAT rows that change the QAT recipe: their settings.
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
@@ -123,7 +129,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
-                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep"]
+                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ place at the end; an existing export is replaced only with `force`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..files import write_atomic
+from ..files import file_sha256, write_atomic
 from ..models import build_model
 from ..quant import quantization_of
 from ..size import fp32_parameter_bytes, weight_bytes
@@ -42,17 +41,13 @@ class ExportCheckFailed(RuntimeError):
     """An exported model disagrees with the fake-quantized one beyond the tolerances."""
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_is_current(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> bool:
     """Whether `out_dir` holds an export of exactly this checkpoint (by its sha256)."""
     report = Path(out_dir) / "export.json"
     if not report.is_file():
         return False
     recorded = json.loads(report.read_text()).get("checkpoint_sha256")
-    return recorded == _sha256(Path(checkpoint))
+    return recorded == file_sha256(Path(checkpoint))
 
 
 @torch.no_grad()
@@ -140,7 +135,8 @@ def export_model(qmodel: nn.Module, meta: dict, out_dir: str | os.PathLike, *,
         "normalization": meta["normalization"],
         "output": {"name": "logits", "shape": ["batch", meta["model"]["num_classes"]]},
         "plan": plan.to_dict(),
-        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        "files": {name: {"bytes": (tmp / name).stat().st_size,
+                         "sha256": file_sha256(tmp / name)}
                   for name in written if name != "export.json"},
         "mpq_bytes": mpq_bytes, "fp32_bytes": fp32_bytes,
         "compression": fp32_bytes / mpq_bytes,
@@ -237,7 +233,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     meta = {key: payload[key] for key in ("model", "input_size", "normalization")}
     batches = test_batches_for(payload, data_root=data_root, batch_size=batch_size,
                                progress=progress)
-    extra = {"checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(Path(checkpoint)),
+    extra = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(Path(checkpoint)),
              "qat_top1": qat_top1}
     if reencode_int8:
         qmodel = qmodel.cpu().eval()
