@@ -101,7 +101,8 @@ ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 # Points lost against QAT epochs: series name -> (TensorBoard tag of a curve, or None for
 # separate runs drawn as points; its rows). On ABLATION_PLAN the float32 seed-0 runs of 1..20
 # epochs, and the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row)
-# beside them; the 16x plan's and uniform ternary's rows of 10 to 60 epochs.
+# beside them; the 16x plan's and uniform ternary's rows of 10 to 60 epochs, and ternary's other
+# schedule and plan beside them.
 EPOCH_CURVE = {
     "13x plan, float32, seed 0": ("epochs_13x", ["abl13_ep1", "abl13_ep2", "abl13_ep5",
                                                  "abl13_fp32", "abl13_ep20"]),
@@ -109,6 +110,8 @@ EPOCH_CURVE = {
                                                                "mpq_13x"]),
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
+    "ternary: 30 + 30 warm restart / conv1 and FC at 8 bits": (None, ["qat_w2_warm60",
+                                                                      "qat_w2_fl8"]),
 }
 # QAT changes against the recipe as shipped (10 epochs each): group -> (the rows of the
 # recipe itself, whose spread the figure shades; the rows of one change each, with a label).
