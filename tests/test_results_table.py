@@ -270,14 +270,16 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
             "mpq_13x": row(89.37, "model.mpq", 83_799, epochs=60),
             "qat_w2": row(87.85, "model.mpq", 60_966, epochs=10),
             "qat_w2_30ep": row(88.44, "model.mpq", 60_966, epochs=30),
-            "qat_w2_warm60": row(88.70, "model.mpq", 60_966, epochs=60)}
+            "qat_w2_warm60": row(88.70, "model.mpq", 60_966, epochs=60),
+            "qat_w2_fl8": row(88.31, "model.mpq", 61_823, epochs=10)}
     assert results.table.epoch_points(rows) == {
         "13x plan, float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
         "13x plan: bf16 autocast / seed 1 / 60-epoch row": [(10, 0.21, "abl13_bf16"),
                                                            (60, 0.2, "mpq_13x")],
         "16x plan": [],
         "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")],
-        "ternary: 30 + 30 warm restart / conv1 and FC at 8 bits": [(60, 0.87, "qat_w2_warm60")]}
+        "ternary, 30 + 30 warm restart": [(60, 0.87, "qat_w2_warm60")],
+        "ternary, conv1 and FC at 8 bits": [(10, 1.26, "qat_w2_fl8")]}
     results.log_curve(layout, rows)
     png = tmp_path / "figures" / "epochs.png"
     results.log_epochs(layout, rows, png=png)
@@ -288,9 +290,11 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
     assert [(e.step, round(e.value, 2)) for e in lost] == [(1, 1.07), (10, 0.5)]
     ternary = events.Scalars("epochs_w2/points_lost")
     assert [(e.step, round(e.value, 2)) for e in ternary] == [(10, 1.72), (30, 1.13)]
+    ends_8 = events.Scalars("epochs_w2_fl8/points_lost")
+    assert [(e.step, round(e.value, 2)) for e in ends_8] == [(10, 1.26)]
     assert "epochs_16x/points_lost" not in events.Tags()["scalars"]  # no finished row yet
     assert "epochs/points_lost_vs_epochs" in events.Tags()["images"]
-    assert len(events.Scalars("accuracy_vs_size/top1")) == 5  # fp32, mpq_13x, qat_w2 (3 rows)
+    assert len(events.Scalars("accuracy_vs_size/top1")) == 6  # fp32, mpq_13x, qat_w2 (3), fl8
 
 
 def _commands_of(tmp_path, monkeypatch, name: str) -> list[list[str]]:

@@ -173,7 +173,8 @@ def _uniform_plan(layout: Layout, path: Path, *, w_bits: int, a_bits: int, first
 
 
 # Rows trained on a fixed plan written by these functions.
-PLAN_ROWS = {"qat_w4a4": w4a4_plan, "qat_w2_fl8": w2_first_last_8_plan}
+PLAN_ROWS = {"qat_w4a4": w4a4_plan, "qat_w2_fl8": w2_first_last_8_plan,
+             "qat_w2_fl8_30ep": w2_first_last_8_plan}
 
 
 def smallest_plan(layout: Layout, budget: str) -> dict | None:

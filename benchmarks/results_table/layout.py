@@ -38,6 +38,8 @@ ROWS = {
                      "cosine schedule (train.py --init), float32",
     "qat_w2_fl8": "W2A8 QAT, the first conv and the FC at 8-bit weights (as TTQ and LQ-Nets "
                   "keep them in full precision), float32",
+    "qat_w2_fl8_30ep": "W2A8 QAT, the first conv and the FC at 8-bit weights, 30 epochs, "
+                       "float32",
     "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
     # ternary, where the gap to its target is widest: changes that were noise at 13x
     "qat_w2_lsq": "uniform W2A8 QAT, LSQ learned weight scales, float32",
@@ -54,7 +56,7 @@ MAKE_RUN_VARIANTS = {
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
-              "qat_w2_60ep": 60}
+              "qat_w2_60ep": 60, "qat_w2_fl8_30ep": 30}
 # Warm restarts: a row's QAT started from another row's finished run (`train.py --init`), the
 # QAT recipe's schedule afresh for this many epochs: row -> (the row it starts from, epochs).
 WARM_ROWS = {"qat_w2_warm60": ("qat_w2_30ep", 30)}
@@ -101,8 +103,8 @@ ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 # Points lost against QAT epochs: series name -> (TensorBoard tag of a curve, or None for
 # separate runs drawn as points; its rows). On ABLATION_PLAN the float32 seed-0 runs of 1..20
 # epochs, and the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row)
-# beside them; the 16x plan's and uniform ternary's rows of 10 to 60 epochs, and ternary's other
-# schedule and plan beside them.
+# beside them; the rows of 10 to 60 epochs of the 16x plan, of uniform ternary and of ternary
+# with conv1 and the FC at 8 bits, and ternary's warm restart beside them.
 EPOCH_CURVE = {
     "13x plan, float32, seed 0": ("epochs_13x", ["abl13_ep1", "abl13_ep2", "abl13_ep5",
                                                  "abl13_fp32", "abl13_ep20"]),
@@ -110,8 +112,8 @@ EPOCH_CURVE = {
                                                                "mpq_13x"]),
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
-    "ternary: 30 + 30 warm restart / conv1 and FC at 8 bits": (None, ["qat_w2_warm60",
-                                                                      "qat_w2_fl8"]),
+    "ternary, 30 + 30 warm restart": (None, ["qat_w2_warm60"]),
+    "ternary, conv1 and FC at 8 bits": ("epochs_w2_fl8", ["qat_w2_fl8", "qat_w2_fl8_30ep"]),
 }
 # QAT changes against the recipe as shipped (10 epochs each): group -> (the rows of the
 # recipe itself, whose spread the figure shades; the rows of one change each, with a label).
@@ -132,7 +134,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
-                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS]
+                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep"]
 
 
 @dataclass(frozen=True)
