@@ -123,12 +123,12 @@ def _eval(args) -> None:
         model = model_from_checkpoint(payload, path=args.checkpoint,
                                       allow_factory=args.allow_factory).to(device)
     data_cfg = data_config(payload)
-    split = load_split(data_cfg, "test", root=args.data_root, classes=payload.get("classes"),
+    split = load_split(data_cfg, args.split, root=args.data_root, classes=payload.get("classes"),
                        num_classes=payload["model"]["num_classes"], progress=not args.quiet)
     loader = make_loader(split, data_cfg, batch_size=args.batch_size, train=False, device=device)
     with torch.inference_mode():
         result = evaluate(model, loader)
-    print(f"images={len(split)} loss={result['loss']:.4f}")
+    print(f"split={args.split} images={len(split)} loss={result['loss']:.4f}")
     print(f"top1={result['top1']:.2f}")
 
 
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
                                      "the test split")
     ev.add_argument("--checkpoint", required=True,
                     help="FP32 or QAT checkpoint (.pt), or a packed model.mpq")
+    ev.add_argument("--split", choices=("test", "train"), default="test",
+                    help="the split to evaluate; train: the training images as the test ones "
+                         "are seen (no augmentation), to tell underfitting from overfitting")
     ev.add_argument("--batch-size", type=positive_int, default=500)
     _add_allow_factory(ev)
     add_common_args(ev, recipe=False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_script
 from mpq.checkpoint import save_checkpoint
@@ -66,6 +67,14 @@ def test_eval_prints_top1_last(tiny_args, tmp_path):
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("top1=") and 0 <= float(last[5:]) <= 100
+    train = run_script("-m", "mpq", "eval", "--checkpoint", tmp_path / "run" / "model.pt",
+                       "--split", "train", "--quiet")
+    assert train.returncode == 0, train.stderr
+    images = dict(line.split()[:2] for out in (result.stdout, train.stdout)
+                  for line in out.splitlines() if line.startswith("split="))
+    recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]
+    assert images == {"split=test": f"images={recipe['synthetic_test_size']}",
+                      "split=train": f"images={recipe['synthetic_train_size']}"}
 
 
 def test_eval_bad_checkpoints(tmp_path):
