@@ -43,6 +43,7 @@ ROWS = {
     "qat_w2_ste": "uniform W2A8 QAT, the straight-through gradient reaching every weight, float32",
     # ternary, where the gap to its target is widest: changes that were noise at 13x
     "qat_w2_lsq": "uniform W2A8 QAT, LSQ learned weight scales, float32",
+    "qat_w2_lsq_30ep": "uniform W2A8 QAT, LSQ learned weight scales, 30 epochs, float32",
     "qat_w2_lr2": "uniform W2A8 QAT, lr 0.02, float32",
     "qat_w2_lr05": "uniform W2A8 QAT, lr 0.005, float32",
     "qat_w2_freeze": "uniform W2A8 QAT, oscillating weights frozen (frequency above 0.02), "
@@ -56,7 +57,7 @@ MAKE_RUN_VARIANTS = {
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
-              "qat_w2_60ep": 60, "qat_w2_fl8_30ep": 30}
+              "qat_w2_60ep": 60, "qat_w2_fl8_30ep": 30, "qat_w2_lsq_30ep": 30}
 # Warm restarts: a row's QAT started from another row's finished run (`train.py --init`), the
 # QAT recipe's schedule afresh for this many epochs: row -> (the row it starts from, epochs).
 WARM_ROWS = {"qat_w2_warm60": ("qat_w2_30ep", 30)}
@@ -66,6 +67,7 @@ PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", *WARM_ROWS)
 # Uniform QAT rows that change the QAT recipe: their settings.
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
+                "qat_w2_lsq_30ep": ["train.precision=fp32", "qat.weight_scale=lsq"],
                 "qat_w2_lr2": ["train.precision=fp32", "train.lr=0.02"],
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
                 "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"]}
@@ -104,7 +106,7 @@ ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 # separate runs drawn as points; its rows). On ABLATION_PLAN the float32 seed-0 runs of 1..20
 # epochs, and the other runs of the same recipe (a precision, a seed, the 60-epoch 13x row)
 # beside them; the rows of 10 to 60 epochs of the 16x plan, of uniform ternary and of ternary
-# with conv1 and the FC at 8 bits, and ternary's warm restart beside them.
+# with conv1 and the FC at 8 bits or LSQ weight scales, and ternary's warm restart beside them.
 EPOCH_CURVE = {
     "13x plan, float32, seed 0": ("epochs_13x", ["abl13_ep1", "abl13_ep2", "abl13_ep5",
                                                  "abl13_fp32", "abl13_ep20"]),
@@ -114,6 +116,7 @@ EPOCH_CURVE = {
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
     "ternary, 30 + 30 warm restart": (None, ["qat_w2_warm60"]),
     "ternary, conv1 and FC at 8 bits": ("epochs_w2_fl8", ["qat_w2_fl8", "qat_w2_fl8_30ep"]),
+    "ternary, LSQ weight scales": ("epochs_w2_lsq", ["qat_w2_lsq", "qat_w2_lsq_30ep"]),
 }
 # QAT changes against the recipe as shipped (10 epochs each): group -> (the rows of the
 # recipe itself, whose spread the figure shades; the rows of one change each, with a label).
@@ -134,7 +137,8 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2", "mpq_8x", "mpq_13x", "mpq_16x", "qat_w4a4", "make_run",
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
-                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep"]
+                 "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
+                 "qat_w2_lsq_30ep"]
 
 
 @dataclass(frozen=True)
