@@ -67,12 +67,12 @@ def predictions(path: Path, loader) -> torch.Tensor:
 
 
 def main() -> None:
-    from mpq.cli import Parser, run_cli
+    from mpq.cli import Parser, positive_int, run_cli
 
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="+", metavar="ROW")
     parser.add_argument("--data-root", required=True, help="CIFAR-10 in ImageFolder layout")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     if len(args.rows) < 2:
         parser.error("name at least two rows to compare")
