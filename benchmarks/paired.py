@@ -58,12 +58,17 @@ def model_file(row: str) -> Path:
     return path
 
 
-def predictions(path: Path, loader) -> torch.Tensor:
+def predictions(path: Path, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's predicted classes over the loader's one pass, and the labels."""
     from mpq.export import load_mpq
 
     model = load_mpq(path, expect_model="resnet20")[0].eval()
+    preds, labels = [], []
     with torch.inference_mode():
-        return torch.cat([model(x).argmax(1) for x, _ in loader.epoch(0)])
+        for x, y in loader.epoch(0):
+            preds.append(model(x).argmax(1))
+            labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
 
 
 def main() -> None:
@@ -89,8 +94,9 @@ def _run(args) -> None:
     data = load_recipe(ROOT / "recipes" / "resnet20_cifar10_qat.yaml", cls=QATRecipe).data
     test = load_split(data, "test", root=args.data_root, num_classes=10, progress=False)
     loader = make_loader(test, data, batch_size=500, train=False)
-    labels = torch.cat([y for _, y in loader.epoch(0)])
-    preds = {row: predictions(path, loader) for row, path in files.items()}
+    preds = {}
+    for row, path in files.items():  # the test loader is unshuffled: one order of labels
+        preds[row], labels = predictions(path, loader)
     print(f"{len(labels)} test images; b, c: right only in the first, only in the second")
     for a, b in itertools.combinations(args.rows, 2):
         r = compare(preds[a], preds[b], labels)
