@@ -7,7 +7,9 @@ rounds interleave the variants so machine noise hits them alike, and the median 
 Reported: mpq's student step (fake-quantized W4A8 forward + backward + update), the same with
 the teacher's forward (the whole distillation step) as QAT runs it (the teacher's BN folded into
 its convs, `mpq.distill.folded_teacher`) and with the teacher as it is, and torch.ao's FX QAT
-(x86 qconfig).
+(x86 qconfig). With `--compile`, the FP32 step and QAT's step again with the networks through
+`torch.compile` (the first, compiling step is timed apart), and the graph breaks dynamo finds in
+the student.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the FP32 and QAT steps under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -84,9 +88,19 @@ def main():
         f"mpq W{args.w_bits}A8 + teacher, BN unfolded": make_step(student, x, y, teacher),
         "torch.ao FX QAT (x86, W8A8)": make_step(ao, x, y),
     }
+    if args.compile:
+        breaks = torch._dynamo.explain(copy.deepcopy(student))(x).graph_break_count
+        variants["fp32, torch.compile"] = make_step(torch.compile(copy.deepcopy(fp32)), x, y)
+        variants[f"mpq W{args.w_bits}A8 QAT's step, torch.compile"] = make_step(
+            torch.compile(copy.deepcopy(student)), x, y,
+            torch.compile(folded_teacher(copy.deepcopy(teacher))))
     times = {name: [] for name in variants}
-    for step in variants.values():  # warm-up
-        for _ in range(3):
+    first = {}
+    for name, step in variants.items():  # warm-up; the first step compiles
+        start = time.perf_counter()
+        step()
+        first[name] = time.perf_counter() - start
+        for _ in range(2):
             step()
     for _ in range(args.steps):
         for name, step in variants.items():
@@ -100,6 +114,11 @@ def main():
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:48s} {med * 1e3:9.1f} {med / base:7.2f}x")
+    if args.compile:
+        compiled = ", ".join(f"{name}: {first[name]:.1f} s" for name in variants
+                             if "compile" in name)
+        print(f"first (compiling) step: {compiled}; dynamo's graph breaks in the student: "
+              f"{breaks}")
 
 
 if __name__ == "__main__":
