@@ -183,7 +183,8 @@ def smallest_plan(layout: Layout, budget: str) -> dict | None:
     from mpq.allocate import parse_budget
     from mpq.checkpoint import load_checkpoint, model_from_checkpoint
     from mpq.config import load_recipe
-    from mpq.search import SearchRecipe, plan_floor
+    from mpq.search import SearchRecipe
+    from mpq.search_budgets import plan_floor
     from mpq.size import fp32_parameter_bytes
 
     recipe = load_recipe(layout.root / SEARCH_RECIPE, [], cls=SearchRecipe)
