@@ -34,11 +34,12 @@ from .files import write_atomic
 from .hessian import DRAWS, ESTIMATORS, LayerSensitivity, layer_sensitivity
 from .hessian.activation import activation_perturbations, activation_traces
 from .latency import LATENCY_RUNTIMES, LatencyTable, latency_table
+from .mpqformat import ACT_QUANT_BYTES
 from .quant import Plan, calibrate_, prepare_qat, quantizable_layers, uniform_plan
 from .refine import REPAIRS, widths_of, plan_key, polish, repair, undo_raises
 from .report import log_search, log_sensitivity
-from .search_budgets import budgets_met, check_budget, check_latency, check_limits, search_limits
-from .size import weight_bytes
+from .search_budgets import budgets_met, check_budget, check_latency, check_limits
+from .size import Footprint, weight_bytes
 from .study import METRIC, add_scored, check_storage, open_study, run_trials
 
 __all__ = ["SearchConfig", "SearchRecipe", "kl_score", "run_search", "search_plan",
@@ -368,6 +369,27 @@ def activation_estimator(cfg: SearchConfig, classes: int) -> str:
     return "exact"
 
 
+def search_limits(model: nn.Module, model_name: str, cfg: SearchConfig, *, budget_bytes: int,
+                  example_inputs: tuple, meta: dict | None = None, bops: Bops | None = None,
+                  max_bops: int | None = None, latency: LatencyTable | None = None,
+                  max_latency_ms: float | None = None) -> tuple[Limits, object]:
+    """The budgets a search of `cfg` meets (`mpq.budgets.Limits`) and the widths each key of
+    its plans takes (weights per layer, and `<layer>@a` with `a_bit_choices`)."""
+    names = quantizable_layers(model)
+    q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
+                     example_inputs=example_inputs)
+    footprint = Footprint.of(q8, meta)
+    widths = cfg.bit_choices
+    if cfg.a_bit_choices:  # a layer whose input takes other bits than its tensor's other
+        # consumers gets its own quantizer: the bound counts one per layer, the plan its bytes
+        footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
+        widths = {**{n: cfg.bit_choices for n in names},
+                  **{act_key(n): cfg.a_bit_choices for n in names}}
+    bops = bops or Bops.of(model, names, example_inputs)
+    return Limits(footprint, budget_bytes, {n: cfg.a_bits for n in names}, bops, max_bops,
+                  latency, max_latency_ms), widths
+
+
 def _solve_or_none(omega, limits: Limits):
     """The solver's plan within `limits`; None if no plan meets them."""
     try:
@@ -526,8 +548,6 @@ def run_search(recipe: SearchRecipe, *, budget: str | None, out_dir: str | os.Pa
         print(f"note: the budget {budget_bytes} bytes is at or above the FP32 size "
               f"{fp32_bytes}: every layer gets 8 bits")
         q = prepare_qat(model, plan, example_inputs=example)
-        from .size import weight_bytes
-
         size = weight_bytes(q, model_meta(recipe))
         plan.extra = {"size_bytes": size, "budget_bytes": budget_bytes,
                       "budgets": {"bytes": {"budget": budget_bytes, "value": size,

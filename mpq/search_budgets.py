@@ -1,52 +1,25 @@
-"""A search's budgets, from its recipe: the limits its plans meet (`mpq.budgets.Limits`), the
-refusal, before any work, of budgets no plan can meet (naming what to ask for instead), and the
-chosen plan's figure against each budget, its latency measured on this CPU.
+"""A search's budgets: the refusal, before any work, of budgets no plan can meet (naming what
+to ask for instead), and the chosen plan's figure against each budget (`mpq.budgets.Limits`),
+its latency measured on this CPU.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from .allocate import tightest_budget
-from .budgets import Bops, Limits, act_key
+from .budgets import Bops, Limits
 from .config import Recipe
 from .errors import UsageError
 from .latency import LatencyTable, measure_plans
-from .mpqformat import ACT_QUANT_BYTES
 from .quant import Plan, prepare_qat, quantizable_layers, uniform_plan
 from .size import Footprint
 
-if TYPE_CHECKING:
-    from .search import SearchConfig
-
 __all__ = ["PlanFloor", "budgets_met", "check_budget", "check_latency", "check_limits",
-           "plan_floor", "search_limits"]
-
-
-def search_limits(model: nn.Module, model_name: str, cfg: SearchConfig, *, budget_bytes: int,
-                  example_inputs: tuple, meta: dict | None = None, bops: Bops | None = None,
-                  max_bops: int | None = None, latency: LatencyTable | None = None,
-                  max_latency_ms: float | None = None) -> tuple[Limits, object]:
-    """The budgets a search of `cfg` meets (`mpq.budgets.Limits`) and the widths each key of
-    its plans takes (weights per layer, and `<layer>@a` with `a_bit_choices`)."""
-    names = quantizable_layers(model)
-    q8 = prepare_qat(model, uniform_plan(model_name, names, w_bits=8, a_bits=cfg.a_bits),
-                     example_inputs=example_inputs)
-    footprint = Footprint.of(q8, meta)
-    widths = cfg.bit_choices
-    if cfg.a_bit_choices:  # a layer whose input takes other bits than its tensor's other
-        # consumers gets its own quantizer: the bound counts one per layer, the plan its bytes
-        footprint = Footprint(footprint.shapes, footprint.fixed + ACT_QUANT_BYTES * len(names))
-        widths = {**{n: cfg.bit_choices for n in names},
-                  **{act_key(n): cfg.a_bit_choices for n in names}}
-    bops = bops or Bops.of(model, names, example_inputs)
-    return Limits(footprint, budget_bytes, {n: cfg.a_bits for n in names}, bops, max_bops,
-                  latency, max_latency_ms), widths
+           "plan_floor"]
 
 
 def budgets_met(size_bytes: int, limits: Limits, bits: dict[str, int]) -> dict:
