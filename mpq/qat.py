@@ -20,7 +20,8 @@ from .distill import distillation_loss, distillation_step_loss
 from .errors import UsageError
 from .files import file_sha256
 from .report import log_qat_layout
-from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, prepare_qat,
+from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, gptq_init_,
+                    prepare_qat,
                     quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
 from .trainer import (LAST, Batches, evaluate, fit, make_loaders, schedule_length,
@@ -54,6 +55,9 @@ class QATConfig:
     `freeze_oscillations`: > 0 freezes a weight once the moving average of how often its
     integer flips back exceeds this (Nagel et al. 2022's iterative freezing; see
     `mpq.quant.WeightQuantizer`); 0 (the default): no weight is frozen.
+    `weight_init`: `nearest` (the default: QAT starts from the teacher's weights, each rounded
+    alone) or `gptq` (they start on the integers of a post-training solution that cancels each
+    layer's output error on the calibration images: `mpq.quant.gptq`).
     """
 
     alpha: float = 0.9
@@ -69,6 +73,7 @@ class QATConfig:
     progressive_bits: int = 0
     weight_ste: str = "clip"
     freeze_oscillations: float = 0.0
+    weight_init: str = "nearest"
 
     def quant_config(self) -> QuantConfig:
         """The settings `prepare_qat` takes."""
@@ -107,6 +112,12 @@ class QATConfig:
         if self.feature_weight < 0:
             raise UsageError(f"qat.feature_weight must be >= 0 (0: logits only), got "
                              f"{self.feature_weight}")
+        if self.weight_init not in ("nearest", "gptq"):
+            raise UsageError(f"qat.weight_init must be nearest or gptq; got "
+                             f"{self.weight_init!r}")
+        if self.weight_init == "gptq" and self.freeze_oscillations:
+            raise UsageError("qat.weight_init gptq needs qat.freeze_oscillations 0: frozen "
+                             "weights keep the integers they are tracked on")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")
@@ -146,6 +157,16 @@ def quantized_model(model: nn.Module, plan: Plan, cfg: QATConfig, *, input_size:
     of `input_size`)."""
     example = example_inputs or (torch.zeros(2, 3, input_size, input_size),)
     return prepare_qat(model, plan, example_inputs=example, config=cfg.quant_config())
+
+
+def start_quantized_(student: nn.Module, cfg: QATConfig, inputs: list, *,
+                     progress: bool = False) -> None:
+    """Where QAT starts from the teacher's weights: activation scales calibrated on `inputs`
+    (a few batches of images), then, under `qat.weight_init: gptq`, every weight rounded by
+    `mpq.quant.gptq` on the same inputs."""
+    calibrate_(student, inputs)
+    if cfg.weight_init == "gptq":
+        gptq_init_(student, inputs, progress=progress)
 
 
 def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
@@ -198,8 +219,9 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
         calib = make_loader(train_loader.split, recipe.data, batch_size=recipe.train.batch_size,
                             train=False, device=device,
                             channels_last=recipe.train.channels_last)
-        calibrate_(student, (x for _, (x, _) in zip(range(cfg.calibration_batches),
-                                                    calib.epoch(0))))
+        start_quantized_(student, cfg, [x for _, (x, _) in zip(range(cfg.calibration_batches),
+                                                               calib.epoch(0))],
+                         progress=progress)
 
     on_epoch_start = epoch_start(student, cfg, recipe.train, len(train_loader))
 
@@ -379,8 +401,9 @@ def fine_tune_qat(teacher: nn.Module, plan: Plan, batches, *, example_inputs: tu
     student = quantized_model(teacher, plan, cfg, example_inputs=example_inputs)
     student = student.to(device).to(memory_format=memory_format)
     teacher = teacher.to(device).eval().to(memory_format=memory_format)
-    calibrate_(student, (x for x, _ in islice(batches.epoch(0), cfg.calibration_batches))
-               if calibration is None else (batches.move(x) for x in calibration))
+    start_quantized_(student, cfg,
+                     [x for x, _ in islice(batches.epoch(0), cfg.calibration_batches)]
+                     if calibration is None else [batches.move(x) for x in calibration])
     on_epoch_start = epoch_start(student, cfg, train, len(batches))
     fit(student, train_loader=batches, train_cfg=train,
         loss_fn=distillation_step_loss(teacher, cfg, student), progress=progress, log=False,

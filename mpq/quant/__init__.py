@@ -1,5 +1,6 @@
 """Fake quantization: primitives, modules, the bit plan, and graph-based preparation."""
 
+from .gptq import gptq_init_
 from .modules import ActQuantizer, QuantConv, QuantLinear, WeightQuantizer
 from .plan import LayerQuant, Plan, load_plan, uniform_plan
 from .prepare import (QuantConfig, Quantization, calibrate_, freeze_bn_, prepare_qat,
@@ -20,6 +21,7 @@ __all__ = [
     "calibrate_",
     "fake_quantize",
     "freeze_bn_",
+    "gptq_init_",
     "load_plan",
     "mse_optimal_scale",
     "prepare_qat",
