@@ -123,6 +123,8 @@ class TrainConfig:
     `compile` runs the network through `torch.compile`. Besides every epoch's end, the run is
     checkpointed every `checkpoint_steps` steps (0: never by count) and every
     `checkpoint_minutes` minutes (0: never by time), and resumes from the exact batch.
+    `ema_epochs` > 0 keeps a moving average of the weights with that time constant (in epochs;
+    `mpq.ema`) and tests, saves and exports the average; 0 (the default): the last weights.
     """
 
     epochs: int = 200
@@ -142,6 +144,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint_steps: int = 0
     checkpoint_minutes: float = 10.0
+    ema_epochs: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "constant"):
@@ -161,6 +164,9 @@ class TrainConfig:
         if self.max_steps < 0 or self.checkpoint_steps < 0 or self.checkpoint_minutes < 0:
             raise UsageError("train.max_steps, train.checkpoint_steps and "
                              "train.checkpoint_minutes must be >= 0 (0: off)")
+        if self.ema_epochs < 0:
+            raise UsageError(f"train.ema_epochs must be >= 0 (0: no average), got "
+                             f"{self.ema_epochs}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UsageError(f"train.precision must be auto, fp32, bf16 or fp16; got "
                              f"{self.precision!r}")

@@ -12,6 +12,7 @@ import math
 import operator
 import os
 import time
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from . import distributed
 from .config import TrainConfig, recipe_to_dict
 from .data import load_split, make_loader
 from .device import resolve_device
+from .ema import WeightAverage
 from .errors import UsageError
 from .files import write_atomic
 from .precision import autocast, autocast_dtype, grad_scaler
@@ -224,6 +226,14 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
     elif files and main:
         write_atomic(out / "recipe.yaml", _yaml(recipe_dict))
 
+    average = None
+    if cfg.ema_epochs:
+        average = WeightAverage(model, cfg.ema_epochs * steps_per_epoch)
+        if start_epoch or partial:
+            if "ema" not in state:
+                raise UsageError(f"{out / LAST} was written without train.ema_epochs: resume "
+                                 f"it without, or use another --out to start afresh")
+            average.load_state_dict(state["ema"])
     net = distributed.wrap(model, device)
     if cfg.compile:
         net = torch.compile(net)
@@ -242,7 +252,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                 **meta, "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
-                "epoch": epoch, "history": history, "recipe": recipe_dict, **extra})
+                "epoch": epoch, "history": history, "recipe": recipe_dict,
+                **({"ema": average.state_dict()} if average else {}), **extra})
         distributed.barrier()
 
     kept = f". The last good checkpoint ({out / LAST}, if any) is kept" if files else ""
@@ -269,6 +280,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                     net, x, y, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                     scaler=scaler, amp=amp,
                     where=f"epoch {epoch + 1}, step {i + 1}; stopped" + kept)
+                if average:
+                    average.update(model)
                 step = epoch * steps_per_epoch + i
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(y)
@@ -293,8 +306,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                     saved_at = time.time()
             bar.close()
             batches.close()
-            test = (evaluate(model, test_loader) if test_loader is not None
-                    else {"top1": None, "loss": None})
+            with average.applied(model) if average else nullcontext():
+                test = (evaluate(model, test_loader) if test_loader is not None
+                        else {"top1": None, "loss": None})
             row = {"epoch": epoch + 1, "train_top1": 100 * correct / seen,
                    **{f"train_{k}": v / seen for k, v in sums.items()},
                    "test_top1": test["top1"], "test_loss": test["loss"],
@@ -313,6 +327,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                 print(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} "
                       f"train {row['train_top1']:.2f}%{tested} ({row['seconds']:.0f} s)",
                       flush=True)
+        if average:  # what is tested each epoch is what is saved and exported
+            average.copy_to(model)
         final = history[-1] if history else {}
         metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
                    "epochs": epochs, "steps": total, "precision": str(amp or torch.float32),

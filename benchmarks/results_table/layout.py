@@ -103,6 +103,9 @@ ABLATIONS = {
                      ["train.precision=fp32", "qat.freeze_oscillations=0.02"]),
     "abl13_gptq": ("13x plan, QAT recipe, weights starting from GPTQ's rounding "
                    "(qat.weight_init gptq)", ["train.precision=fp32", "qat.weight_init=gptq"]),
+    "abl13_ema": ("13x plan, QAT recipe, the weights' moving average (time constant one "
+                  "epoch) tested and exported (train.ema_epochs 1)",
+                  ["train.precision=fp32", "train.ema_epochs=1"]),
     # Points lost against epochs (the 10-epoch point is abl13_fp32).
     **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
@@ -132,7 +135,8 @@ QAT_CHANGES = {
         "LSQ weight scales": "abl13_lsq", "lr 0.02": "abl13_lr2",
         "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
         "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
-        "oscillations frozen": "abl13_freeze", "GPTQ rounding at start": "abl13_gptq"}),
+        "oscillations frozen": "abl13_freeze", "GPTQ rounding at start": "abl13_gptq",
+        "weights' moving average": "abl13_ema"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
         "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze"}),
