@@ -135,7 +135,7 @@ QAT_CHANGES = {
         "LSQ weight scales": "abl13_lsq", "lr 0.02": "abl13_lr2",
         "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
         "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
-        "oscillations frozen": "abl13_freeze", "GPTQ rounding at start": "abl13_gptq",
+        "oscillations frozen": "abl13_freeze", "GPTQ rounding": "abl13_gptq",
         "weights' moving average": "abl13_ema"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",

@@ -145,7 +145,7 @@ def _publish_figure(writer, tag: str, fig, png: Path | None) -> None:
     if png is not None:
         png.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(png) as tmp:
-            fig.savefig(tmp, format="png", dpi=150)
+            fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")  # long labels
 
 
 def copy_artifacts(layout: Layout, rows: dict) -> None:
