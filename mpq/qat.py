@@ -21,8 +21,7 @@ from .errors import UsageError
 from .files import file_sha256
 from .report import log_qat_layout
 from .quant import (INT8_WEIGHT_MAX, Plan, QuantConfig, calibrate_, freeze_bn_, gptq_init_,
-                    prepare_qat,
-                    quant_layers, reestimate_bn_)
+                    prepare_qat, quant_layers, reestimate_bn_)
 from .size import fp32_parameter_bytes, weight_bytes
 from .trainer import (LAST, Batches, evaluate, fit, make_loaders, schedule_length,
                       write_metrics)
