@@ -35,7 +35,7 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for key, live in self._floats(model).items():
-            self.average[key].lerp_(live.detach().to(self.average[key].dtype), 1 - d)
+            self.average[key].lerp_(live.detach(), 1 - d)
         self.updates += 1
 
     @contextmanager

@@ -13,6 +13,8 @@ those integers: the student computes, from its first step, the rounded model mea
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,21 +59,14 @@ _CHUNK = 1 << 24  # unfolded input values handled at once (64 MB of float32)
 
 
 def _kernel_area(layer: _QuantLayer) -> int:
-    if isinstance(layer, QuantLinear):
-        return 1
-    area = 1
-    for k in layer.layer.kernel_size:
-        area *= k
-    return area
+    return 1 if isinstance(layer, QuantLinear) else math.prod(layer.layer.kernel_size)
 
 
 def _columns(layer: _QuantLayer, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as the (D, N) matrix its weight (C, D) multiplies."""
     if isinstance(layer, QuantLinear):
         return x.reshape(-1, x.shape[-1]).T
-    conv = layer.layer
-    if conv.weight.dim() != 4:
-        raise ValueError("gptq rounds Linear and Conv2d weights")
+    conv = layer.layer  # a Conv2d (`_roundable`)
     x = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                  stride=conv.stride)  # (N, D, L), D in the weight's (in, kh, kw) order
     return x.transpose(0, 1).reshape(x.shape[1], -1)
@@ -124,7 +119,6 @@ def gptq_init_(model: nn.Module, inputs, *, damp: float = 0.01, progress: bool =
 
     from .prepare import quant_layers
 
-    inputs = list(inputs)
     inputs = [x[0] if isinstance(x, (tuple, list)) else x for x in inputs]
     was_training = model.training
     model.eval()
@@ -139,9 +133,11 @@ def gptq_init_(model: nn.Module, inputs, *, damp: float = 0.01, progress: bool =
             flat = wf.reshape(wf.shape[0], -1)
             k = gptq_round(flat, h, scale, q.qmin, q.qmax, damp=damp)
             nearest = layer.quant_weight(wf).reshape(flat.shape)
-            new = (k * scale[:, None]).reshape(wf.shape)
-            factor = _fold_factor(layer)
-            layer.layer.weight.copy_(new / factor if factor is not None else new)
+            new = k * scale[:, None]
+            unit = layer.scale_unit()  # the live BN's fold, which effective_weight applies
+            if unit is not None:
+                new = new / unit[:, None]
+            layer.layer.weight.copy_(new.reshape(wf.shape))
             if q.mode == "mse":
                 # The clipping ratio for the rounded weight: 1 wherever a channel reaches the
                 # grid's end, so the scale is the one rounded to (else as training would set it).
@@ -151,14 +147,6 @@ def gptq_init_(model: nn.Module, inputs, *, damp: float = 0.01, progress: bool =
     finally:
         model.train(was_training)
     return errors
-
-
-def _fold_factor(layer: _QuantLayer) -> torch.Tensor | None:
-    # What effective_weight multiplies the layer's weight by (the live BN's fold), shaped to it.
-    w = layer.layer.weight
-    if not isinstance(layer, QuantConv) or layer.bn is None or bool(layer.bn_frozen):
-        return None
-    return layer._bn_factor().reshape((-1,) + (1,) * (w.dim() - 1))
 
 
 def _output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
