@@ -309,9 +309,12 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
             with average.applied(model) if average else nullcontext():
                 test = (evaluate(model, test_loader) if test_loader is not None
                         else {"top1": None, "loss": None})
+            # An averaging run tests its live weights too: what the average buys, same seed.
+            live = ({"live_test_top1": evaluate(model, test_loader)["top1"]}
+                    if average and test_loader is not None else {})
             row = {"epoch": epoch + 1, "train_top1": 100 * correct / seen,
                    **{f"train_{k}": v / seen for k, v in sums.items()},
-                   "test_top1": test["top1"], "test_loss": test["loss"],
+                   "test_top1": test["top1"], "test_loss": test["loss"], **live,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started,
                    "steps": last}
             history.append(row)
@@ -324,6 +327,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
             save_last(epoch, {})
             if log:
                 tested = f" test {test['top1']:.2f}%" if test["top1"] is not None else ""
+                if live:
+                    tested += f" (live weights {live['live_test_top1']:.2f}%)"
                 print(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} "
                       f"train {row['train_top1']:.2f}%{tested} ({row['seconds']:.0f} s)",
                       flush=True)
@@ -332,7 +337,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
         final = history[-1] if history else {}
         metrics = {"top1": final.get("test_top1"), "test_loss": final.get("test_loss"),
                    "epochs": epochs, "steps": total, "precision": str(amp or torch.float32),
-                   "train_seconds": sum(r["seconds"] for r in history)}
+                   "train_seconds": sum(r["seconds"] for r in history),
+                   **({"live_top1": final["live_test_top1"]} if "live_test_top1" in final
+                      else {})}
         if on_train_end:
             metrics.update(on_train_end(model, dict(metrics)))
             for key in ("top1", "test_loss"):

@@ -47,9 +47,14 @@ def _run(out_dir, ema_epochs):
 def test_a_run_that_averages_tests_and_saves_the_average(tmp_path):
     from mpq.checkpoint import load_checkpoint
 
-    plain, _ = _run(tmp_path / "plain", 0)
+    plain, plain_metrics = _run(tmp_path / "plain", 0)
     averaged, metrics = _run(tmp_path / "avg", 0.5)
     last = load_checkpoint(tmp_path / "avg" / "checkpoint_last.pt")
+    plain_last = load_checkpoint(tmp_path / "plain" / "checkpoint_last.pt")
+    # the live weights are tested beside the average: the plain run's figures, epoch by epoch
+    assert ([r["live_test_top1"] for r in last["history"]]
+            == [r["test_top1"] for r in plain_last["history"]])
+    assert metrics["live_top1"] == plain_metrics["top1"] and "live_top1" not in plain_metrics
     saved = load_checkpoint(tmp_path / "avg" / "model.pt")["state_dict"]
     # the run's last weights are those of the plain run (the average does not steer training)
     assert all(torch.equal(last["state_dict"][k], v) for k, v in plain.state_dict().items())

@@ -276,6 +276,7 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
         "13x plan, float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
         "13x plan: bf16 autocast / seeds 1-3 / 60-epoch row": [(10, 0.21, "abl13_bf16"),
                                                            (60, 0.2, "mpq_13x")],
+        "13x plan, moving average (0.5 epoch)": [],
         "16x plan": [],
         "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")],
         "ternary, 30 + 30 warm restart": [(60, 0.87, "qat_w2_warm60")],

@@ -61,8 +61,7 @@ def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: P
             **({"init_epochs": before, "init_top1": metrics["init"]["top1"]} if before else {}),
             "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
             "commands": [layout.printable(c) for c in commands],
-            **({"frozen_fraction": metrics["frozen_fraction"]}
-               if "frozen_fraction" in metrics else {})}
+            **{key: metrics[key] for key in ("frozen_fraction", "live_top1") if key in metrics}}
 
 
 def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
