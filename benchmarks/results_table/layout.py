@@ -48,6 +48,8 @@ ROWS = {
     "qat_w2_lr05": "uniform W2A8 QAT, lr 0.005, float32",
     "qat_w2_freeze": "uniform W2A8 QAT, oscillating weights frozen (frequency above 0.02), "
                      "float32",
+    "qat_w2_ema": "uniform W2A8 QAT, the weights' moving average (time constant one epoch) "
+                  "tested and exported, float32",
 }
 # `make run` with its search changed by these recipe settings (its QAT as shipped, float32).
 MAKE_RUN_VARIANTS = {
@@ -70,7 +72,8 @@ ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"
                 "qat_w2_lsq_30ep": ["train.precision=fp32", "qat.weight_scale=lsq"],
                 "qat_w2_lr2": ["train.precision=fp32", "train.lr=0.02"],
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
-                "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"]}
+                "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"],
+                "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"]}
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -146,7 +149,8 @@ QAT_CHANGES = {
         "weights' moving average": "abl13_ema"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
-        "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze"}),
+        "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze",
+        "weights' moving average": "qat_w2_ema"}),
 }
 # Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
 # (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
@@ -156,7 +160,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
-                 "qat_w2_lsq_30ep"]
+                 "qat_w2_lsq_30ep", "qat_w2_ema"]
 
 
 @dataclass(frozen=True)
