@@ -172,7 +172,8 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
     below the axes, where it hides no point."""
     fig = _figure(0, extra=2.8 + 0.18 * len(series))
     ax = fig.add_subplot()
-    colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000", "#75507b", "#ce5c00")  # 7 distinct
+    colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000", "#75507b", "#ce5c00", "#06989a",
+              "#8f5902", "#ef29a9")  # 10 distinct
     for (name, points), color in zip(series.items(), colors * len(series)):
         if not points:
             continue
