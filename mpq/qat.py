@@ -201,6 +201,10 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
     cfg = recipe.qat
     student = quantized_model(fp32, plan, cfg, input_size=recipe.data.image_size)
     progress = progress and distributed.is_main()
+    if log and distributed.is_main() and recipe.train.ema_epochs and not cfg.bn_reestimate_batches:
+        print("note: train.ema_epochs averages BN's statistics too, which are not those of the "
+              "averaged weights; set qat.bn_reestimate_batches (e.g. 200) to recompute them "
+              "(benchmarks/average_bn.py: ternary's average 85.89% as trained, 87.90% so)")
     train_loader, test_loader = make_loaders(recipe, data_root=data_root, device=device,
                                              progress=progress, classes=payload.get("classes"))
     teacher_model = fp32.to(device).eval()

@@ -84,3 +84,35 @@ def test_an_averaging_qat_run_killed_mid_epoch_resumes_exactly(tmp_path, tiny_te
     tiny_recipe_dict["qat"] = {"calibration_batches": 2}
     kill_mid_epoch_and_resume(["train.py", "--recipe", write_recipe(tiny_recipe_dict),
                                "--teacher", tiny_teacher, "--bits", "3", "--no-export"], tmp_path)
+
+
+def test_an_averaging_qat_run_re_estimates_bn_for_the_average(tmp_path, tiny_teacher,
+                                                               tiny_recipe_dict, capsys):
+    from mpq.checkpoint import load_checkpoint, model_from_checkpoint
+    from mpq.config import recipe_from_dict
+    from mpq.qat import QATRecipe, train_qat
+    from mpq.quant import quantizable_layers, uniform_plan
+
+    tiny_recipe_dict["train"].update(epochs=2, lr=0.01, ema_epochs=0.5)
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher))
+    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=4)
+    bare = recipe_from_dict(tiny_recipe_dict, QATRecipe)
+    train_qat(bare, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "bare", device="cpu",
+              progress=False, log=True)
+    assert "set qat.bn_reestimate_batches" in capsys.readouterr().out
+    tiny_recipe_dict["qat"]["bn_reestimate_batches"] = 2
+    metrics = train_qat(recipe_from_dict(tiny_recipe_dict, QATRecipe), plan=plan,
+                        teacher=tiny_teacher, out_dir=tmp_path / "qat", device="cpu",
+                        progress=False, log=True)
+    assert "set qat.bn_reestimate_batches" not in capsys.readouterr().out
+    last = load_checkpoint(tmp_path / "qat" / "checkpoint_last.pt")
+    saved = load_checkpoint(tmp_path / "qat" / "model.pt")["state_dict"]
+    average = last["ema"]["average"]
+    # the saved model is the average, with BN's statistics (and only those) recomputed
+    stats = [k for k in average if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(saved[k], average[k]) for k in stats)
+    # (a weight quantizer's `scale` is not state: each forward derives it from the folded weight)
+    kept = [k for k in average if k not in stats and not k.endswith("weight_quant.scale")]
+    assert all(torch.equal(saved[k], average[k]) for k in kept)
+    assert metrics["top1_before_bn_reestimate"] == last["history"][-1]["test_top1"]
