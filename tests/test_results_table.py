@@ -280,6 +280,7 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
         "16x plan": [],
         "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")],
         "ternary, 30 + 30 warm restart": [(60, 0.87, "qat_w2_warm60")],
+        "uniform ternary, seed 1": [],
         "ternary, conv1 and FC at 8 bits": [(10, 1.26, "qat_w2_fl8")],
         "ternary, LSQ weight scales": []}
     results.log_curve(layout, rows)

@@ -34,6 +34,7 @@ ROWS = {
     "mpq_16x_60ep": "mpq, 16x budget, 60 QAT epochs",
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
     "qat_w2_60ep": "uniform W2A8 QAT, 60 epochs, float32",
+    "qat_w2_60ep_s1": "uniform W2A8 QAT, 60 epochs, float32, seed 1",
     "qat_w2_warm60": "uniform W2A8 QAT, 30 epochs, then 30 more from their end on a fresh "
                      "cosine schedule (train.py --init), float32",
     "qat_w2_fl8": "W2A8 QAT, the first conv and the FC at 8-bit weights (as TTQ and LQ-Nets "
@@ -59,13 +60,13 @@ MAKE_RUN_VARIANTS = {
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
-              "qat_w2_60ep": 60, "qat_w2_fl8_30ep": 30, "qat_w2_lsq_30ep": 30}
+              "qat_w2_60ep": 60, "qat_w2_60ep_s1": 60, "qat_w2_fl8_30ep": 30, "qat_w2_lsq_30ep": 30}
 # Warm restarts: a row's QAT started from another row's finished run (`train.py --init`), the
 # QAT recipe's schedule afresh for this many epochs: row -> (the row it starts from, epochs).
 WARM_ROWS = {"qat_w2_warm60": ("qat_w2_30ep", 30)}
 QAT_EPOCHS.update({name: epochs for name, (_, epochs) in WARM_ROWS.items()})
 # Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
-PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", *WARM_ROWS)
+PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", "qat_w2_60ep_s1", *WARM_ROWS)
 # Uniform QAT rows that change the QAT recipe: their settings.
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
@@ -73,7 +74,9 @@ ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"
                 "qat_w2_lr2": ["train.precision=fp32", "train.lr=0.02"],
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
                 "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"],
-                "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"]}
+                "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"],
+                # a second draw of the 60-epoch row that meets #33's ternary target at 0.80
+                "qat_w2_60ep_s1": ["train.seed=1"]}
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -134,6 +137,7 @@ EPOCH_CURVE = {
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
     "ternary, 30 + 30 warm restart": (None, ["qat_w2_warm60"]),
+    "uniform ternary, seed 1": (None, ["qat_w2_60ep_s1"]),
     "ternary, conv1 and FC at 8 bits": ("epochs_w2_fl8", ["qat_w2_fl8", "qat_w2_fl8_30ep"]),
     "ternary, LSQ weight scales": ("epochs_w2_lsq", ["qat_w2_lsq", "qat_w2_lsq_30ep"]),
 }
@@ -159,7 +163,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
-                 "qat_w2_lsq_30ep", "qat_w2_ema"]
+                 "qat_w2_lsq_30ep", "qat_w2_ema", "qat_w2_60ep_s1"]
 
 
 @dataclass(frozen=True)
