@@ -15,22 +15,25 @@ _INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx
 
 
 def side_by_side(runtimes: dict, x, *, seconds: float = 3.0, rounds: int = 5) -> dict:
-    """Median milliseconds per call of each `fn(x)` in `runtimes`, measured in `rounds` rounds
-    that visit every runtime in turn, about `seconds` of calls per runtime in all."""
+    """Milliseconds per call of each `fn(x)` in `runtimes`, measured in `rounds` rounds that
+    visit every runtime in turn, about `seconds` of calls per runtime in all: the lowest of a
+    runtime's per-round medians, so outside load that covers some of its rounds but not all
+    moves no figure (a pooled median moved once it covered half of them)."""
     for fn in runtimes.values():
         for _ in range(2):
             fn(x)
-    samples = {name: [] for name in runtimes}
-    for _ in range(rounds):
+    samples = {name: [[] for _ in range(rounds)] for name in runtimes}
+    for r in range(rounds):
         for name, fn in runtimes.items():
             start = time.perf_counter()
             while True:
                 t = time.perf_counter()
                 fn(x)
-                samples[name].append((time.perf_counter() - t) * 1000)
-                if time.perf_counter() - start >= seconds / rounds and len(samples[name]) >= 2:
+                samples[name][r].append((time.perf_counter() - t) * 1000)
+                if time.perf_counter() - start >= seconds / rounds and len(samples[name][r]) >= 2:
                     break
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: min(statistics.median(v) for v in per_round)
+            for name, per_round in samples.items()}
 
 
 def ort_runner(path, threads: int):
