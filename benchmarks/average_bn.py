@@ -39,6 +39,8 @@ def main():
     p.add_argument("--bn-batches", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.bn_batches < 1:
+        p.error(f"--bn-batches must be >= 1, got {args.bn_batches}")
     torch.set_num_threads(args.threads)
     payloads = {}
     for run in args.runs:
