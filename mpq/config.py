@@ -119,7 +119,8 @@ class TrainConfig:
     """FP32 training (and the optimiser part of QAT): SGD with momentum and a one-cycle schedule.
 
     `max_steps` > 0 ends training after that many optimiser steps (the schedule is compressed to
-    fit). `precision`: `auto`, `fp32`, `bf16` or `fp16` autocast (see `mpq.precision`);
+    fit). `precision`: `auto`, `fp32`, `bf16` or `fp16` autocast, or `bf16-emulated` (bf16's
+    rounding computed in float32, on any CPU; see `mpq.precision`);
     `compile` runs the network through `torch.compile`. Besides every epoch's end, the run is
     checkpointed every `checkpoint_steps` steps (0: never by count) and every
     `checkpoint_minutes` minutes (0: never by time), and resumes from the exact batch.
@@ -167,9 +168,9 @@ class TrainConfig:
         if self.ema_epochs < 0:
             raise UsageError(f"train.ema_epochs must be >= 0 (0: no average), got "
                              f"{self.ema_epochs}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise UsageError(f"train.precision must be auto, fp32, bf16 or fp16; got "
-                             f"{self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "bf16-emulated", "fp16"):
+            raise UsageError(f"train.precision must be auto, fp32, bf16, bf16-emulated or "
+                             f"fp16; got {self.precision!r}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise UsageError(
                 f"train.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"

@@ -5,6 +5,10 @@ GPUs, bf16 on CPUs with native bf16 arithmetic (AMX or AVX-512 BF16), and float3
 where bf16 is emulated and slower than float32 (see `benchmarks/train_speed.py`; README,
 "Training runs under autocast", for the measurement behind the CPU choice). `$MPQ_AUTO_PRECISION`
 (`fp32` or `bf16`) overrides what `auto` is on a CPU.
+`bf16-emulated` rounds as bf16 autocast does at every conv, linear and matmul (inputs and
+outputs to bf16, products summed in float32, gradients rounded on the way back through the
+same casts) but computes in float32, on any device: bf16's numerics where no native bf16 runs
+them, at about float32's speed.
 The fake quantizers always compute in float32 (`mpq.quant.modules`): a step of an 8-bit grid is
 1/256 of its range, and bf16 keeps 8 significant bits, so x / scale rounded in bf16 would land
 on the wrong integer.
@@ -26,10 +30,12 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UsageError
 
-__all__ = ["AUTO_ENV", "PRECISIONS", "autocast", "autocast_dtype", "cpu_has_fast_bf16",
-           "grad_scaler", "stride_passes_input"]
+__all__ = ["AUTO_ENV", "EMULATED_BF16", "PRECISIONS", "EmulatedBF16", "autocast",
+           "autocast_dtype", "cpu_has_fast_bf16", "grad_scaler", "stride_passes_input"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-emulated", "fp16")
+# `autocast_dtype`'s answer for `bf16-emulated`: no autocast, float32 with bf16's rounding.
+EMULATED_BF16 = "bf16-emulated"
 
 
 AUTO_ENV = "MPQ_AUTO_PRECISION"
@@ -44,8 +50,9 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`; None for float32."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | str | None:
+    """The autocast dtype for `precision` on `device`; None for float32, `EMULATED_BF16` for
+    float32 with bf16's rounding."""
     if precision not in PRECISIONS:
         raise UsageError(f"train.precision must be one of {', '.join(PRECISIONS)}; got "
                          f"{precision!r}")
@@ -56,6 +63,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return _cpu_auto()
     if precision == "fp32":
         return None
+    if precision == EMULATED_BF16:
+        return EMULATED_BF16
     if precision == "fp16" and not cuda:
         raise UsageError("train.precision=fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -74,11 +83,14 @@ def _cpu_auto() -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """`torch.autocast` for `dtype`, or a no-op for float32; on the CPU in bf16, convs whose
-    stride passes their padded input run in float32 (see the module's docstring)."""
+def autocast(device: torch.device, dtype: torch.dtype | str | None):
+    """`torch.autocast` for `dtype`, a no-op for float32, `EmulatedBF16` for `EMULATED_BF16`;
+    on the CPU in bf16, convs whose stride passes their padded input run in float32 (see the
+    module's docstring)."""
     if dtype is None:
         return contextlib.nullcontext()
+    if dtype == EMULATED_BF16:
+        return EmulatedBF16()
     if device.type != "cpu" or dtype != torch.bfloat16:
         return torch.autocast(device_type=device.type, dtype=dtype)
     stack = contextlib.ExitStack()
@@ -114,6 +126,36 @@ class _StridePastInputConvInFloat32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+def _to_bf16_and_back(t):
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64):
+        return t.to(torch.bfloat16).to(t.dtype)
+    return t
+
+
+class EmulatedBF16(TorchFunctionMode):
+    """Runs the ops bf16 autocast lowers (convolutions, linear layers, matrix products) on
+    inputs rounded to bf16 and rounds their outputs to bf16, in float32: the casts' backward
+    rounds the gradients as autocast's bf16 kernels do. Elementwise ops stay in float32 (under
+    autocast they run in bf16 after a bf16 op: one rounding more there).
+
+    On a QAT student this is far from a small change: an 8-bit activation that bf16 rounds
+    lands on another integer often (11-43% of ResNet20's, README "QAT under bf16")."""
+
+    LOWERED = frozenset(f for f in (
+        torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,
+        torch.conv_transpose2d, torch.conv_transpose3d, torch.nn.functional.linear,
+        torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm, torch.Tensor.matmul,
+        torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.LOWERED:
+            return func(*args, **kwargs)
+        args = [_to_bf16_and_back(a) for a in args]
+        kwargs = {k: _to_bf16_and_back(v) for k, v in kwargs.items()}
+        return _to_bf16_and_back(func(*args, **kwargs))
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | str | None) -> torch.amp.GradScaler:
     """A GradScaler that scales only for fp16 (bf16 has float32's exponent range)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

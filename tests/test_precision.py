@@ -49,3 +49,35 @@ def test_a_conv_striding_past_its_input_gets_its_float32_weight_gradient_under_b
         got = torch.autograd.grad(y.float().square().sum(), conv.weight)[0]
         assert y.dtype == (torch.float32 if degenerate else torch.bfloat16)
         assert torch.allclose(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())
+
+
+def test_emulated_bf16_rounds_what_autocast_lowers_and_computes_in_float32():
+    """`bf16-emulated`: conv and linear see bf16-rounded inputs and give bf16-rounded outputs
+    and input gradients, all in float32, as bf16 autocast's kernels do (the same values up to
+    float32 summation order); elementwise ops are left alone."""
+    from mpq.precision import EMULATED_BF16, autocast
+
+    assert autocast_dtype("bf16-emulated", CPU) == EMULATED_BF16
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Flatten(),
+                              torch.nn.Linear(16 * 36, 10))
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    with autocast(CPU, EMULATED_BF16):
+        y = net(x)
+        doubled = x * 1.001  # elementwise: float32, unrounded
+    assert y.dtype == torch.float32 and torch.equal(y, bf16(y))
+    assert not torch.equal(doubled, bf16(doubled))
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    assert torch.equal(gx, bf16(gx))
+    with torch.no_grad():
+        hidden = bf16(torch.nn.functional.conv2d(bf16(x), bf16(net[0].weight), bf16(net[0].bias),
+                                                 padding=1)).flatten(1)
+        want = bf16(torch.nn.functional.linear(bf16(hidden), bf16(net[2].weight),
+                                               bf16(net[2].bias)))
+    assert torch.equal(y, want)
+    with autocast(CPU, torch.bfloat16):
+        native = net(x)
+    assert torch.allclose(y, native.float(), rtol=2 ** -7, atol=1e-3)
+    y0 = net(x)  # outside the context: float32 again
+    assert not torch.equal(y0, bf16(y0))

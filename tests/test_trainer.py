@@ -137,6 +137,10 @@ def test_bf16_autocast_trains_on_the_cpu_and_fp16_there_is_refused(tmp_path, tin
     metrics = train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "bf16",
                          device="cpu", progress=False, log=False)
     assert metrics["precision"] == "torch.bfloat16" and math.isfinite(metrics["test_loss"])
+    tiny_recipe_dict["train"]["precision"] = "bf16-emulated"
+    metrics = train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "emulated",
+                         device="cpu", progress=False, log=False)
+    assert metrics["precision"] == "bf16-emulated" and math.isfinite(metrics["test_loss"])
     tiny_recipe_dict["train"]["precision"] = "fp16"
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "fp16", device="cpu",
