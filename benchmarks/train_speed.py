@@ -8,8 +8,9 @@ training step with and without autocast, side by side in one run.
 Loaders: images per second of one training epoch over the first `--images` training images of
 the CIFAR-10 copy at 32 px (pad-and-crop, flip), in memory (decoded once; the decode is timed
 apart) and streamed from the JPEG files with each worker count. Steps: the median of `--steps`
-(after two warm-up steps) of a forward, backward and SGD update in float32 and under bf16 autocast
-(fp16 too on CUDA), for ResNet20 at 32 px (batch 128) and torchvision resnet18 and resnet50
+(after two warm-up steps) of a forward, backward and SGD update in float32, under bf16
+autocast and with bf16's rounding emulated in float32 (`train.precision: bf16-emulated`; fp16
+too on CUDA), for ResNet20 at 32 px (batch 128) and torchvision resnet18 and resnet50
 with 1000 classes at 224 px (batch 32 on the CPU, 256 on CUDA), FP32 and QAT (W4A8), and
 with `torch.compile` on CUDA.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mpq.config import DataConfig  # noqa: E402
 from mpq.data import load_split, make_loader  # noqa: E402
 from mpq.models import build_model  # noqa: E402
-from mpq.precision import autocast, cpu_has_fast_bf16  # noqa: E402
+from mpq.precision import EMULATED_BF16, autocast, cpu_has_fast_bf16  # noqa: E402
 from mpq.quant import calibrate_, prepare_qat, quantizable_layers, uniform_plan  # noqa: E402
 
 
@@ -79,8 +80,8 @@ def step_time(model, x, y, *, dtype, steps, device) -> float:
 def steps(args) -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtypes = [("fp32", None), ("bf16", torch.bfloat16)] + ([("fp16", torch.float16)] if cuda
-                                                          else [])
+    dtypes = [("fp32", None), ("bf16", torch.bfloat16), ("bf16-emulated", EMULATED_BF16)] + (
+        [("fp16", torch.float16)] if cuda else [])
     print("\n| model | batch | kind | " + " | ".join(f"{n} s/step" for n, _ in dtypes)
           + " | " + " | ".join(f"{n} / fp32" for n, _ in dtypes[1:]) + " |")
     print("| --- | ---: | --- |" + " ---: |" * (2 * len(dtypes) - 1))
