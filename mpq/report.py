@@ -174,6 +174,10 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
     ax = fig.add_subplot()
     colors = (_BLUE, _RED, _GREY, "#4e9a06", "#c4a000", "#75507b", "#ce5c00", "#06989a",
               "#8f5902", "#ef29a9")  # 10 distinct
+    every_y = [y for points in series.values() for _, y in points]
+    # A label within 3% of the y span of one already at the same x would print over it.
+    near = 0.03 * (max(every_y) - min(every_y)) if every_y else 0.0
+    labelled: dict[float, list[float]] = {}
     for (name, points), color in zip(series.items(), colors * len(series)):
         if not points:
             continue
@@ -181,6 +185,9 @@ def series_figure(series: dict[str, list[tuple[float, float]]], *, title: str, x
         ax.plot(xs, ys, color=color, marker="o", markersize=3, label=name,
                 linewidth=0 if name in unjoined else 1)
         for x, y in zip(xs, ys):
+            if any(abs(y - other) < near for other in labelled.get(x, ())):
+                continue
+            labelled.setdefault(x, []).append(y)
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(3, 3),
                         fontsize=_FONT - 1.5, color=color)
     if logx:

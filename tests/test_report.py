@@ -16,7 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mpq.hessian import LayerSensitivity
 from mpq.report import (FIGURE_WIDTH, bits_figure, log_qat_layout, log_search, log_sensitivity,
-                        pareto_points, perturbation_figure, sensitivity_figure, trials_figure)
+                        pareto_points, perturbation_figure, sensitivity_figure, series_figure,
+                        trials_figure)
 
 NAMES = [f"layer{i}.conv{j}" for i in range(1, 4) for j in (1, 2)] + ["fc"]
 SENS = {n: LayerSensitivity(10.0 ** (i - 3), 0.04 * 10.0 ** (i - 3), 10.0 ** (i - 4),
@@ -60,6 +61,14 @@ def test_each_figure_renders_at_its_width_with_something_drawn(make, width):
     # one row per layer: taller with more layers (what keeps names legible)
     if "layer1.conv1" in str([t.get_text() for t in fig.axes[0].get_yticklabels()]):
         assert pixels.shape[0] >= 15 * len(NAMES)
+
+
+def test_a_series_point_is_labelled_unless_a_label_at_its_x_would_print_over_it():
+    fig = series_figure({"curve": [(1, 1.58), (10, 0.50)],
+                         "runs": [(10, 0.51), (10, 0.21), (60, 0.20)]},
+                        title="t", xlabel="x", ylabel="y", logx=True, unjoined=("runs",))
+    labels = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert labels == ["0.20", "0.21", "0.50", "1.58"]  # 0.51 at x=10 sits on 0.50: dropped
 
 
 def _free_port():
