@@ -122,8 +122,8 @@ ABLATIONS = {
     # Points lost against epochs (the 10-epoch point is abl13_fp32).
     **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
-    # A second draw of the 60-epoch schedule (mpq_13x, seed 0, lost 0.20): one 10-epoch run's
-    # top-1 has an SD of ~0.2 points, so one 60-epoch run does not say where #33's 0.15 lies.
+    # A second draw of the 60-epoch schedule (mpq_13x, seed 0, lost 0.20): ten 10-epoch runs
+    # of the recipe spread 0.21-0.66 (SD 0.11), so one 60-epoch run cannot place #33's 0.15.
     "abl13_ep60_s1": ("13x plan, QAT recipe, 60 epochs, float32, seed 1",
                       ["train.precision=fp32", "train.epochs=60", "train.seed=1"]),
     # A short schedule with the weights' moving average (time constant half an epoch): the
