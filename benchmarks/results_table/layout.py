@@ -85,8 +85,8 @@ ABLATIONS = {
     "abl13_fp32": ("13x plan, QAT recipe as shipped (10 epochs), float32",
                    ["train.precision=fp32"]),
     "abl13_bf16": ("13x plan, QAT recipe, bf16 autocast", ["train.precision=bf16"]),
-    # More draws under bf16: abl13_bf16 lost 0.21 where fourteen float32 runs of the recipe
-    # and its variants lost 0.38-0.57 (needs a CPU with native bf16 to train in hours).
+    # More draws under bf16: abl13_bf16 lost 0.21 where twelve float32 runs of the recipe and
+    # its no-different variants lost 0.41-0.57 (needs a CPU with native bf16 to train in hours).
     **{f"abl13_bf16_s{n}": (f"13x plan, QAT recipe, bf16 autocast, seed {n}",
                             ["train.precision=bf16", f"train.seed={n}"]) for n in (1, 2)},
     # bf16's rounding at every conv and linear layer, computed in float32 (any CPU).
