@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .precision import PRECISIONS
 
 __all__ = [
     "DataConfig",
@@ -168,9 +169,9 @@ class TrainConfig:
         if self.ema_epochs < 0:
             raise UsageError(f"train.ema_epochs must be >= 0 (0: no average), got "
                              f"{self.ema_epochs}")
-        if self.precision not in ("auto", "fp32", "bf16", "bf16-emulated", "fp16"):
-            raise UsageError(f"train.precision must be auto, fp32, bf16, bf16-emulated or "
-                             f"fp16; got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"train.precision must be one of {', '.join(PRECISIONS)}; got "
+                             f"{self.precision!r}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise UsageError(
                 f"train.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"

@@ -139,8 +139,8 @@ class EmulatedBF16(TorchFunctionMode):
     autocast they run in bf16 after a bf16 op: one rounding more there).
 
     On a QAT student this is far from a small change: an 8-bit activation that bf16 rounds
-    lands on another integer often (11-43% of ResNet20's; docs/design_notes.md, "QAT under
-    bf16")."""
+    lands on another integer often (up to 52% of a ResNet20 quantizer's; docs/design_notes.md,
+    "QAT under bf16")."""
 
     LOWERED = frozenset((
         torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,

@@ -65,9 +65,9 @@ def test_emulated_bf16_rounds_what_autocast_lowers_and_computes_in_float32():
     bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     with autocast(CPU, EMULATED_BF16):
         y = net(x)
-        doubled = x * 1.001  # elementwise: float32, unrounded
+        scaled = x * 1.001  # elementwise: float32, unrounded
     assert y.dtype == torch.float32 and torch.equal(y, bf16(y))
-    assert not torch.equal(doubled, bf16(doubled))
+    assert not torch.equal(scaled, bf16(scaled))
     (gx,) = torch.autograd.grad(y.square().sum(), x)
     assert torch.equal(gx, bf16(gx))
     with torch.no_grad():
