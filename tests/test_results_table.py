@@ -503,3 +503,23 @@ def test_a_warm_restart_row_starts_from_its_base_row_and_counts_both_schedules(t
     monkeypatch.setattr(compute, "_run", lambda *a: None)
     row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")
     assert (row["epochs"], row["init_epochs"], row["init_top1"]) == (60, 30, 88.4)
+
+
+def test_a_row_keeps_its_runs_test_top1_after_every_epoch(tmp_path, monkeypatch):
+    from results_table import compute
+
+    export = tmp_path / "qat" / "export"
+    export.mkdir(parents=True)
+    (export / "export.json").write_text(json.dumps({
+        "onnx_top1": 89.1, "mpq_bytes": 83_799, "fake_quant_top1": 89.1, "torch_int8_top1": 89.1,
+        "files": {"model_int8.onnx": {"bytes": 1}}}))
+    (export.parent / "metrics.json").write_text(json.dumps({"epochs": 3, "train_seconds": 1.0}))
+    monkeypatch.setattr(compute, "_run", lambda *a: None)
+    # Without the run's checkpoint (a row made before it was kept) the curve is empty.
+    row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")
+    assert row["test_top1_by_epoch"] == []
+    torch.save({"history": [{"epoch": e, "test_top1": t} for e, t in
+                            enumerate([85.123, 87.5, 88.996])]},
+               export.parent / "checkpoint_last.pt")
+    row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")
+    assert row["test_top1_by_epoch"] == [85.12, 87.5, 89.0]

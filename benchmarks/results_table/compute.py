@@ -18,7 +18,8 @@ from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS
                      MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, ROW_SETTINGS,
                      SEARCH_RECIPE, WARM_ROWS, Layout)
 
-__all__ = ["RowFailed", "make_row", "smallest_plan", "stale", "stop_commands_on_sigterm"]
+__all__ = ["RowFailed", "epoch_curve", "make_row", "smallest_plan", "stale",
+           "stop_commands_on_sigterm"]
 
 
 class RowFailed(RuntimeError):
@@ -47,6 +48,16 @@ def _run(layout: Layout, cmd: list, log: Path) -> None:
         raise RowFailed(f"command failed with exit code {code} (log: {log}): {printable}")
 
 
+def epoch_curve(qat_dir: Path) -> list[float]:
+    """The test top-1 after each epoch of a QAT run (from its `checkpoint_last.pt`), so a row's
+    curve stays with the row once `runs/` is gone; [] where the checkpoint is not there."""
+    last = qat_dir / "checkpoint_last.pt"
+    if not last.is_file():
+        return []
+    history = torch.load(last, map_location="cpu", weights_only=True)["history"]
+    return [round(float(h["test_top1"]), 2) for h in history]
+
+
 def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: Path) -> dict:
     for cmd in commands:
         _run(layout, cmd, log)
@@ -61,6 +72,7 @@ def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: P
             **({"init_epochs": before, "init_top1": metrics["init"]["top1"]} if before else {}),
             "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
             "commands": [layout.printable(c) for c in commands],
+            "test_top1_by_epoch": epoch_curve(export_dir.parent),
             **{key: metrics[key] for key in ("frozen_fraction", "live_top1") if key in metrics}}
 
 
