@@ -518,7 +518,10 @@ def test_a_row_keeps_its_runs_test_top1_after_every_epoch(tmp_path, monkeypatch)
     # Without the run's checkpoint (a row made before it was kept) the curve is empty.
     row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")
     assert row["test_top1_by_epoch"] == []
-    torch.save({"history": [{"epoch": e, "test_top1": t} for e, t in
+    from mpq.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "history": [{"epoch": e, "test_top1": t} for e, t in
                             enumerate([85.123, 87.5, 88.996])]},
                export.parent / "checkpoint_last.pt")
     row = compute._exported_row(LAYOUT, [["train.py"]], export, tmp_path / "log.txt")

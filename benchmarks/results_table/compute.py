@@ -51,11 +51,12 @@ def _run(layout: Layout, cmd: list, log: Path) -> None:
 def epoch_curve(qat_dir: Path) -> list[float]:
     """The test top-1 after each epoch of a QAT run (from its `checkpoint_last.pt`), so a row's
     curve stays with the row once `runs/` is gone; [] where the checkpoint is not there."""
+    from mpq.checkpoint import load_checkpoint
+
     last = qat_dir / "checkpoint_last.pt"
     if not last.is_file():
         return []
-    history = torch.load(last, map_location="cpu", weights_only=True)["history"]
-    return [round(float(h["test_top1"]), 2) for h in history]
+    return [round(float(h["test_top1"]), 2) for h in load_checkpoint(last)["history"]]
 
 
 def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: Path) -> dict:
