@@ -274,13 +274,13 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
             "qat_w2_fl8": row(88.31, "model.mpq", 61_823, epochs=10)}
     assert results.table.epoch_points(rows) == {
         "13x plan, float32, seed 0": [(1, 1.07, "abl13_ep1"), (10, 0.5, "abl13_fp32")],
-        "13x plan: bf16 (3 draws) / seeds 1-3 / 60 epochs (2 seeds)": [
+        "13x plan: bf16 (3 draws) / seeds 1-3 / 60 epochs (each seed)": [
             (10, 0.21, "abl13_bf16"), (60, 0.2, "mpq_13x")],
         "13x plan, moving average (0.5 epoch)": [],
         "16x plan": [],
         "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")],
         "ternary, 30 + 30 warm restart": [(60, 0.87, "qat_w2_warm60")],
-        "uniform ternary, seed 1": [],
+        "uniform ternary, 60 epochs, seeds 1 and 2": [],
         "ternary, conv1 and FC at 8 bits": [(10, 1.26, "qat_w2_fl8")],
         "ternary, LSQ weight scales": []}
     results.log_curve(layout, rows)

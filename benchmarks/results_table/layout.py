@@ -35,6 +35,7 @@ ROWS = {
     "qat_w2_30ep": "uniform W2A8 QAT, 30 epochs",
     "qat_w2_60ep": "uniform W2A8 QAT, 60 epochs, float32",
     "qat_w2_60ep_s1": "uniform W2A8 QAT, 60 epochs, float32, seed 1",
+    "qat_w2_60ep_s2": "uniform W2A8 QAT, 60 epochs, float32, seed 2",
     "qat_w2_warm60": "uniform W2A8 QAT, 30 epochs, then 30 more from their end on a fresh "
                      "cosine schedule (train.py --init), float32",
     "qat_w2_fl8": "W2A8 QAT, the first conv and the FC at 8-bit weights (as TTQ and LQ-Nets "
@@ -60,13 +61,15 @@ MAKE_RUN_VARIANTS = {
 ROWS.update({name: what for name, (what, _) in MAKE_RUN_VARIANTS.items()})
 # QAT epochs where a row departs from the QAT recipe's.
 QAT_EPOCHS = {"qat_w8": 2, "mpq_13x": 60, "mpq_16x": 30, "mpq_16x_60ep": 60, "qat_w2_30ep": 30,
-              "qat_w2_60ep": 60, "qat_w2_60ep_s1": 60, "qat_w2_fl8_30ep": 30, "qat_w2_lsq_30ep": 30}
+              "qat_w2_60ep": 60, "qat_w2_60ep_s1": 60, "qat_w2_60ep_s2": 60,
+              "qat_w2_fl8_30ep": 30, "qat_w2_lsq_30ep": 30}
 # Warm restarts: a row's QAT started from another row's finished run (`train.py --init`), the
 # QAT recipe's schedule afresh for this many epochs: row -> (the row it starts from, epochs).
 WARM_ROWS = {"qat_w2_warm60": ("qat_w2_30ep", 30)}
 QAT_EPOCHS.update({name: epochs for name, (_, epochs) in WARM_ROWS.items()})
 # Rows long enough to be parked and resumed on other CPUs train in float32 on every one.
-PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", "qat_w2_60ep_s1", *WARM_ROWS)
+PINNED_FP32 = ("mpq_16x_60ep", "qat_w2_30ep", "qat_w2_60ep", "qat_w2_60ep_s1", "qat_w2_60ep_s2",
+               *WARM_ROWS)
 # Uniform QAT rows that change the QAT recipe: their settings.
 ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"],
                 "qat_w2_lsq": ["train.precision=fp32", "qat.weight_scale=lsq"],
@@ -75,8 +78,11 @@ ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
                 "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"],
                 "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"],
-                # a second draw of the 60-epoch row that meets #33's ternary target at 0.80
-                "qat_w2_60ep_s1": ["train.seed=1"]}
+                # a second draw of the 60-epoch row that met #33's ternary target at 0.80: it
+                # lost 0.95, so the recipe loses 0.88 on average
+                "qat_w2_60ep_s1": ["train.seed=1"],
+                # a third draw, to put the mean of 0.80 and 0.95 against 0.8 with more than two
+                "qat_w2_60ep_s2": ["train.seed=2"]}
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -124,8 +130,13 @@ ABLATIONS = {
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
     # A second draw of the 60-epoch schedule (mpq_13x, seed 0, lost 0.20): ten 10-epoch runs
     # of the recipe spread 0.21-0.66 (SD 0.11), so one 60-epoch run cannot place #33's 0.15.
+    # It ended 0.18 above the teacher (89.75%): the two draws lose 0.01 on average.
     "abl13_ep60_s1": ("13x plan, QAT recipe, 60 epochs, float32, seed 1",
                       ["train.precision=fp32", "train.epochs=60", "train.seed=1"]),
+    # A third, since the two differ image by image at p=0.034: the mean of 0.20 and -0.18
+    # against #33's 0.15 rests on more than two draws.
+    "abl13_ep60_s2": ("13x plan, QAT recipe, 60 epochs, float32, seed 2",
+                      ["train.precision=fp32", "train.epochs=60", "train.seed=2"]),
     # A short schedule with the weights' moving average (time constant half an epoch): the
     # average led other seeds' live weights by 1.3-6.2 points in abl13_ema's first five epochs.
     "abl13_ep5_ema": ("13x plan, QAT recipe, 5 epochs, float32, the weights' moving average "
@@ -141,14 +152,14 @@ ROWS.update({name: what for name, (what, _) in ABLATIONS.items()})
 EPOCH_CURVE = {
     "13x plan, float32, seed 0": ("epochs_13x", ["abl13_ep1", "abl13_ep2", "abl13_ep5",
                                                  "abl13_fp32", "abl13_ep20"]),
-    "13x plan: bf16 (3 draws) / seeds 1-3 / 60 epochs (2 seeds)": (None, [
+    "13x plan: bf16 (3 draws) / seeds 1-3 / 60 epochs (each seed)": (None, [
         "abl13_bf16", "abl13_bf16_s1", "abl13_bf16_s2", "abl13_bf16emu", "abl13_s1", "abl13_s2",
-        "abl13_s3", "mpq_13x", "abl13_ep60_s1"]),
+        "abl13_s3", "mpq_13x", "abl13_ep60_s1", "abl13_ep60_s2"]),
     "13x plan, moving average (0.5 epoch)": (None, ["abl13_ep5_ema"]),
     "16x plan": ("epochs_16x", ["mpq_16x", "mpq_16x_60ep"]),
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
     "ternary, 30 + 30 warm restart": (None, ["qat_w2_warm60"]),
-    "uniform ternary, seed 1": (None, ["qat_w2_60ep_s1"]),
+    "uniform ternary, 60 epochs, seeds 1 and 2": (None, ["qat_w2_60ep_s1", "qat_w2_60ep_s2"]),
     "ternary, conv1 and FC at 8 bits": ("epochs_w2_fl8", ["qat_w2_fl8", "qat_w2_fl8_30ep"]),
     "ternary, LSQ weight scales": ("epochs_w2_lsq", ["qat_w2_lsq", "qat_w2_lsq_30ep"]),
 }
@@ -175,7 +186,8 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  *BOPS_ROWS, *MAKE_RUN_VARIANTS, *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
-                 "qat_w2_lsq_30ep", "qat_w2_ema", "qat_w2_60ep_s1"]
+                 "qat_w2_lsq_30ep", "qat_w2_ema", "qat_w2_60ep_s1",
+                 "qat_w2_60ep_s2"]
 
 
 @dataclass(frozen=True)
