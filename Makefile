@@ -41,11 +41,13 @@ test-bf16: setup data
 # 13x compression, QAT with distillation on the plan found.
 TEACHER := $(if $(wildcard checkpoints/resnet20_cifar10.pt),checkpoints/resnet20_cifar10.pt,runs/resnet20_cifar10_fp32/model.pt)
 BUDGET ?= 13x
+# QAT epochs; empty: the QAT recipe's (10). Another count trains into its own folder.
+EPOCHS ?=
 
 run: setup data
 	@[ -f $(TEACHER) ] || $(BIN)/python train.py --recipe recipes/resnet20_cifar10_fp32.yaml --out runs/resnet20_cifar10_fp32
 	$(BIN)/python search.py --recipe recipes/resnet20_cifar10.yaml --checkpoint $(TEACHER) --budget $(BUDGET) --out runs/search_$(BUDGET)
-	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher $(TEACHER) --plan runs/search_$(BUDGET)/plan.json --out runs/qat_$(BUDGET)
+	$(BIN)/python train.py --recipe recipes/resnet20_cifar10_qat.yaml --teacher $(TEACHER) --plan runs/search_$(BUDGET)/plan.json $(if $(EPOCHS),--set train.epochs=$(EPOCHS)) --out runs/qat_$(BUDGET)$(if $(EPOCHS),_$(EPOCHS)ep)
 
 # The README's results table: every row (searches, QAT, PTQ, baselines), resumably.
 results: setup data

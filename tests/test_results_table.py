@@ -325,6 +325,16 @@ def test_the_make_run_row_runs_the_makefiles_search_and_qat_with_precision_pinne
     assert [train[i + 1] for i, a in enumerate(train) if a == "--set"] == ["train.precision=fp32"]
 
 
+def test_the_60_epoch_make_run_row_is_the_makefiles_commands_with_epochs_60(tmp_path,
+                                                                           monkeypatch):
+    search, train = _commands_of(tmp_path, monkeypatch, "make_run_60ep")
+    assert [a.replace("make_run_60ep", "make_run") for a in search] == _commands_of(
+        tmp_path, monkeypatch, "make_run")[0]
+    assert sorted(train[i + 1] for i, a in enumerate(train) if a == "--set") == [
+        "train.epochs=60", "train.precision=fp32"]
+    assert "$(if $(EPOCHS),--set train.epochs=$(EPOCHS))" in (ROOT / "Makefile").read_text()
+
+
 def test_a_make_run_variant_changes_only_its_search(tmp_path, monkeypatch):
     search, train = _commands_of(tmp_path, monkeypatch, "make_run_polish")
     assert [search[i + 1] for i, a in enumerate(search) if a == "--set"] == [
