@@ -1,12 +1,12 @@
-"""What the weights' moving average buys once BN's statistics are re-estimated for it.
+"""What re-estimating BN's statistics buys a finished QAT run, and its weights' moving average.
 
     python benchmarks/average_bn.py RUN_DIR [RUN_DIR ...] --data-root ~/.cache/mpq/cifar10-jpeg
         [--bn-batches 200] [--threads 2]
 
-Each RUN_DIR is a finished QAT run trained with `train.ema_epochs` (its `checkpoint_last.pt`
-holds the live weights and their average). Averaging BN's running statistics does not give the
+Each RUN_DIR is a finished QAT run (its `checkpoint_last.pt`); one trained with
+`train.ema_epochs` holds the live weights and their average, and both are measured. Averaging BN's running statistics does not give the
 statistics of the averaged weights' quantized network (SWA re-computes them for that reason),
-so for the live weights and for the average this prints the test top-1 as trained and after
+so for the live weights (and the average) this prints the test top-1 as trained and after
 re-estimating BN (`mpq.quant.reestimate_bn_`, what `qat.bn_reestimate_batches` does) on
 `--bn-batches` augmented training batches.
 """
@@ -34,7 +34,7 @@ from mpq.trainer import evaluate, make_loaders  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="QAT run folders trained with an average")
+    p.add_argument("runs", nargs="+", type=Path, help="finished QAT run folders")
     p.add_argument("--data-root", required=True)
     p.add_argument("--bn-batches", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
@@ -44,10 +44,10 @@ def main():
     torch.set_num_threads(args.threads)
     payloads = {}
     for run in args.runs:
-        payload = load_checkpoint(run / "checkpoint_last.pt")
-        if "ema" not in payload:
-            raise UsageError(f"{run} was trained without train.ema_epochs: nothing to compare")
-        payloads[run] = payload
+        if not (run / "checkpoint_last.pt").is_file():
+            raise UsageError(f"{run} holds no checkpoint_last.pt: pass a QAT run folder "
+                             f"(train.py --out)")
+        payloads[run] = load_checkpoint(run / "checkpoint_last.pt")
     print(f"CPU: {cpu_summary()}, {args.threads} threads; BN re-estimated on "
           f"{args.bn_batches} augmented training batches")
     for run, payload in payloads.items():
@@ -56,7 +56,8 @@ def main():
                                    device=torch.device("cpu"), progress=False)
         model = model_from_checkpoint(payload, path=run / "checkpoint_last.pt")
         live = {k: v.clone() for k, v in model.state_dict().items()}
-        for label, weights in (("live", live), ("average", payload["ema"]["average"])):
+        averaged = [("average", payload["ema"]["average"])] if "ema" in payload else []
+        for label, weights in (("live", live), *averaged):
             model.load_state_dict(weights, strict=False)
             before = evaluate(model, test)["top1"]
             reestimate_bn_(model, islice(train.epoch(recipe.train.epochs), args.bn_batches))
