@@ -440,6 +440,21 @@ def test_fine_tune_qat_and_train_qat_take_the_same_steps(tmp_path, tiny_teacher,
         prepare_qat(teacher, plan, example_inputs=(batches[0][0][:1],)))["conv1"].layer.weight)
 
 
+def test_the_epochs_logging_leaves_the_quantizers_step_counts_to_training(tmp_path, tiny_teacher,
+                                                                         tiny_recipe_dict):
+    """An mse weight quantizer refreshes its clipping ratio every `refresh_every` training
+    steps by its own count; the TensorBoard logging after each epoch reads every layer's grid
+    and must not count as a step (it did: 391 a 390-step epoch), or logging moves training."""
+    recipe = recipe_from_dict(tiny_recipe_dict, QATRecipe)  # mse scales, 2 epochs of 12 steps
+    teacher = model_from_checkpoint(load_checkpoint(tiny_teacher))
+    plan = uniform_plan("resnet20", quantizable_layers(teacher), w_bits=4)
+    train_qat(recipe, plan=plan, teacher=tiny_teacher, out_dir=tmp_path / "qat", device="cpu",
+              progress=False, log=False)
+    state = load_checkpoint(tmp_path / "qat" / "checkpoint_last.pt")["state_dict"]
+    counts = {k: int(v) for k, v in state.items() if k.endswith("weight_quant.steps")}
+    assert len(counts) == len(plan.layers) and set(counts.values()) == {2 * 12}
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_reported_top1_is_the_float32_one_of_the_exported_model_under_bf16(
         tmp_path, tiny_teacher, tiny_recipe_dict, write_recipe, channels_last):
