@@ -74,7 +74,8 @@ def _exported_row(layout: Layout, commands: list[list], export_dir: Path, log: P
             "train_seconds": metrics.get("train_seconds"), "export_dir": layout.rel(export_dir),
             "commands": [layout.printable(c) for c in commands],
             "test_top1_by_epoch": epoch_curve(export_dir.parent),
-            **{key: metrics[key] for key in ("frozen_fraction", "live_top1") if key in metrics}}
+            **{key: metrics[key] for key in ("frozen_fraction", "live_top1",
+                                             "top1_before_bn_reestimate") if key in metrics}}
 
 
 def make_row(layout: Layout, name: str, *, data_root=None) -> dict:

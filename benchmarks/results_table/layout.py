@@ -134,6 +134,11 @@ ABLATIONS = {
     "abl13_ema": ("13x plan, QAT recipe, the weights' moving average (time constant one "
                   "epoch) tested and exported (train.ema_epochs 1)",
                   ["train.precision=fp32", "train.ema_epochs=1"]),
+    # BN's statistics recomputed over 200 augmented batches once training ends (#33's "BN
+    # re-estimation"): the run's metrics keep the top-1 before, a paired measure of one run.
+    "abl13_bnre": ("13x plan, QAT recipe, BN re-estimated after the last epoch "
+                   "(qat.bn_reestimate_batches 200)",
+                   ["train.precision=fp32", "qat.bn_reestimate_batches=200"]),
     # Points lost against epochs (the 10-epoch point is abl13_fp32).
     **{f"abl13_ep{n}": (f"13x plan, QAT recipe, {n} epoch{'s' if n > 1 else ''}, float32",
                         ["train.precision=fp32", f"train.epochs={n}"]) for n in (1, 2, 5, 20)},
