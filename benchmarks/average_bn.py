@@ -1,14 +1,15 @@
-"""What re-estimating BN's statistics buys a finished QAT run, and its weights' moving average.
+"""What re-estimating BN's statistics buys a QAT run, and its weights' moving average.
 
-    python benchmarks/average_bn.py RUN_DIR [RUN_DIR ...] --data-root ~/.cache/mpq/cifar10-jpeg
+    python benchmarks/average_bn.py RUN [RUN ...] --data-root ~/.cache/mpq/cifar10-jpeg
         [--bn-batches 200] [--threads 2]
 
-Each RUN_DIR is a finished QAT run (its `checkpoint_last.pt`); one trained with
-`train.ema_epochs` holds the live weights and their average, and both are measured. Averaging BN's running statistics does not give the
-statistics of the averaged weights' quantized network (SWA re-computes them for that reason),
-so for the live weights (and the average) this prints the test top-1 as trained and after
-re-estimating BN (`mpq.quant.reestimate_bn_`, what `qat.bn_reestimate_batches` does) on
-`--bn-batches` augmented training batches.
+Each RUN is a QAT run folder (its `checkpoint_last.pt`) or a copy of such a checkpoint taken
+mid-schedule (a `.pt` file). For the live weights, and for their average where the run was
+trained with `train.ema_epochs`, this prints the test top-1 as trained and after re-estimating
+BN (`mpq.quant.reestimate_bn_`, what `qat.bn_reestimate_batches` does) on `--bn-batches`
+augmented training batches. Averaging BN's running statistics does not give the statistics of
+the averaged weights' quantized network (SWA re-computes them for that reason), and in
+mid-schedule the running statistics trail weights that keep moving.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from mpq.trainer import evaluate, make_loaders  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished QAT run folders")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="QAT run folders, or copies of their checkpoint_last.pt")
     p.add_argument("--data-root", required=True)
     p.add_argument("--bn-batches", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
@@ -44,17 +46,18 @@ def main():
     torch.set_num_threads(args.threads)
     payloads = {}
     for run in args.runs:
-        if not (run / "checkpoint_last.pt").is_file():
-            raise UsageError(f"{run} holds no checkpoint_last.pt: pass a QAT run folder "
-                             f"(train.py --out)")
-        payloads[run] = load_checkpoint(run / "checkpoint_last.pt")
+        path = run if run.suffix == ".pt" else run / "checkpoint_last.pt"
+        if not path.is_file():
+            raise UsageError(f"{path} not found: pass a QAT run folder (train.py --out) or a "
+                             f"copy of its checkpoint_last.pt")
+        payloads[run] = (path, load_checkpoint(path))
     print(f"CPU: {cpu_summary()}, {args.threads} threads; BN re-estimated on "
           f"{args.bn_batches} augmented training batches")
-    for run, payload in payloads.items():
+    for run, (path, payload) in payloads.items():
         recipe = recipe_from_dict(payload["recipe"], QATRecipe)
         train, test = make_loaders(recipe, data_root=args.data_root,
                                    device=torch.device("cpu"), progress=False)
-        model = model_from_checkpoint(payload, path=run / "checkpoint_last.pt")
+        model = model_from_checkpoint(payload, path=path)
         live = {k: v.clone() for k, v in model.state_dict().items()}
         averaged = [("average", payload["ema"]["average"])] if "ema" in payload else []
         for label, weights in (("live", live), *averaged):
@@ -62,8 +65,8 @@ def main():
             before = evaluate(model, test)["top1"]
             reestimate_bn_(model, islice(train.epoch(recipe.train.epochs), args.bn_batches))
             after = evaluate(model, test)["top1"]
-            print(f"{run}: {label} weights {before:.2f}%, BN re-estimated {after:.2f}%",
-                  flush=True)
+            print(f"{run} (epoch {payload['epoch'] + 1}): {label} weights {before:.2f}%, BN "
+                  f"re-estimated {after:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
