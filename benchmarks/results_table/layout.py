@@ -186,7 +186,7 @@ QAT_CHANGES = {
         "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
         "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
         "oscillations frozen": "abl13_freeze", "GPTQ rounding": "abl13_gptq",
-        "weights' moving average": "abl13_ema"}),
+        "weights' moving average": "abl13_ema", "BN re-estimated at the end": "abl13_bnre"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
         "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze",
