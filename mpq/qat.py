@@ -236,23 +236,16 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
             log_qat_layout(writer, list(layers))
             writer.add_scalar("teacher/top1", teacher_top1, 0)
         writer.add_scalar("teacher/top1", teacher_top1, epoch)
-        # In eval mode: a weight quantizer in training mode counts the call as a training step
-        # (and may refresh its mse ratio), so logging would move the next refreshes.
-        was_training = model.training
-        model.eval()
-        try:
-            for name, layer in layers.items():
-                with torch.no_grad():  # the weights QAT trains and the grid they are stored on
-                    w = layer.effective_weight()
-                    q = layer.quant_weight(w)
-                writer.add_scalar(f"quant_error/{name}", layer.weight_error(w, q), epoch)
-                if cfg.freeze_oscillations:
-                    writer.add_scalar(f"frozen/{name}", layer.weight_quant.frozen_fraction(),
-                                      epoch)
-                writer.add_histogram(f"weights_fp32/{name}", w, epoch)
-                writer.add_histogram(f"weights_quantized/{name}", q, epoch)
-        finally:
-            model.train(was_training)
+        for name, layer in layers.items():
+            # Under no_grad the read is no training step: the quantizers' refreshes stay put.
+            with torch.no_grad():  # the weights QAT trains and the grid they are stored on
+                w = layer.effective_weight()
+                q = layer.quant_weight(w)
+            writer.add_scalar(f"quant_error/{name}", layer.weight_error(w, q), epoch)
+            if cfg.freeze_oscillations:
+                writer.add_scalar(f"frozen/{name}", layer.weight_quant.frozen_fraction(), epoch)
+            writer.add_histogram(f"weights_fp32/{name}", w, epoch)
+            writer.add_histogram(f"weights_quantized/{name}", q, epoch)
 
     def on_train_end(model, final: dict) -> dict:
         if not cfg.bn_reestimate_batches:

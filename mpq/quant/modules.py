@@ -47,7 +47,8 @@ class WeightQuantizer(nn.Module):
         bits: 2..8.
         channels: number of output channels.
         mode: `mse` (MSE-optimal clipping ratio per channel, re-searched every
-            `refresh_every` training steps, applied to the current max |w| every step),
+            `refresh_every` training steps, applied to the current max |w| every call; a
+            training step is a call in training mode with gradients on),
             `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
             initialised MSE-optimally on first use; see `compute_scale`'s `unit` for convs with
             a live BN) or `fixed` (the stored scale as it is: a
@@ -121,13 +122,16 @@ class WeightQuantizer(nn.Module):
                     self.initialized.fill_(True)
             g = 1.0 / math.sqrt(w[0].numel() * self.qmax)
             return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape) * unit
+        # A training step is a call that trains: a read under no_grad (logging, calibration)
+        # neither counts nor refreshes, so reading the grid cannot move training's refreshes.
+        step = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             w = w.detach()
             if self.mode == "mse" and (not bool(self.initialized) or (
-                    self.training and int(self.steps) % self.refresh_every == 0)):
+                    step and int(self.steps) % self.refresh_every == 0)):
                 self._refresh_ratio(w)
                 self.initialized.fill_(True)
-            if self.training:
+            if step:
                 self.steps += 1
             top = w.abs().flatten(1).amax(1).clamp_min(1e-8)
             scale = (top * self.ratio if self.mode == "mse" else top) / self.qmax

@@ -123,6 +123,25 @@ def test_per_channel_scale_shape():
         assert torch.allclose(scale[c].squeeze(), mse_optimal_scale(w[c], -7, 7))
 
 
+def test_an_mse_quantizer_counts_and_refreshes_only_on_calls_that_train():
+    """A read of the grid in training mode under no_grad (logging, calibration) or in eval
+    mode is no training step: it neither counts nor refreshes the clipping ratio, so reading
+    cannot move training's refreshes."""
+    torch.manual_seed(0)
+    q = WeightQuantizer(3, 4, mode="mse", refresh_every=1)
+    q(torch.randn(4, 64))  # the first training step: the ratio is searched
+    ratio = q.ratio.clone()
+    heavy = torch.randn(4, 64) ** 3  # heavy tails: a search would clip them harder
+    with torch.no_grad():
+        q(heavy)
+    q.eval()
+    q(heavy)
+    assert int(q.steps) == 1 and torch.equal(q.ratio, ratio)
+    q.train()
+    q(heavy)
+    assert int(q.steps) == 2 and not torch.equal(q.ratio, ratio)
+
+
 def test_lsq_scale_receives_gradient():
     w = torch.randn(4, 8)
     q = WeightQuantizer(3, 4, mode="lsq")
