@@ -49,7 +49,7 @@ class WeightQuantizer(nn.Module):
         mode: `mse` (MSE-optimal clipping ratio per channel, re-searched every
             `refresh_every` training steps, applied to the current max |w| every call; a
             training step is a call in training mode with gradients on),
-            `max` (max |w| per channel, every step) or `lsq` (a learned step size, LSQ-style,
+            `max` (max |w| per channel, every call) or `lsq` (a learned step size, LSQ-style,
             initialised MSE-optimally on first use; see `compute_scale`'s `unit` for convs with
             a live BN) or `fixed` (the stored scale as it is: a
             model rebuilt from an export, whose weights already lie on their grid).
