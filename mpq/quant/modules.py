@@ -122,7 +122,7 @@ class WeightQuantizer(nn.Module):
                     self.initialized.fill_(True)
             g = 1.0 / math.sqrt(w[0].numel() * self.qmax)
             return grad_scale(self.scale.abs().clamp_min(1e-8), g).reshape(shape) * unit
-        # A training step is a call that trains: a read under no_grad (logging, calibration)
+        # A training step is a call that trains: a read under no_grad (logging, BN re-estimation)
         # neither counts nor refreshes, so reading the grid cannot move training's refreshes.
         step = self.training and torch.is_grad_enabled()
         with torch.no_grad():

@@ -311,10 +311,8 @@ def reestimate_bn_(model: nn.Module, batches) -> int:
     for bn in bns:
         bn.reset_running_stats()
     model.eval()
-    for m in live:  # the batch-statistics path of the conv, weight quantizer kept in eval
+    for m in live:  # the batch-statistics path; under no_grad its weight quantizer takes no step
         m.train()
-        if m.weight_quant is not None:
-            m.weight_quant.eval()
     for bn in floating:
         bn.train()
     n = 0
