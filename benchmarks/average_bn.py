@@ -1,7 +1,8 @@
-"""What re-estimating BN's statistics buys a QAT run, and its weights' moving average.
+"""What re-estimating BN's statistics buys a QAT run, its weights' moving average, and what
+a refresh of the clipping ratios costs.
 
     python benchmarks/average_bn.py RUN [RUN ...] --data-root ~/.cache/mpq/cifar10-jpeg
-        [--bn-batches 200] [--threads 2]
+        [--bn-batches 200] [--threads 2] [--refresh]
 
 Each RUN is a QAT run folder (its `checkpoint_last.pt`) or a copy of such a checkpoint taken
 mid-schedule (a `.pt` file). For the live weights, and for their average where the run was
@@ -10,6 +11,10 @@ BN (`mpq.quant.reestimate_bn_`, what `qat.bn_reestimate_batches` does) on `--bn-
 augmented training batches. Averaging BN's running statistics does not give the statistics of
 the averaged weights' quantized network (SWA re-computes them for that reason), and in
 mid-schedule the running statistics trail weights that keep moving.
+
+With `--refresh`, the live weights' `mse` clipping ratios are also searched afresh, as QAT does
+every 100 steps (`WeightQuantizer.refresh_ratio`), and the top-1 printed right after (what an
+epoch ending a step after a refresh reports) and once BN is re-estimated for the new grid.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from mpq.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from mpq.config import recipe_from_dict  # noqa: E402
 from mpq.errors import UsageError  # noqa: E402
 from mpq.qat import QATRecipe  # noqa: E402
-from mpq.quant import reestimate_bn_  # noqa: E402
+from mpq.quant import quant_layers, reestimate_bn_  # noqa: E402
 from mpq.timing import cpu_summary  # noqa: E402
 from mpq.trainer import evaluate, make_loaders  # noqa: E402
 
@@ -40,6 +45,8 @@ def main():
     p.add_argument("--data-root", required=True)
     p.add_argument("--bn-batches", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--refresh", action="store_true",
+                   help="also search the live weights' mse clipping ratios afresh")
     args = p.parse_args()
     if args.bn_batches < 1:
         p.error(f"--bn-batches must be >= 1, got {args.bn_batches}")
@@ -67,6 +74,26 @@ def main():
             after = evaluate(model, test)["top1"]
             print(f"{run} (epoch {payload['epoch'] + 1}): {label} weights {before:.2f}%, BN "
                   f"re-estimated {after:.2f}%", flush=True)
+        if args.refresh:
+            model.load_state_dict(live)
+            refreshed = [layer.weight_quant for layer in quant_layers(model).values()
+                         if layer.weight_quant is not None and layer.weight_quant.mode == "mse"]
+            if not refreshed:
+                print(f"{run}: no mse weight scale to refresh")
+                continue
+            moved = []
+            for layer in quant_layers(model).values():
+                if layer.weight_quant in refreshed:
+                    old = layer.weight_quant.ratio.clone()
+                    layer.weight_quant.refresh_ratio(layer.effective_weight().detach())
+                    moved.append(((layer.weight_quant.ratio - old).abs() / old).mean().item())
+            now = evaluate(model, test)["top1"]
+            reestimate_bn_(model, islice(train.epoch(recipe.train.epochs), args.bn_batches))
+            after = evaluate(model, test)["top1"]
+            mean = 100 * sum(moved) / len(moved)
+            print(f"{run}: live weights, ratios refreshed (each layer's moved {mean:.1f}% on "
+                  f"average, at most {100 * max(moved):.1f}%) {now:.2f}%, BN re-estimated "
+                  f"{after:.2f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ class QATConfig:
     parametrisation (docs/design_notes.md). Every epoch's test figure is taken in eval mode,
     which computes the folded, exported layer, so what is measured is what is exported.
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
+    `freeze_ratio_epoch`: from this epoch (0-based) on, each `mse` weight quantizer keeps its
+    clipping ratio (`WeightQuantizer.hold_ratio`): a refresh moves the grid under weights that
+    had settled on it, which late in a schedule they no longer undo; None (the default):
+    refreshed to the end.
     `weight_ste`: `clip` (the default: weights beyond the clipping range get no gradient) or
     `identity` (every weight gets the straight-through gradient, as in TWN and TTQ).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
@@ -62,6 +66,7 @@ class QATConfig:
     alpha: float = 0.9
     temperature: float = 4.0
     freeze_bn_epoch: int | None = None
+    freeze_ratio_epoch: int | None = None
     calibration_batches: int = 8
     weight_scale: str = "mse"
     learn_act_scale: bool = False
@@ -117,6 +122,12 @@ class QATConfig:
         if self.weight_init == "gptq" and self.freeze_oscillations:
             raise UsageError("qat.weight_init gptq needs qat.freeze_oscillations 0: frozen "
                              "weights keep the integers they are tracked on")
+        if self.freeze_ratio_epoch is not None and (
+                self.freeze_ratio_epoch < 0 or self.weight_scale != "mse"):
+            raise UsageError(f"qat.freeze_ratio_epoch holds the clipping ratio of mse weight "
+                             f"scales from that epoch on: it needs qat.weight_scale mse and an "
+                             f"epoch >= 0 (null: never), got {self.freeze_ratio_epoch} with "
+                             f"{self.weight_scale}")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")
@@ -131,8 +142,9 @@ class QATRecipe(Recipe):
 
 def epoch_start(student: nn.Module, cfg: QATConfig, train: TrainConfig, steps_per_epoch: int):
     """What QAT does before each epoch (`fit`'s `on_epoch_start`): from `qat.freeze_bn_epoch`
-    on, BN folded for good; under `qat.progressive_bits`, each layer's weight grid for that
-    epoch. Set from the epoch alone, so a resumed run trains on the grid it stopped on."""
+    on, BN folded for good; from `qat.freeze_ratio_epoch` on, `mse` clipping ratios held;
+    under `qat.progressive_bits`, each layer's weight grid for that epoch. Set from the epoch
+    alone, so a resumed run trains on the grid it stopped on."""
     epochs = schedule_length(train, steps_per_epoch)[1]  # fewer under train.max_steps
     if cfg.progressive_bits >= epochs:
         raise UsageError(f"qat.progressive_bits ({cfg.progressive_bits}) leaves no epoch at the "
@@ -145,6 +157,9 @@ def epoch_start(student: nn.Module, cfg: QATConfig, train: TrainConfig, steps_pe
             for layer in layers:
                 layer.weight_quant.set_bits(
                     min(8, layer.w_bits + max(0, cfg.progressive_bits - epoch)))
+        if cfg.freeze_ratio_epoch is not None:
+            for layer in layers:
+                layer.weight_quant.hold_ratio(epoch >= cfg.freeze_ratio_epoch)
         if epoch >= freeze_at:
             freeze_bn_(student)
     return on_epoch_start

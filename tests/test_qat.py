@@ -364,6 +364,41 @@ def test_progressive_lowering_trains_above_the_plan_then_at_it():
         QATConfig(progressive_bits=1, freeze_oscillations=0.02)
 
 
+def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_count():
+    from mpq.config import TrainConfig
+    from mpq.errors import UsageError
+    from mpq.qat import QATConfig, epoch_start
+
+    model = _trained_bn_resnet20()
+    plan = uniform_plan("resnet20", quantizable_layers(model), w_bits=2)
+    student = prepare_qat(model, plan, example_inputs=(torch.zeros(1, 3, 16, 16),))
+    x = torch.randn(4, 3, 16, 16)
+    calibrate_(student, [x])
+    student.train()
+    quants = [m.weight_quant for m in quant_layers(student).values()]
+    for q in quants:
+        q.refresh_every = 1  # every training step is a refresh, unless held
+    hook = epoch_start(student, QATConfig(freeze_ratio_epoch=2), TrainConfig(epochs=5), 10)
+
+    def step_and_ratios():
+        student(x).sum().backward()
+        with torch.no_grad():  # move every weight, as an optimiser step would
+            for p in student.parameters():
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+        return [q.ratio.clone() for q in quants], [int(q.steps) for q in quants]
+
+    for epoch, held in ((0, False), (1, False), (2, True), (3, True), (1, False)):
+        hook(epoch)  # as a resumed run calls it: the epoch alone decides
+        before, steps = step_and_ratios()
+        after, steps_after = step_and_ratios()
+        assert all(b + 1 == a for b, a in zip(steps, steps_after)), epoch
+        assert all(torch.equal(b, a) for b, a in zip(before, after)) == held, epoch
+    with pytest.raises(UsageError, match="freeze_ratio_epoch"):
+        QATConfig(freeze_ratio_epoch=2, weight_scale="lsq")
+    with pytest.raises(UsageError, match="freeze_ratio_epoch"):
+        QATConfig(freeze_ratio_epoch=-1)
+
+
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(
         tmp_path, tiny_teacher, tiny_recipe_dict):
     tiny_recipe_dict["qat"] = {"calibration_batches": 2}

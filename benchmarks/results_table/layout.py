@@ -51,6 +51,10 @@ ROWS = {
                      "float32",
     "qat_w2_ema": "uniform W2A8 QAT, the weights' moving average (time constant one epoch) "
                   "tested and exported, float32",
+    # A refresh of the mse ratio costs a mid-run ternary checkpoint 2.4 points at once, 0.5
+    # after BN re-estimation: late in a schedule the weights no longer undo it.
+    "qat_w2_hold7": "uniform W2A8 QAT, the clipping ratios held from epoch 7 of 10 "
+                    "(qat.freeze_ratio_epoch 7), float32",
 }
 # `make run` with its search changed by these recipe settings, or its QAT by `EPOCHS` (the
 # row's QAT_EPOCHS); float32.
@@ -79,7 +83,8 @@ ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"
                 "qat_w2_lr2": ["train.precision=fp32", "train.lr=0.02"],
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
                 "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"],
-                "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"]}
+                "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"],
+                "qat_w2_hold7": ["train.precision=fp32", "qat.freeze_ratio_epoch=7"]}
 # More draws of a uniform row: its commands with another train.seed, row -> (row, seed). The
 # 60-epoch ternary row met #33's 0.8 at 0.80; its seed-1 draw lost 0.95 (0.88 on average), so
 # a third puts the mean against 0.8 with more than two.
@@ -151,6 +156,15 @@ ABLATIONS = {
     # against #33's 0.15 rests on more than two draws. It lost 0.23 (89.34%): 0.08 over three.
     "abl13_ep60_s2": ("13x plan, QAT recipe, 60 epochs, float32, seed 2",
                       ["train.precision=fp32", "train.epochs=60", "train.seed=2"]),
+    # The recipe as abl13_fp32 ran it, on today's step count (a quantizer step is a call that
+    # trains): its last mse refresh falls 100 steps before the end, abl13_fp32's 8.
+    "abl13_steps": ("13x plan, QAT recipe as shipped (10 epochs), float32, the step count of "
+                    "today (last ratio refresh 100 steps before the end)",
+                    ["train.precision=fp32"]),
+    # Then no refresh in the last three epochs (qat_w2_hold7's change at 13x).
+    "abl13_hold7": ("13x plan, QAT recipe, the clipping ratios held from epoch 7 of 10 "
+                    "(qat.freeze_ratio_epoch 7), float32",
+                    ["train.precision=fp32", "qat.freeze_ratio_epoch=7"]),
     # A short schedule with the weights' moving average (time constant half an epoch): the
     # average led other seeds' live weights by 1.3-6.2 points in abl13_ema's first five epochs.
     "abl13_ep5_ema": ("13x plan, QAT recipe, 5 epochs, float32, the weights' moving average "
@@ -186,11 +200,12 @@ QAT_CHANGES = {
         "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
         "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
         "oscillations frozen": "abl13_freeze", "GPTQ rounding": "abl13_gptq",
-        "weights' moving average": "abl13_ema", "BN re-estimated at the end": "abl13_bnre"}),
+        "weights' moving average": "abl13_ema", "BN re-estimated at the end": "abl13_bnre",
+        "today's step count": "abl13_steps", "ratios held from epoch 7": "abl13_hold7"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
         "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze",
-        "weights' moving average": "qat_w2_ema"}),
+        "weights' moving average": "qat_w2_ema", "ratios held from epoch 7": "qat_w2_hold7"}),
 }
 # Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
 # (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
@@ -201,7 +216,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
-                 "qat_w2_lsq_30ep", "qat_w2_ema", *SEED_DRAWS, "make_run_60ep"]
+                 "qat_w2_lsq_30ep", "qat_w2_ema", *SEED_DRAWS, "make_run_60ep", "qat_w2_hold7"]
 
 
 @dataclass(frozen=True)

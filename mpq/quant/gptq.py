@@ -141,7 +141,7 @@ def gptq_init_(model: nn.Module, inputs, *, damp: float = 0.01, progress: bool =
             if q.mode == "mse":
                 # The clipping ratio for the rounded weight: 1 wherever a channel reaches the
                 # grid's end, so the scale is the one rounded to (else as training would set it).
-                q._refresh_ratio(layer.effective_weight())
+                q.refresh_ratio(layer.effective_weight())
             now = layer.quant_weight(layer.effective_weight()).reshape(flat.shape)
             errors[name] = (_output_error(flat, nearest, h), _output_error(flat, now, h))
     finally:

@@ -75,6 +75,9 @@ class WeightQuantizer(nn.Module):
         if ste == "identity" and mode == "lsq":
             raise ValueError("an identity weight STE needs an mse or max scale, not lsq")
         self.bits, self.mode, self.refresh_every, self.ste = bits, mode, refresh_every, ste
+        # False holds the `mse` ratio where it is (QAT's last epochs, `hold_ratio`): set by
+        # the trainer each epoch, so it is not stored.
+        self.refreshing = True
         self.qmin, self.qmax = weight_range(bits)
         self.scale = nn.Parameter(torch.zeros(channels), requires_grad=mode == "lsq")
         self.register_buffer("ratio", torch.ones(channels))
@@ -97,7 +100,8 @@ class WeightQuantizer(nn.Module):
             self.register_buffer("tracking", torch.tensor(False))
 
     @torch.no_grad()
-    def _refresh_ratio(self, w: torch.Tensor) -> None:
+    def refresh_ratio(self, w: torch.Tensor) -> None:
+        """Searches the MSE-optimal clipping ratio of each channel of `w` now (`mse` mode)."""
         top = w.abs().flatten(1).amax(1).clamp_min(1e-8)
         self.ratio.copy_(mse_optimal_scale(w, self.qmin, self.qmax, dim=0).flatten()
                          * self.qmax / top)
@@ -128,8 +132,8 @@ class WeightQuantizer(nn.Module):
         with torch.no_grad():
             w = w.detach()
             if self.mode == "mse" and (not bool(self.initialized) or (
-                    step and int(self.steps) % self.refresh_every == 0)):
-                self._refresh_ratio(w)
+                    step and self.refreshing and int(self.steps) % self.refresh_every == 0)):
+                self.refresh_ratio(w)
                 self.initialized.fill_(True)
             if step:
                 self.steps += 1
@@ -181,6 +185,12 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.quantize(w, self.compute_scale(w))
+
+    def hold_ratio(self, hold: bool = True) -> None:
+        """Stops (or restarts) the `mse` ratio's regular refreshes; steps still count, and the
+        scale still follows max |w| every call. A refresh moves the grid under weights that
+        had settled on it: held for QAT's last epochs, they settle on one that stays."""
+        self.refreshing = not hold
 
     def set_bits(self, bits: int) -> None:
         """Moves the weight to a `bits`-bit grid (progressive lowering in QAT). Nothing stored
