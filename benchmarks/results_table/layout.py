@@ -55,6 +55,8 @@ ROWS = {
     # after BN re-estimation: late in a schedule the weights no longer undo it.
     "qat_w2_hold7": "uniform W2A8 QAT, the clipping ratios held from epoch 7 of 10 "
                     "(qat.freeze_ratio_epoch 7), float32",
+    "qat_w2_hold0": "uniform W2A8 QAT, the clipping ratios searched once, on the teacher's "
+                    "weights, and held (qat.freeze_ratio_epoch 0), float32",
 }
 # `make run` with its search changed by these recipe settings, or its QAT by `EPOCHS` (the
 # row's QAT_EPOCHS); float32.
@@ -85,7 +87,8 @@ ROW_SETTINGS = {"qat_w2_ste": ["train.precision=fp32", "qat.weight_ste=identity"
                 "qat_w2_lr05": ["train.precision=fp32", "train.lr=0.005"],
                 "qat_w2_freeze": ["train.precision=fp32", "qat.freeze_oscillations=0.02"],
                 "qat_w2_ema": ["train.precision=fp32", "train.ema_epochs=1"],
-                "qat_w2_hold7": ["train.precision=fp32", "qat.freeze_ratio_epoch=7"]}
+                "qat_w2_hold7": ["train.precision=fp32", "qat.freeze_ratio_epoch=7"],
+                "qat_w2_hold0": ["train.precision=fp32", "qat.freeze_ratio_epoch=0"]}
 # More draws of a uniform row: its commands with another train.seed, row -> (row, seed). The
 # 60-epoch ternary row met #33's 0.8 at 0.80; its seed-1 draw lost 0.95 (0.88 on average), so
 # a third puts the mean against 0.8 with more than two.
@@ -166,6 +169,10 @@ ABLATIONS = {
     "abl13_hold7": ("13x plan, QAT recipe, the clipping ratios held from epoch 7 of 10 "
                     "(qat.freeze_ratio_epoch 7), float32",
                     ["train.precision=fp32", "qat.freeze_ratio_epoch=7"]),
+    # Or none after the first, on the teacher's weights: the grid moves only with max |w|.
+    "abl13_hold0": ("13x plan, QAT recipe, the clipping ratios searched once, on the "
+                    "teacher's weights, and held (qat.freeze_ratio_epoch 0), float32",
+                    ["train.precision=fp32", "qat.freeze_ratio_epoch=0"]),
     # A short schedule with the weights' moving average (time constant half an epoch): the
     # average led other seeds' live weights by 1.3-6.2 points in abl13_ema's first five epochs.
     "abl13_ep5_ema": ("13x plan, QAT recipe, 5 epochs, float32, the weights' moving average "
@@ -196,17 +203,19 @@ EPOCH_CURVE = {
 # recipe itself, whose spread the figure shades; the rows of one change each, with a label).
 QAT_CHANGES = {
     "13x plan": (["abl13_fp32", "abl13_s1", "abl13_s2", "abl13_s3", "abl13_bf16",
-                  "abl13_bf16_s1", "abl13_bf16_s2", "abl13_bf16emu"], {
+                  "abl13_bf16_s1", "abl13_bf16_s2", "abl13_bf16emu", "abl13_steps"], {
         "LSQ weight scales": "abl13_lsq", "lr 0.02": "abl13_lr2",
         "identity STE": "abl13_ste", "alpha 1": "abl13_kd", "alpha 1, T 1": "abl13_t1",
         "feature distillation": "abl13_feat", "progressive bits": "abl13_prog",
         "oscillations frozen": "abl13_freeze", "GPTQ rounding": "abl13_gptq",
         "weights' moving average": "abl13_ema", "BN re-estimated at the end": "abl13_bnre",
-        "today's step count": "abl13_steps", "ratios held from epoch 7": "abl13_hold7"}),
+        "ratios held from epoch 7": "abl13_hold7",
+        "ratios never refreshed": "abl13_hold0"}),
     "ternary W2A8": (["qat_w2"], {
         "LSQ weight scales": "qat_w2_lsq", "lr 0.02": "qat_w2_lr2", "lr 0.005": "qat_w2_lr05",
         "identity STE": "qat_w2_ste", "oscillations frozen": "qat_w2_freeze",
-        "weights' moving average": "qat_w2_ema", "ratios held from epoch 7": "qat_w2_hold7"}),
+        "weights' moving average": "qat_w2_ema", "ratios held from epoch 7": "qat_w2_hold7",
+        "ratios never refreshed": "qat_w2_hold0"}),
 }
 # Searches under a BOPs budget beside the bytes, activation bits chosen per layer:
 # (bytes budget, --bops, search.a_bit_choices); QAT recipe, float32.
@@ -217,7 +226,8 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  *ABLATIONS, "qat_w2_ste", "qat_w2_lsq",
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
-                 "qat_w2_lsq_30ep", "qat_w2_ema", *SEED_DRAWS, "make_run_60ep", "qat_w2_hold7"]
+                 "qat_w2_lsq_30ep", "qat_w2_ema", *SEED_DRAWS, "make_run_60ep", "qat_w2_hold7",
+                 "qat_w2_hold0"]
 
 
 @dataclass(frozen=True)
