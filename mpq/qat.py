@@ -41,8 +41,10 @@ class QATConfig:
     `weight_scale`: `mse`, `max` or `lsq` (see `mpq.quant.WeightQuantizer`).
     `freeze_ratio_epoch`: from this epoch (0-based) on, each `mse` weight quantizer keeps its
     clipping ratio (`WeightQuantizer.hold_ratio`): a refresh moves the grid under weights that
-    had settled on it, which late in a schedule they no longer undo; None (the default):
-    refreshed to the end.
+    had settled on it, which late in a schedule they undo less (uniform ternary, held through
+    the last 3 of 10 epochs: 0.54 points better, README "Results"); None (the default):
+    refreshed to the end. Under `progressive_bits` k it must be > k, so the plan's grid gets
+    its own ratio first.
     `weight_ste`: `clip` (the default: weights beyond the clipping range get no gradient) or
     `identity` (every weight gets the straight-through gradient, as in TWN and TTQ).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
@@ -128,6 +130,11 @@ class QATConfig:
                              f"scales from that epoch on: it needs qat.weight_scale mse and an "
                              f"epoch >= 0 (null: never), got {self.freeze_ratio_epoch} with "
                              f"{self.weight_scale}")
+        if (self.freeze_ratio_epoch is not None and self.progressive_bits
+                and self.freeze_ratio_epoch <= self.progressive_bits):
+            raise UsageError(f"qat.freeze_ratio_epoch ({self.freeze_ratio_epoch}) would hold a "
+                             f"ratio searched for a wider grid: with qat.progressive_bits "
+                             f"{self.progressive_bits} it must be > {self.progressive_bits}")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")

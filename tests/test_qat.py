@@ -397,6 +397,9 @@ def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_c
         QATConfig(freeze_ratio_epoch=2, weight_scale="lsq")
     with pytest.raises(UsageError, match="freeze_ratio_epoch"):
         QATConfig(freeze_ratio_epoch=-1)
+    with pytest.raises(UsageError, match="wider grid"):  # the plan's bits from epoch 2 on
+        QATConfig(freeze_ratio_epoch=2, progressive_bits=2)
+    QATConfig(freeze_ratio_epoch=3, progressive_bits=2)
 
 
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(
