@@ -76,17 +76,16 @@ def main():
                   f"re-estimated {after:.2f}%", flush=True)
         if args.refresh:
             model.load_state_dict(live)
-            refreshed = [layer.weight_quant for layer in quant_layers(model).values()
-                         if layer.weight_quant is not None and layer.weight_quant.mode == "mse"]
-            if not refreshed:
+            moved = []  # each layer's mean relative change of its channels' ratios
+            for layer in quant_layers(model).values():
+                q = layer.weight_quant
+                if q is not None and q.mode == "mse":
+                    old = q.ratio.clone()
+                    q.refresh_ratio(layer.effective_weight().detach())
+                    moved.append(((q.ratio - old).abs() / old).mean().item())
+            if not moved:
                 print(f"{run}: no mse weight scale to refresh")
                 continue
-            moved = []
-            for layer in quant_layers(model).values():
-                if layer.weight_quant in refreshed:
-                    old = layer.weight_quant.ratio.clone()
-                    layer.weight_quant.refresh_ratio(layer.effective_weight().detach())
-                    moved.append(((layer.weight_quant.ratio - old).abs() / old).mean().item())
             now = evaluate(model, test)["top1"]
             reestimate_bn_(model, islice(train.epoch(recipe.train.epochs), args.bn_batches))
             after = evaluate(model, test)["top1"]

@@ -20,24 +20,26 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from results_table.compute import epoch_curve  # noqa: E402
 
 
 def curve(row: str) -> list[float]:
-    """The row's test top-1 after each epoch (index 0: epoch 1)."""
+    """The row's test top-1 after each epoch (index 0: epoch 1); a `ValueError` if it has
+    none."""
     finished = RESULTS / f"{row}.json"
     if finished.is_file():
         by_epoch = json.loads(finished.read_text()).get("test_top1_by_epoch")
         if by_epoch:
             return list(by_epoch)
-    parked = RESULTS / "inflight" / row / "checkpoint_last.pt"
-    if parked.is_file():
-        return [e["test_top1"] for e in torch.load(parked, weights_only=True)["history"]]
-    sys.exit(f"error: {row} has no per-epoch curve: neither {finished.relative_to(ROOT)} with "
-             f"test_top1_by_epoch nor a parked {parked.relative_to(ROOT)}")
+    parked = epoch_curve(RESULTS / "inflight" / row)
+    if parked:
+        return parked
+    raise ValueError(f"{row} has no per-epoch curve: neither {finished.relative_to(ROOT)} with "
+             f"test_top1_by_epoch nor a parked run in {(RESULTS / 'inflight').relative_to(ROOT)}")
 
 
 def steps_after_refresh(epochs: int, old: int, per_epoch: int, every: int) -> list[int]:
@@ -70,7 +72,10 @@ def main():
     args = p.parse_args()
     for spec in args.rows:
         row, _, old = spec.partition(":")
-        top1 = curve(row)
+        try:
+            top1 = curve(row)
+        except ValueError as exc:
+            p.error(str(exc))
         try:
             old = len(top1) if old == "all" else int(old or 0)
         except ValueError:

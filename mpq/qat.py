@@ -44,7 +44,7 @@ class QATConfig:
     had settled on it, which late in a schedule they undo less (uniform ternary, held through
     the last 3 of 10 epochs: 0.54 points better, README "Results"); None (the default):
     refreshed to the end. Under `progressive_bits` k it must be > k, so the plan's grid gets
-    its own ratio first.
+    its own ratio first (at epoch k's first refresh: epochs of 100 steps or more).
     `weight_ste`: `clip` (the default: weights beyond the clipping range get no gradient) or
     `identity` (every weight gets the straight-through gradient, as in TWN and TTQ).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the

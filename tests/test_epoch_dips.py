@@ -49,3 +49,8 @@ def test_a_dip_is_the_epoch_against_the_mean_of_its_neighbours():
 def test_it_prints_the_dips_of_a_committed_curve():
     out = run_script("benchmarks/epoch_dips.py", "abl13_ep60_s1:all").stdout
     assert "epoch 55: refresh 3 steps before its end, top-1 87.28, dip -1.85" in out
+
+
+def test_a_row_without_a_curve_is_a_usage_error():
+    result = run_script("benchmarks/epoch_dips.py", "no_such_row")
+    assert result.returncode == 2 and "no per-epoch curve" in result.stderr
