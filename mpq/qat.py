@@ -45,6 +45,9 @@ class QATConfig:
     the last 3 of 10 epochs: 0.54 points better, README "Results"); None (the default):
     refreshed to the end. Under `progressive_bits` k it must be > k, so the plan's grid gets
     its own ratio first (at epoch k's first refresh: epochs of 100 steps or more).
+    `freeze_ratio_at`: the same hold from a fraction of the schedule on (epoch
+    round(at * epochs)), so one recipe holds its last 30% under any `train.epochs`; set one of
+    the two at most.
     `weight_ste`: `clip` (the default: weights beyond the clipping range get no gradient) or
     `identity` (every weight gets the straight-through gradient, as in TWN and TTQ).
     `bn_reestimate_batches`: after the last epoch, live BN statistics are recomputed as the
@@ -69,6 +72,7 @@ class QATConfig:
     temperature: float = 4.0
     freeze_bn_epoch: int | None = None
     freeze_ratio_epoch: int | None = None
+    freeze_ratio_at: float | None = None
     calibration_batches: int = 8
     weight_scale: str = "mse"
     learn_act_scale: bool = False
@@ -135,6 +139,15 @@ class QATConfig:
             raise UsageError(f"qat.freeze_ratio_epoch ({self.freeze_ratio_epoch}) would hold a "
                              f"ratio searched for a wider grid: with qat.progressive_bits "
                              f"{self.progressive_bits} it must be > {self.progressive_bits}")
+        if self.freeze_ratio_at is not None:
+            if self.freeze_ratio_epoch is not None:
+                raise UsageError("qat.freeze_ratio_epoch and qat.freeze_ratio_at say the same "
+                                 "thing two ways: set one of them (the other null)")
+            if not 0 <= self.freeze_ratio_at <= 1 or self.weight_scale != "mse":
+                raise UsageError(f"qat.freeze_ratio_at holds the clipping ratio of mse weight "
+                                 f"scales from that fraction of the schedule on: it needs "
+                                 f"qat.weight_scale mse and a fraction in [0, 1] (null: never), "
+                                 f"got {self.freeze_ratio_at} with {self.weight_scale}")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")
@@ -157,6 +170,13 @@ def epoch_start(student: nn.Module, cfg: QATConfig, train: TrainConfig, steps_pe
         raise UsageError(f"qat.progressive_bits ({cfg.progressive_bits}) leaves no epoch at the "
                          f"plan's bits in {epochs}: lower it or train longer")
     freeze_at = cfg.freeze_bn_epoch if cfg.freeze_bn_epoch is not None else train.epochs
+    hold_at = (cfg.freeze_ratio_epoch if cfg.freeze_ratio_at is None
+               else round(cfg.freeze_ratio_at * epochs))
+    if hold_at is not None and cfg.progressive_bits and hold_at <= cfg.progressive_bits:
+        raise UsageError(f"qat.freeze_ratio_at {cfg.freeze_ratio_at} holds the clipping ratios "
+                         f"from epoch {hold_at} of {epochs}, which would keep a ratio searched "
+                         f"for a wider grid under qat.progressive_bits {cfg.progressive_bits}: "
+                         f"raise it or train longer")
     layers = [m for m in quant_layers(student).values() if m.w_bits is not None]
 
     def on_epoch_start(epoch: int) -> None:
@@ -164,9 +184,9 @@ def epoch_start(student: nn.Module, cfg: QATConfig, train: TrainConfig, steps_pe
             for layer in layers:
                 layer.weight_quant.set_bits(
                     min(8, layer.w_bits + max(0, cfg.progressive_bits - epoch)))
-        if cfg.freeze_ratio_epoch is not None:
+        if hold_at is not None:
             for layer in layers:
-                layer.weight_quant.hold_ratio(epoch >= cfg.freeze_ratio_epoch)
+                layer.weight_quant.hold_ratio(epoch >= hold_at)
         if epoch >= freeze_at:
             freeze_bn_(student)
     return on_epoch_start

@@ -364,7 +364,8 @@ def test_progressive_lowering_trains_above_the_plan_then_at_it():
         QATConfig(progressive_bits=1, freeze_oscillations=0.02)
 
 
-def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_count():
+@pytest.mark.parametrize("hold", [{"freeze_ratio_epoch": 2}, {"freeze_ratio_at": 0.4}])
+def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_count(hold):
     from mpq.config import TrainConfig
     from mpq.errors import UsageError
     from mpq.qat import QATConfig, epoch_start
@@ -378,7 +379,7 @@ def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_c
     quants = [m.weight_quant for m in quant_layers(student).values()]
     for q in quants:
         q.refresh_every = 1  # every training step is a refresh, unless held
-    hook = epoch_start(student, QATConfig(freeze_ratio_epoch=2), TrainConfig(epochs=5), 10)
+    hook = epoch_start(student, QATConfig(**hold), TrainConfig(epochs=5), 10)  # from epoch 2
 
     def step_and_ratios():
         student(x).sum().backward()
@@ -400,6 +401,41 @@ def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_c
     with pytest.raises(UsageError, match="wider grid"):  # the plan's bits from epoch 2 on
         QATConfig(freeze_ratio_epoch=2, progressive_bits=2)
     QATConfig(freeze_ratio_epoch=3, progressive_bits=2)
+
+
+def test_freeze_ratio_at_scales_with_the_schedule_and_is_checked_against_it():
+    from mpq.config import TrainConfig
+    from mpq.errors import UsageError
+    from mpq.qat import QATConfig, epoch_start
+
+    model = _trained_bn_resnet20()
+    plan = uniform_plan("resnet20", quantizable_layers(model), w_bits=2)
+    student = prepare_qat(model, plan, example_inputs=(torch.zeros(1, 3, 16, 16),))
+    quants = [m.weight_quant for m in quant_layers(student).values()]
+
+    def first_held(cfg, train, steps_per_epoch=10):
+        hook = epoch_start(student, cfg, train, steps_per_epoch)
+        for epoch in range(100):
+            hook(epoch)
+            if not quants[0].refreshing:
+                assert not any(q.refreshing for q in quants)
+                return epoch
+
+    assert first_held(QATConfig(freeze_ratio_at=0.7), TrainConfig(epochs=10)) == 7
+    assert first_held(QATConfig(freeze_ratio_at=0.7), TrainConfig(epochs=60)) == 42
+    # under train.max_steps the schedule is 6 epochs of 10 steps, not 60
+    assert first_held(QATConfig(freeze_ratio_at=0.7), TrainConfig(epochs=60, max_steps=60)) == 4
+    assert first_held(QATConfig(freeze_ratio_at=0.0), TrainConfig(epochs=10)) == 0
+    with pytest.raises(UsageError, match="wider grid"):  # epoch 2 of 4, plan's bits from 2
+        epoch_start(student, QATConfig(freeze_ratio_at=0.5, progressive_bits=2),
+                    TrainConfig(epochs=4, warmup_epochs=0), 10)
+    epoch_start(student, QATConfig(freeze_ratio_at=0.5, progressive_bits=2),
+                TrainConfig(epochs=10), 10)
+    with pytest.raises(UsageError, match="one of them"):
+        QATConfig(freeze_ratio_at=0.7, freeze_ratio_epoch=7)
+    for bad in ({"freeze_ratio_at": 1.5}, {"freeze_ratio_at": 0.7, "weight_scale": "max"}):
+        with pytest.raises(UsageError, match="freeze_ratio_at"):
+            QATConfig(**bad)
 
 
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(

@@ -257,6 +257,12 @@ def test_an_ablation_row_trains_the_committed_13x_plan_with_its_one_change(tmp_p
     sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
     assert sets == ["train.precision=fp32", "qat.weight_scale=lsq"]  # no epochs: the recipe's
     assert (ROOT / results.layout.ABLATION_PLAN).is_file()
+    ran.clear()  # an ablation of another committed plan trains that plan
+    compute.make_row(dataclasses.replace(LAYOUT, runs=tmp_path), "abl16_hold")
+    (train,) = [[str(a) for a in cmd] for cmd in ran]
+    assert train[train.index("--plan") + 1] == str(ROOT / "checkpoints/resnet20_cifar10/mpq_16x"
+                                                          "/plan.json")
+    assert all((ROOT / plan).is_file() for plan in results.layout.ABLATION_PLANS.values())
 
 
 def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
@@ -277,10 +283,11 @@ def test_points_lost_against_epochs_are_drawn_beside_the_size_curve(tmp_path):
         "13x plan: bf16 (3 draws) / seeds 1-3 / 60 epochs (each seed)": [
             (10, 0.21, "abl13_bf16"), (60, 0.2, "mpq_13x")],
         "13x plan, moving average (0.5 epoch)": [],
-        "16x plan": [],
+        "16x plan": [], "16x plan, ratios held for the last 30%": [],
         "uniform ternary W2A8": [(10, 1.72, "qat_w2"), (30, 1.13, "qat_w2_30ep")],
         "ternary, 30 + 30 warm restart": [(60, 0.87, "qat_w2_warm60")],
         "uniform ternary, 60 epochs, seeds 1 and 2": [],
+        "uniform ternary, 60 epochs, ratios held for the last 30%": [],
         "ternary, conv1 and FC at 8 bits": [(10, 1.26, "qat_w2_fl8")],
         "ternary, LSQ weight scales": []}
     results.log_curve(layout, rows)

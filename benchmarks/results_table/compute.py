@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from mpq.files import atomic_path
-from .layout import (ABLATION_PLAN, ABLATIONS, AO_CALIBRATION_BATCHES, BOPS_ROWS,
-                     MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE, ROW_SETTINGS,
-                     SEARCH_RECIPE, WARM_ROWS, Layout)
+from .layout import (ABLATION_PLAN, ABLATION_PLANS, ABLATIONS, AO_CALIBRATION_BATCHES,
+                     BOPS_ROWS, MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE,
+                     ROW_SETTINGS, SEARCH_RECIPE, WARM_ROWS, Layout)
 
 __all__ = ["RowFailed", "epoch_curve", "make_row", "smallest_plan", "stale",
            "stop_commands_on_sigterm"]
@@ -90,7 +90,8 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         qat += ["--set", "train.precision=fp32"]
     if name in ABLATIONS:
         sets = [arg for setting in ABLATIONS[name][1] for arg in ("--set", setting)]
-        return _exported_row(layout, [[*qat, "--plan", layout.root / ABLATION_PLAN, *sets,
+        plan = layout.root / ABLATION_PLANS.get(name, ABLATION_PLAN)
+        return _exported_row(layout, [[*qat, "--plan", plan, *sets,
                                        "--out", run / "qat"]], run / "qat" / "export", log)
     if name == "make_run" or name in MAKE_RUN_VARIANTS:
         # The Makefile's two commands, precision pinned so the row means the same on every CPU.
