@@ -44,7 +44,8 @@ class QATConfig:
     had settled on it, which late in a schedule they undo less (uniform ternary, held through
     the last 3 of 10 epochs: 0.54 points better, README "Results"); None (the default):
     refreshed to the end. Under `progressive_bits` k it must be > k, so the plan's grid gets
-    its own ratio first (at epoch k's first refresh: epochs of 100 steps or more).
+    its own ratio first (at epoch k's first refresh: epochs of 100 steps or more). `max` and
+    `lsq` scales have no ratio: the hold changes nothing there.
     `freeze_ratio_at`: the same hold from a fraction of the schedule on (epoch
     round(at * epochs)), so one recipe holds its last 30% under any `train.epochs`; set one of
     the two at most.
@@ -128,12 +129,10 @@ class QATConfig:
         if self.weight_init == "gptq" and self.freeze_oscillations:
             raise UsageError("qat.weight_init gptq needs qat.freeze_oscillations 0: frozen "
                              "weights keep the integers they are tracked on")
-        if self.freeze_ratio_epoch is not None and (
-                self.freeze_ratio_epoch < 0 or self.weight_scale != "mse"):
-            raise UsageError(f"qat.freeze_ratio_epoch holds the clipping ratio of mse weight "
-                             f"scales from that epoch on: it needs qat.weight_scale mse and an "
-                             f"epoch >= 0 (null: never), got {self.freeze_ratio_epoch} with "
-                             f"{self.weight_scale}")
+        if self.freeze_ratio_epoch is not None and self.freeze_ratio_epoch < 0:
+            raise UsageError(f"qat.freeze_ratio_epoch holds the clipping ratios of mse weight "
+                             f"scales from that epoch on: an epoch >= 0 (null: never), got "
+                             f"{self.freeze_ratio_epoch}")
         if (self.freeze_ratio_epoch is not None and self.progressive_bits
                 and self.freeze_ratio_epoch <= self.progressive_bits):
             raise UsageError(f"qat.freeze_ratio_epoch ({self.freeze_ratio_epoch}) would hold a "
@@ -143,11 +142,10 @@ class QATConfig:
             if self.freeze_ratio_epoch is not None:
                 raise UsageError("qat.freeze_ratio_epoch and qat.freeze_ratio_at say the same "
                                  "thing two ways: set one of them (the other null)")
-            if not 0 <= self.freeze_ratio_at <= 1 or self.weight_scale != "mse":
-                raise UsageError(f"qat.freeze_ratio_at holds the clipping ratio of mse weight "
-                                 f"scales from that fraction of the schedule on: it needs "
-                                 f"qat.weight_scale mse and a fraction in [0, 1] (null: never), "
-                                 f"got {self.freeze_ratio_at} with {self.weight_scale}")
+            if not 0 <= self.freeze_ratio_at <= 1:
+                raise UsageError(f"qat.freeze_ratio_at holds the clipping ratios of mse weight "
+                                 f"scales from that fraction of the schedule on: a fraction in "
+                                 f"[0, 1] (null: never), got {self.freeze_ratio_at}")
         if self.bn_reestimate_batches < 0:
             raise UsageError("qat.bn_reestimate_batches must be >= 0 (0: keep the statistics "
                              "of training)")

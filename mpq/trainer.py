@@ -7,6 +7,7 @@ run killed at any point and resumed ends with the same weights as one that never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
@@ -197,7 +198,7 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
             raise UsageError(f"{out / LAST} is malformed: it has no {missing[0]!r} (not a file "
                              f"this mpq wrote, or one edited since); move it aside to start "
                              f"afresh")
-        diff = _diff_keys(state.get("recipe") or {}, recipe_dict)
+        diff = _diff_keys(state.get("recipe") or {}, recipe_dict, recipe)
         if diff:
             raise UsageError(f"{out} holds a run of a different recipe (differs in: "
                              f"{', '.join(diff) or 'meta'}); use another --out to start afresh")
@@ -402,17 +403,35 @@ class _NullWriter:
         return lambda *args, **kwargs: None
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    # Keys present on one side only are fields added to the recipe format after the run began:
-    # they do not block a resume.
+def _diff_keys(a: dict, b: dict, spec=None, prefix: str = "") -> list[str]:
+    # Keys present on one side only are fields added to the recipe format after the run began,
+    # which ran on their defaults: they block a resume only where this recipe (`b`, resolved
+    # from the dataclass `spec`) sets one to something else.
     keys = []
-    for k in sorted(set(a) & set(b)):
+    for k in sorted(set(a) | set(b)):
+        if k not in a or k not in b:
+            if k in b and b[k] != _field_default(spec, k):
+                keys.append(prefix + k)
+            continue
         va, vb = a[k], b[k]
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+            keys += _diff_keys(va, vb, getattr(spec, k, None), f"{prefix}{k}.")
         elif va != vb:
             keys.append(prefix + k)
     return keys
+
+
+def _field_default(spec, name: str):
+    """The default of dataclass `spec`'s field `name` as plain data; a fresh object (equal to
+    nothing) where it has none."""
+    field = {f.name: f for f in dataclasses.fields(spec)}.get(name) if (
+        dataclasses.is_dataclass(spec)) else None
+    if field is not None and field.default is not dataclasses.MISSING:
+        return field.default
+    if field is not None and field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+        return recipe_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return object()
 
 
 def _yaml(data: dict) -> str:

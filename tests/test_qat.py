@@ -254,7 +254,7 @@ def test_a_run_from_before_a_qat_setting_existed_resumes_only_at_its_default(
     del state["recipe"]["qat"]["weight_ste"]
     save_checkpoint(last, state)
     _usage_error(run_script(*args, "--bits", "2", "--set", "qat.weight_ste=identity"),
-                 "holds a run of another qat")
+                 "different recipe (differs in: qat.weight_ste)")
     assert run_script(*args, "--bits", "2").returncode == 0  # it trained with clip, the default
 
 
@@ -394,8 +394,7 @@ def test_the_clipping_ratio_is_held_from_freeze_ratio_epoch_on_and_steps_still_c
         after, steps_after = step_and_ratios()
         assert all(b + 1 == a for b, a in zip(steps, steps_after)), epoch
         assert all(torch.equal(b, a) for b, a in zip(before, after)) == held, epoch
-    with pytest.raises(UsageError, match="freeze_ratio_epoch"):
-        QATConfig(freeze_ratio_epoch=2, weight_scale="lsq")
+    QATConfig(freeze_ratio_epoch=2, weight_scale="lsq")  # no ratio to hold: nothing changes
     with pytest.raises(UsageError, match="freeze_ratio_epoch"):
         QATConfig(freeze_ratio_epoch=-1)
     with pytest.raises(UsageError, match="wider grid"):  # the plan's bits from epoch 2 on
@@ -433,9 +432,8 @@ def test_freeze_ratio_at_scales_with_the_schedule_and_is_checked_against_it():
                 TrainConfig(epochs=10), 10)
     with pytest.raises(UsageError, match="one of them"):
         QATConfig(freeze_ratio_at=0.7, freeze_ratio_epoch=7)
-    for bad in ({"freeze_ratio_at": 1.5}, {"freeze_ratio_at": 0.7, "weight_scale": "max"}):
-        with pytest.raises(UsageError, match="freeze_ratio_at"):
-            QATConfig(**bad)
+    with pytest.raises(UsageError, match="freeze_ratio_at"):
+        QATConfig(freeze_ratio_at=1.5)
 
 
 def test_ptq_calibrates_without_training_and_saves_an_evaluable_checkpoint(

@@ -46,22 +46,46 @@ def test_same_recipe_reproduces_and_another_recipe_is_refused(tmp_path, tiny_rec
     assert (tmp_path / "a" / "checkpoint_last.pt").read_bytes() == before
 
 
-def test_a_last_checkpoint_missing_a_field_is_refused_by_name_and_kept(tmp_path,
-                                                                     tiny_recipe_dict):
+def _one_epoch_run_edited(tmp_path, recipe_dict, edit) -> tuple:
+    """A finished one-epoch run in tmp_path/a whose last checkpoint `edit` changed (as an
+    older mpq, or a damaged file, left it): (its path, its bytes)."""
     from mpq.checkpoint import save_checkpoint
 
-    tiny_recipe_dict["train"]["epochs"] = 1
-    recipe = recipe_from_dict(tiny_recipe_dict)
-    train_fp32(recipe, out_dir=tmp_path / "a", device="cpu", progress=False, log=False)
+    recipe_dict["train"]["epochs"] = 1
+    train_fp32(recipe_from_dict(recipe_dict), out_dir=tmp_path / "a", device="cpu",
+               progress=False, log=False)
     last = tmp_path / "a" / "checkpoint_last.pt"
     state = load_checkpoint(last)
-    del state["optimizer"]
+    edit(state)
     save_checkpoint(last, state)
-    before = last.read_bytes()
+    return last, last.read_bytes()
+
+
+def _resume(tmp_path, recipe_dict):
+    train_fp32(recipe_from_dict(recipe_dict), out_dir=tmp_path / "a", device="cpu",
+               progress=False, log=False)
+
+
+def test_a_field_added_after_a_run_began_blocks_its_resume_only_off_its_default(
+        tmp_path, tiny_recipe_dict):
+    # as a run that began before train.label_smoothing existed
+    last, before = _one_epoch_run_edited(
+        tmp_path, tiny_recipe_dict, lambda state: state["recipe"]["train"].pop("label_smoothing"))
+    tiny_recipe_dict["train"]["label_smoothing"] = 0.1  # not what that run trained with
+    with pytest.raises(UsageError, match="different recipe.*train.label_smoothing"):
+        _resume(tmp_path, tiny_recipe_dict)
+    assert last.read_bytes() == before
+    tiny_recipe_dict["train"]["label_smoothing"] = 0.0  # its default: the same run, resumed
+    _resume(tmp_path, tiny_recipe_dict)
+
+
+def test_a_last_checkpoint_missing_a_field_is_refused_by_name_and_kept(tmp_path,
+                                                                     tiny_recipe_dict):
+    last, before = _one_epoch_run_edited(tmp_path, tiny_recipe_dict,
+                                         lambda state: state.pop("optimizer"))
     tiny_recipe_dict["train"]["epochs"] = 2  # a longer run resumes from it
     with pytest.raises(UsageError, match="checkpoint_last.pt is malformed: it has no 'optimizer'"):
-        train_fp32(recipe_from_dict(tiny_recipe_dict), out_dir=tmp_path / "a", device="cpu",
-                   progress=False, log=False)
+        _resume(tmp_path, tiny_recipe_dict)
     assert last.read_bytes() == before
 
 
