@@ -35,6 +35,9 @@ def main() -> None:
                         help="start QAT from this QAT checkpoint (a finished run's model.pt, "
                              "of the same plan and qat settings) instead of the teacher, and "
                              "train the recipe's schedule afresh: a warm restart")
+    parser.add_argument("--keep-epoch", type=int, action="append", default=[], metavar="N",
+                        help="also keep the checkpoint after epoch N (from 1) as "
+                             "OUT/checkpoint_epochN.pt, to fork the run there; repeatable")
     parser.add_argument("--no-export", action="store_true",
                         help="skip the export after QAT (into OUT/export/)")
     add_common_args(parser)
@@ -55,7 +58,8 @@ def run(args) -> None:
 
         recipe = load_recipe(args.recipe, args.overrides)
         metrics = train_fp32(recipe, out_dir=args.out, data_root=args.data_root,
-                             device=args.device, progress=not args.quiet)
+                             device=args.device, progress=not args.quiet,
+                             keep_epochs=tuple(args.keep_epoch))
     else:
         from mpq.distributed import is_main
         from mpq.checkpoint import load_teacher
@@ -77,7 +81,8 @@ def run(args) -> None:
                              "use one or the other")
         metrics = train_qat(recipe, plan=plan, teacher=args.teacher, out_dir=args.out,
                             data_root=args.data_root, device=args.device,
-                            progress=not args.quiet, ptq=args.ptq, init=args.init)
+                            progress=not args.quiet, ptq=args.ptq, init=args.init,
+                            keep_epochs=tuple(args.keep_epoch))
         print(f"teacher_top1={metrics['teacher_top1']:.2f} weight_bytes={metrics['weight_bytes']} "
               f"compression={metrics['compression']:.2f}x")
         if not args.no_export and is_main():

@@ -211,7 +211,7 @@ def start_quantized_(student: nn.Module, cfg: QATConfig, inputs: list, *,
 def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
               out_dir: str | os.PathLike, data_root=None, device: str | torch.device = "auto",
               progress: bool = True, log: bool = True, ptq: bool = False,
-              init: str | os.PathLike | None = None) -> dict:
+              init: str | os.PathLike | None = None, keep_epochs: tuple[int, ...] = ()) -> dict:
     """The QAT stage: fine-tunes `plan` applied to the teacher; returns and writes metrics.
 
     With `ptq`, no training: calibrate, fold BN, evaluate and save (post-training quantization,
@@ -317,7 +317,8 @@ def train_qat(recipe: QATRecipe, *, plan: Plan, teacher: str | os.PathLike,
                       meta_match=_SAME_RUN,
                       loss_fn=distillation_step_loss(teacher_model, cfg, student),
                       progress=progress, log=log, on_epoch_start=on_epoch_start,
-                      epoch_logger=epoch_logger, on_train_end=on_train_end)
+                      epoch_logger=epoch_logger, on_train_end=on_train_end,
+                      keep_epochs=keep_epochs)
     if cfg.freeze_oscillations:
         metrics["frozen_fraction"] = frozen_fraction(student)
     if started_from:

@@ -12,6 +12,7 @@ import json
 import math
 import operator
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from itertools import islice
@@ -29,13 +30,19 @@ from .data import load_split, make_loader
 from .device import resolve_device
 from .ema import WeightAverage
 from .errors import UsageError
-from .files import write_atomic
+from .files import atomic_path, write_atomic
 from .precision import autocast, autocast_dtype, grad_scaler
 
-__all__ = ["Batches", "TrainingDiverged", "evaluate", "fit", "lr_factor", "make_loaders", "make_optimizer",
-           "schedule_length", "train_fp32", "train_step", "write_metrics"]
+__all__ = ["Batches", "TrainingDiverged", "evaluate", "fit", "kept_name", "lr_factor",
+           "make_loaders", "make_optimizer", "schedule_length", "train_fp32", "train_step",
+           "write_metrics"]
 
 LAST = "checkpoint_last.pt"
+
+
+def kept_name(epochs: int) -> str:
+    """The file a run keeps its checkpoint in after `epochs` epochs (`fit`'s `keep_epochs`)."""
+    return f"checkpoint_epoch{epochs}.pt"
 _RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "history")
 
 
@@ -141,7 +148,8 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
         loss_fn: Callable | None = None, progress: bool = True, log: bool = True,
         on_epoch_start: Callable[[int], None] | None = None,
         epoch_logger: Callable | None = None,
-        on_train_end: Callable[[nn.Module, dict], dict] | None = None) -> dict:
+        on_train_end: Callable[[nn.Module, dict], dict] | None = None,
+        keep_epochs: tuple[int, ...] = ()) -> dict:
     """Trains `model` in place and returns the final metrics; resumes from `out_dir` if possible.
     The one training loop of mpq: FP32 training, QAT by recipe and `fine_tune_qat` all run it.
 
@@ -165,6 +173,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
         on_train_end: called as `(model, metrics)` once the last epoch is done (also when a
             finished run is resumed), before `model.pt` is written; may change the model, and
             returns metrics that update the final ones (e.g. `top1` after BN re-estimation).
+        keep_epochs: after each of these epochs (counted from 1), `checkpoint_last.pt` is
+            also kept as `checkpoint_epoch<N>.pt`: a run to fork there with one setting
+            changed (`benchmarks/results.py`'s fork rows).
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -188,6 +199,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                          f"images, fewer than one batch of {cfg.batch_size}; lower "
                          f"train.batch_size")
     total, epochs = schedule_length(cfg, steps_per_epoch)
+    if any(not 1 <= k <= epochs for k in keep_epochs):
+        raise UsageError(f"--keep-epoch must name epochs in 1..{epochs} (this run's), got "
+                         f"{', '.join(map(str, keep_epochs))}")
     optimizer, scheduler = make_optimizer(model, cfg, total)
 
     start_epoch, history, partial = 0, [], None
@@ -326,6 +340,9 @@ def fit(model: nn.Module, *, train_loader, recipe=None, test_loader=None,
                 epoch_logger(writer, model, epoch + 1)
             writer.flush()
             save_last(epoch, {})
+            if files and main and epoch + 1 in keep_epochs:
+                with atomic_path(out / kept_name(epoch + 1)) as tmp:
+                    shutil.copyfile(out / LAST, tmp)
             if log:
                 tested = f" test {test['top1']:.2f}%" if test["top1"] is not None else ""
                 if live:
@@ -469,7 +486,7 @@ def make_loaders(recipe, *, data_root=None, device: torch.device, progress: bool
 
 def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
                device: str | torch.device = "auto", progress: bool = True,
-               log: bool = True) -> dict:
+               log: bool = True, keep_epochs: tuple[int, ...] = ()) -> dict:
     """The FP32 stage: trains `recipe.model` from scratch (or resumes) and returns its metrics.
 
     Writes `out_dir/model.pt` (the teacher), `checkpoint_last.pt`, `metrics.json`, `tb/`.
@@ -486,7 +503,7 @@ def train_fp32(recipe, *, out_dir: str | os.PathLike, data_root=None,
     metrics = fit(model, recipe=recipe, train_loader=train_loader, test_loader=test_loader,
                   out_dir=out_dir, meta={**model_meta(recipe), "kind": "fp32",
                                          "classes": train_loader.split.classes},
-                  progress=progress, log=log)
+                  progress=progress, log=log, keep_epochs=keep_epochs)
     if distributed.is_main():
         write_metrics(out_dir, metrics)
     return metrics

@@ -388,6 +388,89 @@ def test_an_unfinished_row_is_parked_and_resumes_from_its_checkpoint_elsewhere(t
     assert inflight.parked(layout) == {}
 
 
+def test_a_fork_row_goes_on_from_its_parents_kept_checkpoint_with_its_settings(tmp_path,
+                                                                                monkeypatch):
+    """A fork row shares its parent's run up to an epoch: the parent keeps its checkpoint there
+    (parked with it, and kept past the parent's end while the fork is unfinished), and the
+    fork's run starts from it with the fork's settings in its recipe, so train.py resumes it."""
+    from mpq.checkpoint import load_checkpoint, save_checkpoint
+    from mpq.config import load_recipe, recipe_to_dict
+    from mpq.qat import QATRecipe
+    from results_table import compute, inflight
+
+    fork, (_, parent, epochs, settings) = next(iter(results.layout.FORK_ROWS.items()))
+    layout = dataclasses.replace(LAYOUT, results=tmp_path / "results", runs=tmp_path / "runs")
+    layout.results.mkdir()
+    ran = []
+    monkeypatch.setattr(compute, "_exported_row",
+                        lambda layout, commands, export_dir, log: ran.extend(commands) or {})
+    with pytest.raises(compute.RowFailed, match=f"run that row past epoch {epochs}"):
+        compute.make_row(layout, fork)  # the parent has not got there yet
+    assert not (layout.runs / fork / "qat" / "checkpoint_last.pt").exists()
+    compute.make_row(layout, parent)  # its command keeps the checkpoint after that epoch
+    (parent_cmd,) = [[str(a) for a in cmd] for cmd in ran]
+    assert parent_cmd[parent_cmd.index("--keep-epoch") + 1] == str(epochs)
+
+    recipe = load_recipe(ROOT / results.layout.QAT_RECIPE,
+                         [*results.layout.ROW_SETTINGS[parent], f"train.epochs={epochs + 5}"],
+                         cls=QATRecipe)
+    qat = layout.runs / parent / "qat"
+    save_checkpoint(qat / f"checkpoint_epoch{epochs}.pt",
+                    {"epoch": epochs - 1, "recipe": recipe_to_dict(recipe), "state_dict": {}})
+    save_checkpoint(qat / "checkpoint_last.pt", {"epoch": epochs + 1, "state_dict": {}})
+    (qat / "recipe.yaml").write_text("version: 1\n")
+    assert inflight.park(layout, [parent]) == {parent: epochs + 2}
+    shutil.rmtree(layout.runs)  # the next machine: the fork starts from the parked copy
+    (layout.results / f"{parent}.json").write_text("{}")
+    inflight.clear(layout, parent)  # the parent finished; its kept checkpoint stays
+    assert inflight.parked(layout) == {}
+    ran.clear()
+    row = compute.make_row(layout, fork)
+    (fork_cmd,) = [[str(a) for a in cmd] for cmd in ran]
+    sets = [fork_cmd[i + 1] for i, a in enumerate(fork_cmd) if a == "--set"]
+    assert sets[-len(settings):] == settings and "--keep-epoch" not in fork_cmd
+    assert fork_cmd[fork_cmd.index("--out") + 1] == str(layout.runs / fork / "qat")
+    assert row["forked_from"] == {"row": parent, "epochs": epochs, "settings": settings}
+    started = load_checkpoint(layout.runs / fork / "qat" / "checkpoint_last.pt")
+    assert started["epoch"] == epochs - 1
+    assert started["recipe"]["qat"]["freeze_ratio_at"] == 0.7  # the fork's setting
+    assert started["recipe"]["train"] == recipe_to_dict(recipe)["train"]  # the rest, the parent's
+    assert "freeze_ratio_at: 0.7" in (layout.runs / fork / "qat" / "recipe.yaml").read_text()
+    (layout.results / f"{fork}.json").write_text("{}")
+    inflight.clear(layout, parent)  # nothing needs it now
+    assert not (layout.results / "inflight" / parent).exists()
+
+
+def test_a_forked_run_ends_where_its_own_command_run_from_scratch_does(
+        tmp_path, monkeypatch, tiny_teacher, tiny_recipe_dict, write_recipe):
+    """A fork resumed from its parent's kept checkpoint computes, step for step, what its own
+    command computes from scratch when its settings change nothing before the fork's epoch."""
+    from conftest import run_script
+    from mpq.checkpoint import load_checkpoint
+    from results_table import compute, inflight
+
+    tiny_recipe_dict["train"]["epochs"] = 4
+    tiny_recipe_dict["qat"] = {"calibration_batches": 2}
+    forks = {"fork": ("", "parent", 2, ["qat.freeze_ratio_at=0.75"])}  # held from epoch 3
+    monkeypatch.setattr(compute, "FORK_ROWS", forks)
+    monkeypatch.setattr(inflight, "FORK_ROWS", forks)
+    layout = dataclasses.replace(LAYOUT, results=tmp_path / "results", runs=tmp_path / "runs")
+    train = ["train.py", "--recipe", write_recipe(tiny_recipe_dict), "--device", "cpu",
+             "--quiet", "--teacher", tiny_teacher, "--bits", "2", "--no-export"]
+    parent = run_script(*train, "--keep-epoch", "2", "--out", layout.runs / "parent" / "qat")
+    assert parent.returncode == 0, parent.stderr
+    compute.seed_fork(layout, "fork")
+    for out in (layout.runs / "fork" / "qat", tmp_path / "straight"):
+        done = run_script(*train, "--set", "qat.freeze_ratio_at=0.75", "--out", out)
+        assert done.returncode == 0, done.stderr
+    forked = load_checkpoint(layout.runs / "fork" / "qat" / "model.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "model.pt")
+    assert all(torch.equal(forked["state_dict"][k], straight["state_dict"][k])
+               for k in straight["state_dict"])
+    history = load_checkpoint(layout.runs / "fork" / "qat" / "checkpoint_last.pt")["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the parent's two, then its own
+
+
 def test_a_row_being_computed_is_parked_as_it_trains(tmp_path):
     """--park-every: the row's latest checkpoint reaches the results folder while it trains,
     and the parking stops with the row."""

@@ -79,6 +79,24 @@ def test_a_field_added_after_a_run_began_blocks_its_resume_only_off_its_default(
     _resume(tmp_path, tiny_recipe_dict)
 
 
+def test_a_run_keeps_its_checkpoint_after_the_epochs_named_and_refuses_others(
+        tmp_path, tiny_recipe_dict):
+    tiny_recipe_dict["train"]["epochs"] = 3
+    recipe = recipe_from_dict(tiny_recipe_dict)
+    with pytest.raises(UsageError, match=r"--keep-epoch must name epochs in 1\.\.3"):
+        train_fp32(recipe, out_dir=tmp_path / "a", device="cpu", progress=False, log=False,
+                   keep_epochs=(4,))
+    train_fp32(recipe, out_dir=tmp_path / "a", device="cpu", progress=False, log=False,
+               keep_epochs=(2,))
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint_epoch*")) == [
+        "checkpoint_epoch2.pt"]
+    kept = load_checkpoint(tmp_path / "a" / "checkpoint_epoch2.pt")
+    last = load_checkpoint(tmp_path / "a" / "checkpoint_last.pt")
+    assert kept["epoch"] == 1 and last["epoch"] == 2 and len(kept["history"]) == 2
+    assert not all(torch.equal(kept["state_dict"][k], last["state_dict"][k])
+                   for k in kept["state_dict"])
+
+
 def test_a_last_checkpoint_missing_a_field_is_refused_by_name_and_kept(tmp_path,
                                                                      tiny_recipe_dict):
     last, before = _one_epoch_run_edited(tmp_path, tiny_recipe_dict,

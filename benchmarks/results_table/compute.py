@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from mpq.files import atomic_path
+from .inflight import kept_checkpoint
 from .layout import (ABLATION_PLAN, ABLATION_PLANS, ABLATIONS, AO_CALIBRATION_BATCHES,
-                     BOPS_ROWS, MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS, QAT_RECIPE,
-                     ROW_SETTINGS, SEARCH_RECIPE, WARM_ROWS, Layout)
+                     BOPS_ROWS, FORK_ROWS, MAKE_RUN_VARIANTS, PINNED_FP32, QAT_EPOCHS,
+                     QAT_RECIPE, ROW_SETTINGS, SEARCH_RECIPE, WARM_ROWS, Layout)
 
-__all__ = ["RowFailed", "epoch_curve", "make_row", "smallest_plan", "stale",
+__all__ = ["RowFailed", "epoch_curve", "make_row", "seed_fork", "smallest_plan", "stale",
            "stop_commands_on_sigterm"]
 
 
@@ -138,8 +139,22 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
     if name.startswith("qat_w"):  # qat_w<bits>[_<epochs>ep]
         bits = name.split("_")[1][1:]
         sets = [arg for setting in ROW_SETTINGS.get(name, []) for arg in ("--set", setting)]
-        return _exported_row(layout, [[*qat, "--bits", bits, *sets, "--out", run / "qat"]],
-                             run / "qat" / "export", log)
+        forks = {fork: epochs for fork, (_, parent, epochs, _) in FORK_ROWS.items()
+                 if parent == name}
+        keep = [arg for epochs in sorted(set(forks.values()))
+                for arg in ("--keep-epoch", epochs)]
+        if name in FORK_ROWS:
+            seed_fork(layout, name)
+        row = _exported_row(layout, [[*qat, "--bits", bits, *sets, *keep, "--out", run / "qat"]],
+                            run / "qat" / "export", log)
+        for fork, epochs in forks.items():  # while this run's kept checkpoints are here
+            if (not (layout.results / f"{fork}.json").exists()
+                    and kept_checkpoint(layout, name, epochs)):
+                seed_fork(layout, fork)
+        if name in FORK_ROWS:
+            _, parent, epochs, settings = FORK_ROWS[name]
+            row["forked_from"] = {"row": parent, "epochs": epochs, "settings": settings}
+        return row
     if name.startswith("mpq_"):
         budget = name.split("_")[1]
         floor = smallest_plan(layout, budget)
@@ -156,6 +171,35 @@ def make_row(layout: Layout, name: str, *, data_root=None) -> dict:
         row.update(budget_bytes=plan["budget_bytes"], plan_size_bytes=plan["size_bytes"])
         return row
     return _baseline_row(layout, name, run, data_root)
+
+
+def seed_fork(layout: Layout, name: str) -> None:
+    """Starts fork row `name`'s QAT run as its parent's run after the fork's epoch, with the
+    fork's settings written into the stored recipe (so `train.py` resumes it as the fork's own
+    run); nothing where the fork's run has a checkpoint already."""
+    from mpq.checkpoint import load_checkpoint, save_checkpoint
+    from mpq.config import apply_overrides, recipe_from_dict, recipe_to_dict
+    import yaml
+
+    from mpq.files import write_atomic
+    from mpq.qat import QATRecipe
+    from mpq.trainer import LAST
+
+    _, parent, epochs, settings = FORK_ROWS[name]
+    target = layout.runs / name / "qat" / LAST
+    if target.is_file():
+        return
+    kept = kept_checkpoint(layout, parent, epochs)
+    if kept is None:
+        raise RowFailed(f"{name} forks {parent} after epoch {epochs}, whose checkpoint there "
+                        f"is neither in its run folder nor parked: run that row past epoch "
+                        f"{epochs} first (benchmarks/results.py --rows {parent})")
+    state = load_checkpoint(kept)
+    state["recipe"] = recipe_to_dict(recipe_from_dict(
+        apply_overrides(state["recipe"], settings), QATRecipe))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target.parent / "recipe.yaml", yaml.safe_dump(state["recipe"], sort_keys=False))
+    save_checkpoint(target, state)
 
 
 def w4a4_plan(layout: Layout, path: Path) -> Path:

@@ -2,11 +2,13 @@
 
 A long QAT row (60 epochs: about five hours on one thread here) outlasts a session, and
 `runs/` does not survive one, so `park` copies each unfinished row's last checkpoint (the model,
-optimiser, scheduler, RNG states and position: what `train.py` resumes from exactly) and its
-resolved recipe into `benchmarks/results/inflight/<row>/`, to be committed; `unpark` puts them
-back into the row's run folder before the row runs again, and `clear` drops them once the row's
-JSON is written. A row's searches are not parked: they are seeded and give the same plan when
-run again, and `train.py` refuses a checkpoint whose plan or recipe differs.
+optimiser, scheduler, RNG states and position: what `train.py` resumes from exactly), its
+resolved recipe and any checkpoint it keeps for a fork row into
+`benchmarks/results/inflight/<row>/`, to be committed; `unpark` puts them back into the row's
+run folder before the row runs again, and `clear` drops them once the row's JSON is written
+(but a kept checkpoint that an unfinished fork still starts from). A row's searches are not
+parked: they are seeded and give the same plan when run again, and `train.py` refuses a
+checkpoint whose plan or recipe differs.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from mpq.files import atomic_path, write_atomic
 from mpq.timing import cpu_summary
 
-from .layout import Layout
+from .layout import FORK_ROWS, Layout
 
-__all__ = ["clear", "park", "parked", "parking", "unpark"]
+__all__ = ["clear", "kept_checkpoint", "park", "parked", "parking", "unpark"]
 
 FILES = ("checkpoint_last.pt", "recipe.yaml")
+KEPT = "checkpoint_epoch*.pt"  # kept for fork rows (train.py --keep-epoch)
 
 
 def _qat(layout: Layout, name: str):
@@ -47,7 +51,7 @@ def park(layout: Layout, rows: list[str]) -> dict[str, int]:
             continue
         target = _parked(layout, name)
         target.mkdir(parents=True, exist_ok=True)
-        for file in FILES:
+        for file in (*FILES, *(p.name for p in sorted(source.glob(KEPT)))):
             with atomic_path(target / file) as tmp:
                 shutil.copyfile(source / file, tmp)
         state = torch.load(target / FILES[0], weights_only=True, map_location="cpu")
@@ -95,11 +99,31 @@ def unpark(layout: Layout, name: str) -> bool:
     if not (source / FILES[0]).is_file() or (target / FILES[0]).is_file():
         return False
     target.mkdir(parents=True, exist_ok=True)
-    for file in FILES:
+    for file in (*FILES, *(p.name for p in sorted(source.glob(KEPT)))):
         with atomic_path(target / file) as tmp:
             shutil.copyfile(source / file, tmp)
     return True
 
 
 def clear(layout: Layout, name: str) -> None:
-    shutil.rmtree(_parked(layout, name), ignore_errors=True)
+    from mpq.trainer import kept_name
+
+    folder = _parked(layout, name)
+    needed = {kept_name(epochs) for fork, (_, parent, epochs, _) in FORK_ROWS.items()
+              if parent == name and not (layout.results / f"{fork}.json").exists()}
+    for file in folder.glob("*") if folder.is_dir() else ():
+        if file.name not in needed:
+            file.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def kept_checkpoint(layout: Layout, name: str, epochs: int) -> Path | None:
+    """Row `name`'s checkpoint kept after `epochs` epochs, in its run folder or parked; None
+    where neither has it."""
+    from mpq.trainer import kept_name
+
+    for folder in (_qat(layout, name), _parked(layout, name)):
+        if (folder / kept_name(epochs)).is_file():
+            return folder / kept_name(epochs)
+    return None

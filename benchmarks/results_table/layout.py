@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ABLATIONS", "ABLATION_PLAN", "ABLATION_PLANS", "AO_CALIBRATION_BATCHES",
-           "ARTIFACT_FILES", "BOPS_ROWS", "COMPUTE_ORDER", "EPOCH_CURVE", "MAKE_RUN_VARIANTS",
-           "PINNED_FP32", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "ROW_SETTINGS", "SEARCH_RECIPE",
-           "SEED_DRAWS", "WARM_ROWS", "Layout"]
+           "ARTIFACT_FILES", "BOPS_ROWS", "COMPUTE_ORDER", "EPOCH_CURVE", "FORK_ROWS",
+           "MAKE_RUN_VARIANTS", "PINNED_FP32", "QAT_EPOCHS", "QAT_RECIPE", "ROWS", "ROW_SETTINGS",
+           "SEARCH_RECIPE", "SEED_DRAWS", "WARM_ROWS", "Layout"]
 
 QAT_RECIPE = "recipes/resnet20_cifar10_qat.yaml"
 SEARCH_RECIPE = "recipes/resnet20_cifar10.yaml"
@@ -119,6 +119,20 @@ QAT_EPOCHS.update({draw: QAT_EPOCHS[base] for draw, (base, _) in SEED_DRAWS.item
 PINNED_FP32 += tuple(draw for draw, (base, _) in SEED_DRAWS.items() if base in PINNED_FP32)
 ROW_SETTINGS.update({draw: [*ROW_SETTINGS.get(base, []), f"train.seed={seed}"]
                      for draw, (base, seed) in SEED_DRAWS.items()})
+# Forks: a row that is another row's run up to an epoch and goes on from there with settings
+# changed, so both arms share every step before it: row -> (what, the row it forks, after this
+# many epochs, its settings on top of that row's). The parent keeps its checkpoint there
+# (train.py --keep-epoch); a fork's own command, run from scratch, computes the same where the
+# settings change nothing before that epoch (a hold from 0.7 of 60 epochs starts at 42).
+FORK_ROWS = {"qat_w2_60ep_s2_hold": (
+    "uniform W2A8 QAT, 60 epochs, float32, seed 2, the clipping ratios held for the last 30% "
+    "(forked from the seed-2 run after epoch 42)", "qat_w2_60ep_s2", 42,
+    ["qat.freeze_ratio_at=0.7"])}
+ROWS.update({name: what for name, (what, *_) in FORK_ROWS.items()})
+QAT_EPOCHS.update({name: QAT_EPOCHS[parent] for name, (_, parent, *_) in FORK_ROWS.items()})
+PINNED_FP32 += tuple(name for name, (_, parent, *_) in FORK_ROWS.items() if parent in PINNED_FP32)
+ROW_SETTINGS.update({name: [*ROW_SETTINGS.get(parent, []), *settings]
+                     for name, (_, parent, _, settings) in FORK_ROWS.items()})
 AO_CALIBRATION_BATCHES = 8
 # QAT ablations: the committed 13x plan fine-tuned by the QAT recipe (10 epochs), one change
 # at a time, each with its precision pinned so that a row means the same on every CPU.
@@ -257,7 +271,7 @@ COMPUTE_ORDER = ["fp32", "fp16", "ao_int8_ptq", "ptq_w4", "ptq_w2", "qat_w8", "q
                  "qat_w2_lr2", "qat_w2_lr05", "qat_w2_freeze", "mpq_16x_60ep",
                  "qat_w2_30ep", "qat_w2_fl8", "qat_w2_60ep", *WARM_ROWS, "qat_w2_fl8_30ep",
                  "qat_w2_lsq_30ep", "qat_w2_ema", *SEED_DRAWS, "make_run_60ep", "qat_w2_hold7",
-                 "qat_w2_steps", "qat_w2_hold0", "qat_w2_60ep_hold"]
+                 "qat_w2_steps", "qat_w2_hold0", "qat_w2_60ep_hold", *FORK_ROWS]
 
 
 @dataclass(frozen=True)
