@@ -436,8 +436,9 @@ def test_a_fork_row_goes_on_from_its_parents_kept_checkpoint_with_its_settings(t
     assert started["recipe"]["qat"]["freeze_ratio_at"] == 0.7  # the fork's setting
     assert started["recipe"]["train"] == recipe_to_dict(recipe)["train"]  # the rest, the parent's
     assert "freeze_ratio_at: 0.7" in (layout.runs / fork / "qat" / "recipe.yaml").read_text()
+    assert (layout.results / "inflight" / parent / f"checkpoint_epoch{epochs}.pt").is_file()
     (layout.results / f"{fork}.json").write_text("{}")
-    inflight.clear(layout, parent)  # nothing needs it now
+    inflight.clear(layout, fork)  # the fork's end: nothing needs the parent's files now
     assert not (layout.results / "inflight" / parent).exists()
 
 

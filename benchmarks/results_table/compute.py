@@ -177,10 +177,10 @@ def seed_fork(layout: Layout, name: str) -> None:
     """Starts fork row `name`'s QAT run as its parent's run after the fork's epoch, with the
     fork's settings written into the stored recipe (so `train.py` resumes it as the fork's own
     run); nothing where the fork's run has a checkpoint already."""
-    from mpq.checkpoint import load_checkpoint, save_checkpoint
-    from mpq.config import apply_overrides, recipe_from_dict, recipe_to_dict
     import yaml
 
+    from mpq.checkpoint import load_checkpoint, save_checkpoint
+    from mpq.config import apply_overrides, recipe_from_dict, recipe_to_dict
     from mpq.files import write_atomic
     from mpq.qat import QATRecipe
     from mpq.trainer import LAST

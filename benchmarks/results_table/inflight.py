@@ -24,6 +24,7 @@ import torch
 
 from mpq.files import atomic_path, write_atomic
 from mpq.timing import cpu_summary
+from mpq.trainer import kept_name
 
 from .layout import FORK_ROWS, Layout
 
@@ -106,8 +107,10 @@ def unpark(layout: Layout, name: str) -> bool:
 
 
 def clear(layout: Layout, name: str) -> None:
-    from mpq.trainer import kept_name
-
+    """Drops finished row `name`'s parked files, but a kept checkpoint an unfinished fork of
+    it still starts from; a fork's end drops its finished parent's last kept files."""
+    if name in FORK_ROWS and (layout.results / f"{FORK_ROWS[name][1]}.json").exists():
+        clear(layout, FORK_ROWS[name][1])
     folder = _parked(layout, name)
     needed = {kept_name(epochs) for fork, (_, parent, epochs, _) in FORK_ROWS.items()
               if parent == name and not (layout.results / f"{fork}.json").exists()}
@@ -121,8 +124,6 @@ def clear(layout: Layout, name: str) -> None:
 def kept_checkpoint(layout: Layout, name: str, epochs: int) -> Path | None:
     """Row `name`'s checkpoint kept after `epochs` epochs, in its run folder or parked; None
     where neither has it."""
-    from mpq.trainer import kept_name
-
     for folder in (_qat(layout, name), _parked(layout, name)):
         if (folder / kept_name(epochs)).is_file():
             return folder / kept_name(epochs)

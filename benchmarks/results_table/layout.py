@@ -239,7 +239,8 @@ EPOCH_CURVE = {
     "uniform ternary W2A8": ("epochs_w2", ["qat_w2", "qat_w2_30ep", "qat_w2_60ep"]),
     "ternary, 30 + 30 warm restart": (None, ["qat_w2_warm60"]),
     "uniform ternary, 60 epochs, seeds 1 and 2": (None, ["qat_w2_60ep_s1", "qat_w2_60ep_s2"]),
-    "uniform ternary, 60 epochs, ratios held for the last 30%": (None, ["qat_w2_60ep_hold"]),
+    "uniform ternary, 60 epochs, ratios held for the last 30%": (None, [
+        "qat_w2_60ep_hold", "qat_w2_60ep_s2_hold"]),
     "ternary, conv1 and FC at 8 bits": ("epochs_w2_fl8", ["qat_w2_fl8", "qat_w2_fl8_30ep"]),
     "ternary, LSQ weight scales": ("epochs_w2_lsq", ["qat_w2_lsq", "qat_w2_lsq_30ep"]),
 }
