@@ -38,12 +38,12 @@ __all__ = ["Batches", "TrainingDiverged", "evaluate", "fit", "kept_name", "lr_fa
            "write_metrics"]
 
 LAST = "checkpoint_last.pt"
+_RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "history")
 
 
 def kept_name(epochs: int) -> str:
     """The file a run keeps its checkpoint in after `epochs` epochs (`fit`'s `keep_epochs`)."""
     return f"checkpoint_epoch{epochs}.pt"
-_RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "history")
 
 
 class TrainingDiverged(RuntimeError):

@@ -452,7 +452,7 @@ def test_a_forked_run_ends_where_its_own_command_run_from_scratch_does(
 
     tiny_recipe_dict["train"]["epochs"] = 4
     tiny_recipe_dict["qat"] = {"calibration_batches": 2}
-    forks = {"fork": ("", "parent", 2, ["qat.freeze_ratio_at=0.75"])}  # held from epoch 3
+    forks = {"fork": ("", "parent", 2, ["qat.freeze_bn_epoch=3"])}  # BN folded from epoch 3
     monkeypatch.setattr(compute, "FORK_ROWS", forks)
     monkeypatch.setattr(inflight, "FORK_ROWS", forks)
     layout = dataclasses.replace(LAYOUT, results=tmp_path / "results", runs=tmp_path / "runs")
@@ -462,12 +462,15 @@ def test_a_forked_run_ends_where_its_own_command_run_from_scratch_does(
     assert parent.returncode == 0, parent.stderr
     compute.seed_fork(layout, "fork")
     for out in (layout.runs / "fork" / "qat", tmp_path / "straight"):
-        done = run_script(*train, "--set", "qat.freeze_ratio_at=0.75", "--out", out)
+        done = run_script(*train, "--set", "qat.freeze_bn_epoch=3", "--out", out)
         assert done.returncode == 0, done.stderr
     forked = load_checkpoint(layout.runs / "fork" / "qat" / "model.pt")
     straight = load_checkpoint(tmp_path / "straight" / "model.pt")
+    unforked = load_checkpoint(layout.runs / "parent" / "qat" / "model.pt")
     assert all(torch.equal(forked["state_dict"][k], straight["state_dict"][k])
                for k in straight["state_dict"])
+    assert not all(torch.equal(forked["state_dict"][k], unforked["state_dict"][k])
+                   for k in unforked["state_dict"])  # the setting took hold after the fork
     history = load_checkpoint(layout.runs / "fork" / "qat" / "checkpoint_last.pt")["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # the parent's two, then its own
 
